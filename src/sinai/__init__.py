@@ -1,0 +1,1 @@
+"""sinai: inference-time noise defenses against query-based black-box attacks."""

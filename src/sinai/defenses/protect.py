@@ -1,0 +1,284 @@
+"""``protect(model, defense)``: the one mechanism behind every inference-time noise defense.
+
+Hooks are registered on the sites of ``model`` but act only while the ``DefendedModel`` runs its own
+forward with noise on, so calling ``model`` directly, or ``.clean()``, gives the undefended outputs
+exactly. The noise never looks at ``.training`` (attack libraries call ``model.eval()``), is drawn
+from the defended model's own ``torch.Generator`` on the tensor's device, and is fresh and independent
+for every image of a batch on every forward.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..models.classifier import check_images
+from .sites import Site, find_sites
+from .spec import Defense, NoiseSpec, parse_defense
+
+
+def selected_count(ratio: float, n: int) -> int:
+    """``ceil(ratio * n)`` without float round-up (0.3 * 10 is 3.0000000000000004 in floats)."""
+    return min(n, max(0, math.ceil(ratio * n - 1e-6)))
+
+
+def smallest_mask(z: torch.Tensor, ratio: float) -> torch.Tensor | None:
+    """Per sample, a mask of the ``ceil(ratio * n)`` smallest entries of ``z`` (``None`` = all).
+
+    Selection is by value, so with exact ties at the threshold a few more may be selected.
+    """
+    flat = z.reshape(z.shape[0], -1)
+    n = flat.shape[1]
+    k = selected_count(ratio, n)
+    if k >= n:
+        return None
+    if k == 0:
+        return torch.zeros_like(z, dtype=torch.bool)
+    threshold = flat.kthvalue(k, dim=1, keepdim=True).values
+    return (flat <= threshold).view_as(z)
+
+
+class _Injector:
+    """The hook for one site: adds ``spec.std`` Gaussian noise to the tensor the site exposes."""
+
+    def __init__(self, owner: DefendedModel, site: Site, spec: NoiseSpec) -> None:
+        self.owner = owner
+        self.site = site
+        self.spec = spec
+        self.calls = 0  # calls within the current forward (torchvision reuses one ReLU 2-3 times)
+
+    def perturb(self, z: torch.Tensor) -> torch.Tensor:
+        call, self.calls = self.calls, self.calls + 1
+        if self.owner.recording is not None:  # calibrating thresholds on clean activations
+            if self.spec.ratio < 1.0:
+                self.owner.recording.setdefault((self.site.name, call), []).append(
+                    smallest_threshold(z, self.spec.ratio)
+                )
+            return z
+        noise = torch.randn(z.shape, generator=self.owner.generator(z.device), device=z.device, dtype=z.dtype)
+        if self.spec.ratio >= 1.0:
+            return torch.add(z, noise, alpha=self.spec.std)
+        if self.spec.selection == "threshold":
+            mask = z <= self.owner.threshold(self.site.name, call)
+        else:
+            mask = smallest_mask(z, self.spec.ratio)
+            if mask is None:
+                return torch.add(z, noise, alpha=self.spec.std)
+        return torch.addcmul(z, noise, mask, value=self.spec.std)
+
+    def pre(self, module: nn.Module, args: tuple) -> tuple | None:
+        if not self.owner.active:
+            return None
+        return (self.perturb(args[0]), *args[1:])
+
+    def post(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.owner.active:
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"feature noise needs a tensor output, but layer {self.site.name!r} returns "
+                f"{type(output).__name__}; choose a layer that returns a single tensor"
+            )
+        return self.perturb(output)
+
+    def attn_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if not self.owner.active or self.owner.recording is not None:
+            return None
+        x = args[0] if args else kwargs["x"]
+        batch, tokens = x.shape[0], x.shape[1]
+        shape = (batch, module.num_heads, tokens, tokens)
+        noise = torch.randn(shape, generator=self.owner.generator(x.device), device=x.device, dtype=x.dtype)
+        noise.mul_(self.spec.std)
+        mask = kwargs.get("attn_mask")
+        if mask is not None:
+            if mask.dtype == torch.bool:  # True = attend, as in SDPA
+                mask = torch.zeros(mask.shape, device=x.device, dtype=x.dtype).masked_fill(~mask, -math.inf)
+            noise = noise + mask
+        return args, {**kwargs, "attn_mask": noise}
+
+
+def smallest_threshold(z: torch.Tensor, ratio: float) -> float:
+    """Mean over the batch of each sample's ``ceil(ratio * n)``-th smallest value of ``z``."""
+    flat = z.detach().reshape(z.shape[0], -1).float()
+    k = max(1, selected_count(ratio, flat.shape[1]))
+    return flat.kthvalue(k, dim=1).values.mean().item()
+
+
+class DefendedModel(nn.Module):
+    """A model with a noise defense: an ``nn.Module`` whose forward injects noise at its sites.
+
+    ``seed``: an int makes the noise reproducible (evaluation); ``None`` seeds from OS entropy
+    (serving: an attacker must never be able to replay the noise).
+    """
+
+    def __init__(
+        self, model: nn.Module, defense: Defense, *, seed: int | None = None, validate: bool = True
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.defense = defense
+        self.validate = validate
+        self.input_shape = getattr(model, "input_shape", None)
+        self.num_classes = getattr(model, "num_classes", None)
+        self.active = False
+        self.recording: dict[tuple[str, int], list[float]] | None = None
+        self._noise_on = True
+        self._thresholds: dict[tuple[str, int], float] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._seed: int | None = None
+        self.reseed(seed)
+        self.sites: list[Site] = []
+        self._injectors: list[_Injector] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attach()
+
+    def _attach(self) -> None:
+        specs = {k: s for k, s in self.defense.specs.items() if s.std > 0}
+        feature_layers = specs["feature"].layers if "feature" in specs else ()
+        found = find_sites(self.model, specs, feature_layers=feature_layers)
+        present = {k for k, sites in found.items() if sites}
+        missing = set(specs) - present
+        if missing and (self.defense.require == "all" or not present):
+            have = sorted(k for k, v in find_sites(self.model).items() if v)
+            raise ValueError(
+                f"defense {self.defense.name} needs {sorted(missing)} sites, but the model has none "
+                f"(e.g. attention noise on a CNN); this model has: {', '.join(have)}"
+            )
+        for kind, sites in found.items():
+            for site in sites:
+                injector = _Injector(self, site, specs[kind])
+                if site.hook == "pre":
+                    handle = site.module.register_forward_pre_hook(injector.pre)
+                elif site.hook == "post":
+                    handle = site.module.register_forward_hook(injector.post)
+                else:
+                    handle = site.module.register_forward_pre_hook(injector.attn_mask, with_kwargs=True)
+                self.sites.append(site)
+                self._injectors.append(injector)
+                self._handles.append(handle)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.validate:
+            check_images(x, self.input_shape)
+        if not self._noise_on or not self._injectors:
+            return self.model(x)
+        if self._needs_thresholds and self.recording is None:
+            raise RuntimeError(
+                "this defense uses selection='threshold': call calibrate_thresholds(clean_images) once "
+                "before the first forward"
+            )
+        for injector in self._injectors:
+            injector.calls = 0
+        self.active = True
+        try:
+            return self.model(x)
+        finally:
+            self.active = False
+
+    @property
+    def _needs_thresholds(self) -> bool:
+        return any(
+            i.spec.selection == "threshold" and i.spec.ratio < 1 for i in self._injectors
+        ) and not self._thresholds
+
+    @contextmanager
+    def clean(self) -> Iterator[DefendedModel]:
+        """Within this context the forward is the undefended model's, exactly."""
+        previous, self._noise_on = self._noise_on, False
+        try:
+            yield self
+        finally:
+            self._noise_on = previous
+
+    def reseed(self, seed: int | None = None) -> None:
+        """Restart the noise stream from ``seed`` (``None``: fresh OS entropy)."""
+        self._seed = seed
+        self._generators.clear()
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This model's generator on ``device`` (created on first use, so noise is drawn where the tensor is)."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._seed if self._seed is not None else secrets.randbits(63))
+            self._generators[device] = gen
+        return gen
+
+    def threshold(self, site_name: str, call: int) -> float:
+        try:
+            return self._thresholds[(site_name, call)]
+        except KeyError:
+            raise RuntimeError(
+                f"no calibrated threshold for site {site_name!r} call {call}; "
+                "re-run calibrate_thresholds on images of the same shape"
+            ) from None
+
+    @torch.no_grad()
+    def calibrate_thresholds(self, images: torch.Tensor, *, batch_size: int = 256) -> dict[tuple[str, int], float]:
+        """Fix, per selective site, the value below which logits get noise (``selection='threshold'``).
+
+        The threshold is the mean over clean ``images`` of each sample's ``ceil(ratio * n)``-th smallest
+        logit, so the noised share is ``ratio`` on average without a per-forward selection.
+        """
+        self.recording = {}
+        try:
+            for start in range(0, len(images), batch_size):
+                self.forward(images[start : start + batch_size])
+            recorded = self.recording
+        finally:
+            self.recording = None
+        self._thresholds = {key: sum(v) / len(v) for key, v in recorded.items()}
+        return dict(self._thresholds)
+
+    def remove(self) -> None:
+        """Detach the hooks from the wrapped model (the model is left exactly as before ``protect``)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._injectors.clear()
+        self.sites.clear()
+
+    def __enter__(self) -> DefendedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def extra_repr(self) -> str:
+        return f"defense={self.defense.describe()}, sites={len(self.sites)}"
+
+
+def protect(
+    model: nn.Module,
+    defense: Defense | str,
+    *,
+    seed: int | None = None,
+    validate: bool = True,
+    calibration_images: torch.Tensor | None = None,
+) -> DefendedModel:
+    """Wrap ``model`` with ``defense`` (a :class:`Defense` or its text form, e.g. ``"RND:std=0.02"``).
+
+    ``calibration_images`` calibrates the thresholds of ``selection='threshold'`` specs right away.
+    """
+    if isinstance(defense, str):
+        defense = parse_defense(defense)
+    defended = DefendedModel(model, defense, seed=seed, validate=validate)
+    if calibration_images is not None:
+        defended.calibrate_thresholds(calibration_images)
+    return defended
+
+
+def site_counts(defended: DefendedModel) -> dict[str, int]:
+    """How many sites of each kind carry noise."""
+    counts: dict[str, int] = {}
+    for site in defended.sites:
+        counts[site.kind] = counts.get(site.kind, 0) + 1
+    return counts
+
+
+__all__: Sequence[str] = ["DefendedModel", "protect", "selected_count", "smallest_mask", "site_counts"]

@@ -1,0 +1,105 @@
+"""Find the places in a network where noise can be injected.
+
+A site is a module plus how its hook reaches the tensor to perturb:
+
+- ``input``: a pre-hook on the root module (the image in [0, 1] pixel units, before normalization);
+- ``feature``: a pre-hook on the classifier head (penultimate features), or a forward hook on the
+  output of named layers;
+- ``attn``: a pre-hook on each timm ``Attention`` that supplies a float ``attn_mask``; SDPA and the
+  manual path both compute ``softmax(q @ k.T * scale + mask)``, so the noise lands on the logits
+  before softmax and the fused kernel is kept;
+- ``gelu`` / ``relu``: a pre-hook on every ``nn.GELU`` / ``nn.ReLU`` module, which sees exactly the
+  pre-activation logits (torchvision's shared ReLU fires it at each of its calls).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .spec import SITE_KINDS, check_kind
+
+
+@dataclass(frozen=True)
+class Site:
+    """One injection point: ``kind``, the module's qualified ``name`` ("" = root) and the ``module``.
+
+    ``hook`` says how the tensor is reached: ``"pre"`` (first positional input), ``"post"`` (output)
+    or ``"attn_mask"`` (the attention module's mask keyword).
+    """
+
+    kind: str
+    name: str
+    module: nn.Module
+    hook: str
+
+
+def _is_timm_attention(module: nn.Module) -> bool:
+    try:
+        from timm.layers import Attention
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    if isinstance(module, Attention):
+        return True
+    # Other timm attention variants qualify when their forward takes an additive attn_mask.
+    params = inspect.signature(module.forward).parameters if hasattr(module, "num_heads") else {}
+    return type(module).__module__.startswith("timm.") and "attn_mask" in params
+
+
+def _is_gelu(module: nn.Module) -> bool:
+    return isinstance(module, nn.GELU) or type(module).__name__ == "GELU"
+
+
+def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """The module that maps penultimate features to class logits: ``get_classifier()`` or the last Linear."""
+    inner = getattr(model, "net", model)
+    get = getattr(inner, "get_classifier", None)
+    head = get() if callable(get) else None
+    names = {id(m): n for n, m in model.named_modules()}
+    if isinstance(head, nn.Module) and id(head) in names and not isinstance(head, nn.Identity):
+        return names[id(head)], head
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            "found no classifier head (no get_classifier() and no nn.Linear) for 'feature' noise; "
+            "name the layers explicitly, e.g. --defense 'FND:std=0.1,layers=<module name>'"
+        )
+    return linears[-1]
+
+
+def find_sites(
+    model: nn.Module, kinds: Iterable[str] = SITE_KINDS, *, feature_layers: Iterable[str] = ()
+) -> dict[str, list[Site]]:
+    """Discover the sites of each requested kind; kinds the model lacks map to an empty list."""
+    kinds = [check_kind(k) for k in kinds]
+    modules = dict(model.named_modules())
+    found: dict[str, list[Site]] = {kind: [] for kind in kinds}
+    for kind in kinds:
+        if kind == "input":
+            found[kind].append(Site("input", "", model, "pre"))
+        elif kind == "feature":
+            layers = list(feature_layers)
+            for name in layers:
+                if name not in modules:
+                    close = [n for n in modules if name.split(".")[-1] in n][:5]
+                    raise ValueError(
+                        f"no layer named {name!r} in the model for feature noise"
+                        + (f"; similar names: {close}" if close else "; list them with `sinai sites`")
+                    )
+                found[kind].append(Site("feature", name, modules[name], "post"))
+            if not layers:
+                name, head = classifier_head(model)
+                found[kind].append(Site("feature", name, head, "pre"))
+        else:
+            match = {"attn": _is_timm_attention, "gelu": _is_gelu, "relu": lambda m: isinstance(m, nn.ReLU)}
+            hook = "attn_mask" if kind == "attn" else "pre"
+            found[kind] = [Site(kind, n, m, hook) for n, m in modules.items() if match[kind](m)]
+    return found
+
+
+def describe_sites(model: nn.Module) -> dict[str, list[str]]:
+    """Names of the sites of every kind, for ``sinai sites`` and error messages."""
+    return {kind: [s.name or "<input>" for s in sites] for kind, sites in find_sites(model).items()}

@@ -1,0 +1,140 @@
+"""Defense overhead: protected-forward time / unprotected-forward time, measured in one run.
+
+Timings interleave the unprotected model and every preset round by round on the same model and
+batch, and each ratio is the median over rounds of (preset time / unprotected time in that round),
+so slow drifts of the machine cancel.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..defenses import Defense, NoiseSpec, parse_defense, protect
+
+BENCH_PRESETS: tuple[str, ...] = ("RND", "FND", "SINAI-Attn", "SINAI-FFN", "SINAI", "SINAI@threshold")
+"""``SINAI@threshold`` is SINAI with per-site thresholds calibrated once instead of a per-sample selection."""
+
+
+@dataclass(frozen=True)
+class OverheadRow:
+    model: str
+    batch: int
+    defense: str
+    sites: int
+    clean_ms: float
+    defended_ms: float
+    ratio: float
+
+
+def bench_defense(name: str) -> Defense:
+    """The defense a benchmark row names (``X@threshold``: ``X`` with threshold selection)."""
+    base, _, variant = name.partition("@")
+    defense = parse_defense(base)
+    if variant == "threshold":
+        specs = {k: NoiseSpec(s.std, s.ratio, "threshold", s.layers) for k, s in defense.specs.items()}
+        return Defense(specs, name=name, require=defense.require)
+    if variant:
+        raise ValueError(f"unknown variant {variant!r} in {name!r}; the only variant is '@threshold'")
+    return defense
+
+
+def _time_forward(fn: Callable[[], torch.Tensor], iters: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+@torch.no_grad()
+def measure_overhead(
+    model: nn.Module,
+    x: torch.Tensor,
+    defenses: Sequence[str] = BENCH_PRESETS,
+    *,
+    rounds: int = 7,
+    iters: int = 3,
+    model_name: str = "model",
+    seed: int = 0,
+) -> list[OverheadRow]:
+    """Time ``model(x)`` against each defense in ``defenses`` that applies to ``model``.
+
+    Defenses whose sites the model lacks (attention noise on a CNN) are skipped.
+    """
+    device = x.device
+    defended: dict[str, nn.Module] = {}
+    for name in defenses:
+        try:
+            d = protect(model, bench_defense(name), seed=seed, validate=False)
+        except ValueError:
+            continue
+        if any(s.selection == "threshold" and s.ratio < 1 for s in d.defense.specs.values()):
+            d.calibrate_thresholds(x)
+        defended[name] = d
+    fns: dict[str, Callable[[], torch.Tensor]] = {"none": lambda: model(x)}
+    fns.update({name: (lambda d=d: d(x)) for name, d in defended.items()})
+    for fn in fns.values():  # warm-up: allocator, kernels, lazy generators
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(_time_forward(fn, iters, device))
+    rows = []
+    for name, d in defended.items():
+        ratios = [t / c for t, c in zip(times[name], times["none"], strict=True)]
+        rows.append(
+            OverheadRow(
+                model=model_name,
+                batch=len(x),
+                defense=name,
+                sites=len(d.sites),
+                clean_ms=1000 * statistics.median(times["none"]),
+                defended_ms=1000 * statistics.median(times[name]),
+                ratio=statistics.median(ratios),
+            )
+        )
+        d.remove()
+    return rows
+
+
+DEFAULT_MODELS: tuple[tuple[str, int], ...] = (
+    ("mnist-cnn", 256),
+    ("mnist-vit", 256),
+    ("torchvision:resnet18", 16),
+    ("timm:vit_tiny_patch16_224", 16),
+)
+"""(model, batch) pairs: the embedded models and two mid-size ImageNet-shaped ones (random weights)."""
+
+
+def bench_models(
+    models: Sequence[tuple[str, int]] = DEFAULT_MODELS,
+    defenses: Sequence[str] = BENCH_PRESETS,
+    *,
+    device: torch.device | str = "cpu",
+    rounds: int = 7,
+    iters: int = 3,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> list[OverheadRow]:
+    """Run :func:`measure_overhead` for each (model name, batch size)."""
+    from ..models.zoo import load_model
+
+    rows: list[OverheadRow] = []
+    for name, batch in models:
+        weights = "pretrained" if name.startswith("mnist-") else "random"
+        model = load_model(name, weights=weights, device=device, cache_dir=cache_dir, progress=progress)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand((batch, *model.input_shape), generator=gen).to(device)
+        rows += measure_overhead(model, x, defenses, rounds=rounds, iters=iters, model_name=name)
+    return rows
+
+

@@ -1,0 +1,295 @@
+"""Models by name, each returned as an :class:`ImageClassifier` on [0, 1] images, in eval mode.
+
+Names: ``mnist-cnn`` / ``mnist-vit`` (the embedded models sinai trains and caches), ``timm:<timm name>``
+and ``torchvision:<torchvision classifier name>``. Weights come from a checkpoint file, from the local
+Hugging Face / torch hub caches ("pretrained"), or are random ("random", for tests and benchmarks).
+Nothing here downloads: missing weights are an error that says where to put which file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from sinai.device import resolve_device
+from sinai.models.classifier import ImageClassifier
+
+EMBEDDED_MODELS = ("mnist-cnn", "mnist-vit")
+WEIGHTS = ("pretrained", "random")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_ACCEPTED = (
+    "mnist-cnn, mnist-vit, timm:<timm model name> (e.g. timm:vit_base_patch16_224, timm:resnet50) "
+    "or torchvision:<classifier name> (e.g. torchvision:resnet50)"
+)
+# Prefixes wrapped around a state_dict by DataParallel/DDP, ImageClassifier and torch.compile.
+_STRIP_PREFIXES = ("module.", "net.", "_orig_mod.")
+
+
+def load_model(
+    name: str,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    weights: str = "pretrained",
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ImageClassifier:
+    """Build the model called ``name`` as an :class:`ImageClassifier` in eval mode on ``device``.
+
+    ``checkpoint`` (a state_dict file) takes precedence over ``weights``; ``weights="pretrained"`` reads
+    the local Hugging Face cache (timm) or torch hub cache (torchvision) only. ``num_classes`` sizes the
+    head of timm/torchvision models (default: the model's own, 1000 for ImageNet models).
+    ``cache_dir``/``progress`` apply to the embedded models.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    dev = resolve_device(device)
+    kind, arch = _parse_name(name)
+    if kind == "embedded":
+        if checkpoint is not None or weights != "pretrained" or num_classes is not None:
+            raise ValueError(
+                f"{name} is an embedded model that sinai trains and caches itself: checkpoint, "
+                "weights='random' and num_classes apply to timm:/torchvision: models only"
+            )
+        from sinai.models.embedded import load_embedded  # lazy: optional at import time
+
+        model = load_embedded(name, cache_dir=cache_dir, device=dev, progress=progress)
+        return model.to(dev).eval()
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    if kind == "timm":
+        net, input_shape, mean, std, classes = _build_timm(
+            arch, state=state, weights=weights, num_classes=num_classes
+        )
+    else:
+        net, input_shape, mean, std, classes = _build_torchvision(
+            arch, state=state, weights=weights, num_classes=num_classes, progress=progress
+        )
+    if state is not None:
+        _apply_state_dict(net, state, source=str(checkpoint), name=name)
+    model = ImageClassifier(net, input_shape=input_shape, num_classes=classes, mean=mean, std=std, name=name)
+    return model.to(dev).eval()
+
+
+def default_dataset(model_name: str, *, num_classes: int | None = None) -> str:
+    """The dataset a model is evaluated on by default: mnist, cifar10 (10-class models) or imagenet."""
+    kind, _ = _parse_name(model_name)
+    if kind == "embedded":
+        return "mnist"
+    return "cifar10" if num_classes == 10 else "imagenet"
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``path``: raw, or under a "state_dict"/"model" key; wrapper prefixes removed.
+
+    ``.safetensors`` files are read with safetensors, anything else with ``torch.load(weights_only=True)``
+    (a checkpoint never runs code).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch/safetensors raise many types for a bad file
+        raise ValueError(
+            f"cannot read checkpoint {path}: {err}. Save weights with torch.save(model.state_dict(), FILE)"
+        ) from err
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"checkpoint {path} holds no state_dict (a dict of tensors, raw or under 'state_dict'/'model'); "
+            "save weights with torch.save(model.state_dict(), FILE)"
+        )
+    state = dict(obj)
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _STRIP_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                stripped = True
+    return state
+
+
+# ------------------------------------------------------------------------------------------- internals
+
+
+def _parse_name(name: str) -> tuple[str, str]:
+    if name in EMBEDDED_MODELS:
+        return "embedded", name
+    prefix, sep, arch = name.partition(":")
+    if sep and prefix in ("timm", "torchvision") and arch:
+        return prefix, arch
+    raise ValueError(f"unknown model {name!r}; accepted names: {_ACCEPTED}")
+
+
+def _apply_state_dict(net: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, name: str) -> None:
+    """Load ``state`` strictly, raising ``ValueError`` that names missing, unexpected or mis-shaped keys."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) e.g. {missing[:5]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[:5]}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) e.g. {shapes[:3]}")
+        raise ValueError(
+            f"checkpoint {source} does not fit {name}: {'; '.join(parts)}. Check the model name, and pass "
+            "num_classes (--num-classes) if the checkpoint's head has a different number of classes"
+        )
+    net.load_state_dict(state, strict=True)
+
+
+@contextlib.contextmanager
+def _hf_offline() -> Iterator[None]:
+    """Hugging Face Hub offline mode for the duration: the env var and the constant read at import."""
+    from huggingface_hub import constants
+
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    old_const = constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def _torch_hub_file(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _build_timm(
+    arch: str, *, state: Mapping[str, torch.Tensor] | None, weights: str, num_classes: int | None
+) -> tuple[nn.Module, tuple[int, ...], tuple[float, ...], tuple[float, ...], int]:
+    import timm
+    from huggingface_hub import constants
+
+    from_hub = arch.startswith(("hf-hub:", "hf_hub:"))
+    if not from_hub and not timm.is_model(arch):
+        pattern = arch.split(".")[0].split("_")[0]
+        raise ValueError(
+            f"unknown timm model {arch!r}; use a name from timm.list_models() "
+            f"(e.g. timm.list_models('*{pattern}*')), written as timm:<name>"
+        )
+    kwargs = {} if num_classes is None else {"num_classes": int(num_classes)}
+    pretrained = state is None and weights == "pretrained"
+    hf_id = arch.split(":", 1)[1] if from_hub else None
+    if pretrained and not from_hub:
+        cfg = timm.models.get_pretrained_cfg(arch)
+        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+            raise ValueError(
+                f"timm has no pretrained weights for {arch!r}; pass --checkpoint FILE or weights='random'"
+            )
+        if num_classes is not None and cfg.num_classes and num_classes != cfg.num_classes:
+            raise ValueError(
+                f"the pretrained weights of timm:{arch} have {cfg.num_classes} classes, not {num_classes}; "
+                "pass --checkpoint FILE for a model trained with your number of classes"
+            )
+        hf_id = cfg.hf_hub_id
+        if not hf_id and cfg.url and not _torch_hub_file(cfg.url).is_file():
+            raise FileNotFoundError(
+                f"pretrained weights for timm:{arch} are not in the local torch hub cache: expected "
+                f"{_torch_hub_file(cfg.url)} (download {cfg.url} there on a machine with internet), "
+                "or pass --checkpoint FILE"
+            )
+    try:
+        with _hf_offline():
+            net = timm.create_model(arch, pretrained=pretrained, **kwargs)
+    except (FileNotFoundError, ConnectionError) as err:
+        if not (pretrained or from_hub):
+            raise
+        what = "pretrained weights" if pretrained else "the model config"
+        repo = hf_id or f"timm/{arch}"
+        raise FileNotFoundError(
+            f"{what} for timm:{arch} are not in the local Hugging Face cache {constants.HF_HUB_CACHE} "
+            "(sinai never downloads). Either download them once on a machine with internet with "
+            f"`hf download {repo}` (older huggingface_hub: `huggingface-cli download {repo}`) and copy that "
+            "cache here (or point HF_HUB_CACHE/HF_HOME at it), or pass --checkpoint FILE"
+        ) from err
+    cfg = timm.data.resolve_model_data_config(net)
+    return net, tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]), int(net.num_classes)
+
+
+def _build_torchvision(
+    arch: str,
+    *,
+    state: Mapping[str, torch.Tensor] | None,
+    weights: str,
+    num_classes: int | None,
+    progress: bool,
+) -> tuple[nn.Module, tuple[int, ...], tuple[float, ...], tuple[float, ...], int]:
+    import torchvision.models as tvm
+
+    names = tvm.list_models(module=tvm)
+    if arch not in names:
+        examples = ", ".join(n for n in ("resnet18", "resnet50", "vit_b_16", "convnext_tiny") if n in names)
+        raise ValueError(
+            f"unknown torchvision model {arch!r}; use a classifier name from "
+            f"torchvision.models.list_models(module=torchvision.models) (e.g. {examples}), "
+            "written as torchvision:<name>"
+        )
+    builder = tvm.get_model_builder(arch)
+    try:
+        default = tvm.get_model_weights(arch).DEFAULT
+    except (ValueError, AttributeError, KeyError):
+        default = None
+    preset = dict(getattr(default.transforms, "keywords", {})) if default is not None else {}
+    size = int(preset.get("crop_size", 224))
+    mean = tuple(preset.get("mean", IMAGENET_MEAN))
+    std = tuple(preset.get("std", IMAGENET_STD))
+    if state is None and weights == "pretrained":
+        if default is None:
+            raise ValueError(
+                f"torchvision has no pretrained weights for {arch!r}; "
+                "pass --checkpoint FILE or weights='random'"
+            )
+        classes = len(default.meta.get("categories") or ()) or 1000
+        if num_classes is not None and num_classes != classes:
+            raise ValueError(
+                f"the pretrained weights of torchvision:{arch} have {classes} classes, not {num_classes}; "
+                "pass --checkpoint FILE for a model trained with your number of classes"
+            )
+        file = _torch_hub_file(default.url)
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"pretrained weights for torchvision:{arch} are not in the local torch hub cache: put "
+                f"{file.name} (from {default.url}) at {file} (the folder is torch.hub.get_dir()/checkpoints, "
+                "set by TORCH_HOME), or pass --checkpoint FILE"
+            )
+        net = builder(weights=default, progress=progress)
+    else:
+        classes = int(num_classes or 1000)
+        net = builder(weights=None, num_classes=classes)
+    return net, (3, size, size), mean, std, classes

@@ -1,0 +1,1 @@
+"""Tables and plots in the papers' layouts."""

@@ -1,1 +1,22 @@
-"""sinai: inference-time noise defenses against query-based black-box attacks."""
+"""sinai: inference-time noise defenses against query-based black-box attacks.
+
+``protect(model, defense)`` adds noise at the model's sites; ``load_model`` / ``load_dataset`` give
+models on [0, 1] images and labelled image sets; ``clean_accuracy`` measures the cost of the noise.
+"""
+
+__version__ = "0.1.0"
+
+from .defenses import Defense, DefendedModel, NoiseSpec, find_sites, parse_defense, preset, protect  # noqa: E402
+from .evaluation.clean import clean_accuracy  # noqa: E402
+
+__all__ = [
+    "DefendedModel",
+    "Defense",
+    "NoiseSpec",
+    "__version__",
+    "clean_accuracy",
+    "find_sites",
+    "parse_defense",
+    "preset",
+    "protect",
+]

@@ -1,0 +1,68 @@
+"""Clean accuracy over noisy passes, and the overhead benchmark's bookkeeping (no timing assertions)."""
+
+import pytest
+import torch
+from test_defenses import images, tiny_cnn, tiny_vit
+
+from sinai.bench.defenses import bench_defense, measure_overhead
+from sinai.defenses import protect
+from sinai.evaluation.clean import clean_accuracy, predict
+
+
+def labelled(model, n=64, seed=0):
+    x = images(n, seed=seed)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[: n // 4] = (y[: n // 4] + 1) % 10  # a quarter wrong on purpose
+    return x, y
+
+
+def test_undefended_accuracy_is_exact_and_has_no_spread():
+    model = tiny_cnn()
+    x, y = labelled(model)
+    acc = clean_accuracy(model, x, y, passes=3)
+    assert acc.mean == pytest.approx(0.75) and acc.std == 0.0 and acc.per_pass == (0.75,) * 3
+
+
+def test_noisy_passes_differ_and_the_seed_reproduces_them():
+    model = tiny_vit()
+    x, y = labelled(model, 128)
+    accs = [clean_accuracy(protect(model, "SINAI-Attn:std=4", seed=1), x, y, passes=3) for _ in range(2)]
+    assert accs[0] == accs[1]
+    assert accs[0].std > 0 and len(set(accs[0].per_pass)) > 1
+    assert accs[0].mean < 0.75  # strong noise costs accuracy
+
+
+def test_predict_batches_agree_with_one_batch():
+    model = tiny_cnn()
+    x, _ = labelled(model, 50)
+    assert torch.equal(predict(model, x, batch_size=7), predict(model, x, batch_size=50))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"passes": 0}, "passes must be"), ({"labels": torch.zeros(3, dtype=torch.long)}, "labels must have shape"),
+     ({"labels": torch.full((64,), 10)}, r"labels must be in \[0, 9\]")],
+)
+def test_clean_accuracy_rejects_bad_input(kwargs, message):
+    model = tiny_cnn()
+    x, y = labelled(model)
+    args = {"labels": y, "passes": 1} | kwargs
+    with pytest.raises(ValueError, match=message):
+        clean_accuracy(model, x, args.pop("labels"), **args)
+
+
+def test_overhead_rows_cover_applicable_presets_and_leave_the_model_clean():
+    model = tiny_cnn()
+    x = images(8)
+    before = model(x)
+    rows = measure_overhead(model, x, ["RND", "FND", "SINAI-Attn", "SINAI", "SINAI@threshold"], rounds=2, iters=1)
+    assert [r.defense for r in rows] == ["RND", "FND", "SINAI", "SINAI@threshold"]  # no attention in a CNN
+    assert all(r.ratio > 0 and r.batch == 8 and r.sites >= 1 for r in rows)
+    assert torch.equal(model(x), before)
+
+
+def test_threshold_variant_and_unknown_variant():
+    assert all(s.selection == "threshold" for s in bench_defense("SINAI@threshold").specs.values())
+    with pytest.raises(ValueError, match="unknown variant"):
+        bench_defense("SINAI@fast")

@@ -41,8 +41,11 @@ def test_predict_batches_agree_with_one_batch():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"passes": 0}, "passes must be"), ({"labels": torch.zeros(3, dtype=torch.long)}, "labels must have shape"),
-     ({"labels": torch.full((64,), 10)}, r"labels must be in \[0, 9\]")],
+    [
+        ({"passes": 0}, "passes must be"),
+        ({"labels": torch.zeros(3, dtype=torch.long)}, "labels must have shape"),
+        ({"labels": torch.full((64,), 10)}, r"labels must be in \[0, 9\]"),
+    ],
 )
 def test_clean_accuracy_rejects_bad_input(kwargs, message):
     model = tiny_cnn()
@@ -56,7 +59,9 @@ def test_overhead_rows_cover_applicable_presets_and_leave_the_model_clean():
     model = tiny_cnn()
     x = images(8)
     before = model(x)
-    rows = measure_overhead(model, x, ["RND", "FND", "SINAI-Attn", "SINAI", "SINAI@threshold"], rounds=2, iters=1)
+    rows = measure_overhead(
+        model, x, ["RND", "FND", "SINAI-Attn", "SINAI", "SINAI@threshold"], rounds=2, iters=1
+    )
     assert [r.defense for r in rows] == ["RND", "FND", "SINAI", "SINAI@threshold"]  # no attention in a CNN
     assert all(r.ratio > 0 and r.batch == 8 and r.sites >= 1 for r in rows)
     assert torch.equal(model(x), before)

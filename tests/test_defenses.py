@@ -30,8 +30,13 @@ def tiny_vit(**kw) -> ImageClassifier:
 def tiny_cnn() -> ImageClassifier:
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 16 * 16, 16), nn.ReLU(), nn.Linear(16, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 16 * 16, 16),
+        nn.ReLU(),
+        nn.Linear(16, 10),
     )
     return ImageClassifier(net, input_shape=(1, 16, 16), num_classes=10, mean=(0.5,), std=(0.5,)).eval()
 
@@ -106,8 +111,9 @@ class Recorder:
 @torch.no_grad()
 def test_ratio_selects_exactly_the_smallest_logits_per_sample(ratio):
     layer = nn.Sequential(nn.Linear(7, 40), nn.ReLU())
-    model = ImageClassifier(nn.Sequential(nn.Flatten(), layer), input_shape=(1, 1, 7), num_classes=40,
-                            mean=(0.0,), std=(1.0,))
+    model = ImageClassifier(
+        nn.Sequential(nn.Flatten(), layer), input_shape=(1, 1, 7), num_classes=40, mean=(0.0,), std=(1.0,)
+    )
     x = images(5, (1, 1, 7))
     z = layer[0](x.flatten(1))
     defended = protect(model, Defense({"relu": NoiseSpec(std=1.0, ratio=ratio)}), seed=0)

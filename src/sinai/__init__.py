@@ -6,7 +6,7 @@ models on [0, 1] images and labelled image sets; ``clean_accuracy`` measures the
 
 __version__ = "0.1.0"
 
-from .defenses import Defense, DefendedModel, NoiseSpec, find_sites, parse_defense, preset, protect  # noqa: E402
+from .defenses import DefendedModel, Defense, NoiseSpec, find_sites, parse_defense, preset, protect  # noqa: E402
 from .evaluation.clean import clean_accuracy  # noqa: E402
 
 __all__ = [

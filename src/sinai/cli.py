@@ -57,30 +57,58 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--quick", is_flag=True, help="Fewer images and noise levels (a smoke test, ~1 minute once trained).")
+@click.option(
+    "--quick", is_flag=True, help="Fewer images and noise levels (a smoke test, ~1 minute once trained)."
+)
 @click.option("--images", type=int, default=None, help="Test images per model (default 1000; --quick 200).")
 @click.option("--passes", type=int, default=3, show_default=True, help="Noisy passes per clean accuracy (M).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 @_common
-def demo(quick: bool, images: int | None, passes: int, seed: int, out: str, device: torch.device,
-         cache_dir: str | None) -> None:
-    """The main job on the embedded default: train (once) both MNIST models, protect them, print clean accuracy."""
+def demo(
+    quick: bool,
+    images: int | None,
+    passes: int,
+    seed: int,
+    out: str,
+    device: torch.device,
+    cache_dir: str | None,
+) -> None:
+    """The main job on the embedded default: train (once) both MNIST models, protect, print clean accuracy."""
     from .demo import run_demo
 
     run_demo(
-        out=Path(out), quick=quick, images=images, passes=passes, seed=seed, device=device, cache_dir=cache_dir
+        out=Path(out),
+        quick=quick,
+        images=images,
+        passes=passes,
+        seed=seed,
+        device=device,
+        cache_dir=cache_dir,
     )
 
 
 @cli.command("eval")
-@click.option("--model", "model_name", default="mnist-cnn", show_default=True,
-              help="mnist-cnn, mnist-vit, timm:<name> or torchvision:<name>.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="State-dict file for the model.")
-@click.option("--weights", type=click.Choice(["pretrained", "random"]), default="pretrained", show_default=True)
+@click.option(
+    "--model",
+    "model_name",
+    default="mnist-cnn",
+    show_default=True,
+    help="mnist-cnn, mnist-vit, timm:<name> or torchvision:<name>.",
+)
+@click.option(
+    "--checkpoint", type=click.Path(dir_okay=False), default=None, help="State-dict file for the model."
+)
+@click.option(
+    "--weights", type=click.Choice(["pretrained", "random"]), default="pretrained", show_default=True
+)
 @click.option("--num-classes", type=int, default=None, help="Head size of timm/torchvision models.")
-@click.option("--defense", default="none", show_default=True,
-              help="Preset or composition, e.g. RND:std=0.05 or 'SINAI:attn.std=1,gelu.std=0.1,gelu.ratio=0.7'.")
+@click.option(
+    "--defense",
+    default="none",
+    show_default=True,
+    help="Preset or composition, e.g. RND:std=0.05 or 'SINAI:attn.std=1,gelu.std=0.1,gelu.ratio=0.7'.",
+)
 @click.option("--attack", default="none", show_default=True, help="'none' = clean accuracy only.")
 @click.option("--data", default=None, help="mnist, cifar10 or imagenet (default: the model's own).")
 @click.option("--data-root", type=click.Path(), default=None, help="Root folder of cifar10 / imagenet.")
@@ -89,9 +117,22 @@ def demo(quick: bool, images: int | None, passes: int, seed: int, out: str, devi
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Image selection and noise seed.")
 @_common
-def eval_(model_name: str, checkpoint: str | None, weights: str, num_classes: int | None, defense: str,
-          attack: str, data: str | None, data_root: str | None, images: int, passes: int, batch_size: int,
-          seed: int, device: torch.device, cache_dir: str | None) -> None:
+def eval_(
+    model_name: str,
+    checkpoint: str | None,
+    weights: str,
+    num_classes: int | None,
+    defense: str,
+    attack: str,
+    data: str | None,
+    data_root: str | None,
+    images: int,
+    passes: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    cache_dir: str | None,
+) -> None:
     """Evaluate a (defended) model: clean accuracy as mean ± std over M noisy passes."""
     from .defenses import parse_defense, protect
     from .evaluation.clean import clean_accuracy
@@ -102,8 +143,14 @@ def eval_(model_name: str, checkpoint: str | None, weights: str, num_classes: in
     if attack.lower() != "none":
         raise click.BadParameter(f"unknown attack {attack!r}: {ATTACKS_NOT_YET}", param_hint="--attack")
     parsed = parse_defense(defense)
-    model = load_model(model_name, checkpoint=checkpoint, weights=weights, num_classes=num_classes,
-                       device=device, cache_dir=cache_dir)
+    model = load_model(
+        model_name,
+        checkpoint=checkpoint,
+        weights=weights,
+        num_classes=num_classes,
+        device=device,
+        cache_dir=cache_dir,
+    )
     dataset = load_dataset(data or default_dataset(model_name, num_classes=model.num_classes), root=data_root)
     _check_fits(dataset, model)
     x, y = sample(dataset, images, seed)
@@ -112,8 +159,15 @@ def eval_(model_name: str, checkpoint: str | None, weights: str, num_classes: in
     if parsed.specs:
         defended = protect(model, parsed, seed=seed)
         acc = clean_accuracy(defended, x, y, passes=passes, batch_size=batch_size, progress=True)
-        rows.append([model_name, parsed.describe(), f"{100 * acc.mean:.2f} ± {100 * acc.std:.2f}",
-                     f"{100 * (base.mean - acc.mean):+.2f}", len(defended.sites)])
+        rows.append(
+            [
+                model_name,
+                parsed.describe(),
+                f"{100 * acc.mean:.2f} ± {100 * acc.std:.2f}",
+                f"{100 * (base.mean - acc.mean):+.2f}",
+                len(defended.sites),
+            ]
+        )
     click.echo(f"{dataset.name}: {len(x)} images (seed {seed}), M = {passes} noisy passes, device {device}")
     click.echo(markdown_table(["model", "defense", "clean acc %", "drop %", "sites"], rows))
 
@@ -121,24 +175,32 @@ def eval_(model_name: str, checkpoint: str | None, weights: str, num_classes: in
 def _check_fits(dataset: object, model: object) -> None:
     if tuple(dataset.input_shape) != tuple(model.input_shape):
         raise ValueError(
-            f"{dataset.name} images have shape {dataset.input_shape} but {model.name} takes {model.input_shape}; "
+            f"{dataset.name} images have shape {dataset.input_shape}, "
+            f"but {model.name} takes {model.input_shape}; "
             "pick the model's dataset with --data, or a model built for this input size"
         )
 
 
 @cli.command()
 @click.option("--model", "model_name", default="mnist-vit", show_default=True)
-@click.option("--weights", type=click.Choice(["pretrained", "random"]), default="random", show_default=True,
-              help="Sites do not depend on weights; random avoids needing them.")
+@click.option(
+    "--weights",
+    type=click.Choice(["pretrained", "random"]),
+    default="random",
+    show_default=True,
+    help="Sites do not depend on weights; random avoids needing them.",
+)
 @_common
 def sites(model_name: str, weights: str, device: torch.device, cache_dir: str | None) -> None:
     """List the noise sites of a model by kind (what protect() would hook)."""
     from .defenses import describe_sites
+    from .models.embedded import EMBEDDED, build_embedded
     from .models.zoo import load_model
 
-    if model_name.startswith("mnist-"):
-        weights = "pretrained"
-    model = load_model(model_name, weights=weights, device=device, cache_dir=cache_dir)
+    if model_name in EMBEDDED:  # sites do not depend on weights: no need to train
+        model = build_embedded(model_name)
+    else:
+        model = load_model(model_name, weights=weights, device=device, cache_dir=cache_dir)
     for kind, names in describe_sites(model).items():
         shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
         click.echo(f"{kind:8s} {len(names):3d}  {shown or '-'}")
@@ -164,17 +226,35 @@ def bench() -> None:
 
 
 @bench.command("defenses")
-@click.option("--models", default=None,
-              help="Comma-separated model[@batch] list (default: mnist-cnn@256, mnist-vit@256, "
-                   "torchvision:resnet18@16, timm:vit_tiny_patch16_224@16; ImageNet-shaped ones use random weights).")
-@click.option("--defenses", "defense_names", default=None,
-              help="Comma-separated presets; X@threshold = X with thresholds calibrated once.")
-@click.option("--rounds", type=int, default=7, show_default=True, help="Interleaved timing rounds (median taken).")
+@click.option(
+    "--models",
+    default=None,
+    help="Comma-separated model[@batch] list (default: mnist-cnn@256, mnist-vit@256, "
+    "torchvision:resnet18@16, timm:vit_tiny_patch16_224@16; ImageNet-shaped ones use random weights).",
+)
+@click.option(
+    "--defenses",
+    "defense_names",
+    default=None,
+    help="Comma-separated presets; X@threshold = X with thresholds calibrated once.",
+)
+@click.option(
+    "--rounds", type=int, default=7, show_default=True, help="Interleaved timing rounds (median taken)."
+)
 @click.option("--iters", type=int, default=3, show_default=True, help="Forwards per timing.")
-@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
+@click.option(
+    "--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON."
+)
 @_common
-def bench_defenses(models: str | None, defense_names: str | None, rounds: int, iters: int,
-                   json_out: str | None, device: torch.device, cache_dir: str | None) -> None:
+def bench_defenses(
+    models: str | None,
+    defense_names: str | None,
+    rounds: int,
+    iters: int,
+    json_out: str | None,
+    device: torch.device,
+    cache_dir: str | None,
+) -> None:
     """Protected-forward / unprotected-forward time per preset, same model and batch (target <= 1.05x)."""
     from dataclasses import asdict
 
@@ -190,13 +270,27 @@ def bench_defenses(models: str | None, defense_names: str | None, rounds: int, i
     names = tuple(n.strip() for n in defense_names.split(",")) if defense_names else BENCH_PRESETS
     start = time.perf_counter()
     rows = bench_models(pairs, names, device=device, rounds=rounds, iters=iters, cache_dir=cache_dir)
-    click.echo(f"device {device}, {torch.get_num_threads()} threads, {rounds} rounds x {iters} forwards "
-               f"({time.perf_counter() - start:.0f} s)")
-    click.echo(markdown_table(
-        ["model", "batch", "defense", "sites", "clean ms", "defended ms", "ratio"],
-        [[r.model, r.batch, r.defense, r.sites, round(r.clean_ms, 1), round(r.defended_ms, 1), round(r.ratio, 3)]
-         for r in rows],
-    ))
+    click.echo(
+        f"device {device}, {torch.get_num_threads()} threads, {rounds} rounds x {iters} forwards "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
+    click.echo(
+        markdown_table(
+            ["model", "batch", "defense", "sites", "clean ms", "defended ms", "ratio"],
+            [
+                [
+                    r.model,
+                    r.batch,
+                    r.defense,
+                    r.sites,
+                    round(r.clean_ms, 1),
+                    round(r.defended_ms, 1),
+                    round(r.ratio, 3),
+                ]
+                for r in rows
+            ],
+        )
+    )
     if json_out:
         Path(json_out).write_text(json.dumps([asdict(r) for r in rows], indent=2))
 

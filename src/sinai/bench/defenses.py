@@ -1,8 +1,8 @@
 """Defense overhead: protected-forward time / unprotected-forward time, measured in one run.
 
-Timings interleave the unprotected model and every preset round by round on the same model and
-batch, and each ratio is the median over rounds of (preset time / unprotected time in that round),
-so slow drifts of the machine cancel.
+Every timing of a preset is paired with a timing of the unprotected model taken just before it, on
+the same model and batch, and the pair order alternates between rounds; each ratio is the median over
+rounds of (preset time / its paired unprotected time), so drifts of the machine cancel.
 """
 
 from __future__ import annotations
@@ -80,26 +80,26 @@ def measure_overhead(
         if any(s.selection == "threshold" and s.ratio < 1 for s in d.defense.specs.values()):
             d.calibrate_thresholds(x)
         defended[name] = d
-    fns: dict[str, Callable[[], torch.Tensor]] = {"none": lambda: model(x)}
-    fns.update({name: (lambda d=d: d(x)) for name, d in defended.items()})
-    for fn in fns.values():  # warm-up: allocator, kernels, lazy generators
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(_time_forward(fn, iters, device))
+    clean_fn: Callable[[], torch.Tensor] = lambda: model(x)
+    clean_fn()  # warm-up: allocator, kernels, lazy generators and noise buffers
+    for d in defended.values():
+        d(x)
     rows = []
     for name, d in defended.items():
-        ratios = [t / c for t, c in zip(times[name], times["none"], strict=True)]
+        clean_t, defended_t = [], []
+        for r in range(rounds):
+            pair = [(clean_t, clean_fn), (defended_t, lambda d=d: d(x))]
+            for times, fn in pair if r % 2 == 0 else pair[::-1]:
+                times.append(_time_forward(fn, iters, device))
         rows.append(
             OverheadRow(
                 model=model_name,
                 batch=len(x),
                 defense=name,
                 sites=len(d.sites),
-                clean_ms=1000 * statistics.median(times["none"]),
-                defended_ms=1000 * statistics.median(times[name]),
-                ratio=statistics.median(ratios),
+                clean_ms=1000 * statistics.median(clean_t),
+                defended_ms=1000 * statistics.median(defended_t),
+                ratio=statistics.median(t / c for t, c in zip(defended_t, clean_t, strict=True)),
             )
         )
         d.remove()
@@ -136,5 +136,3 @@ def bench_models(
         x = torch.rand((batch, *model.input_shape), generator=gen).to(device)
         rows += measure_overhead(model, x, defenses, rounds=rounds, iters=iters, model_name=name)
     return rows
-
-

@@ -51,6 +51,7 @@ class _Injector:
         self.site = site
         self.spec = spec
         self.calls = 0  # calls within the current forward (torchvision reuses one ReLU 2-3 times)
+        self.buffers: dict[int, torch.Tensor] = {}  # noise buffers per call, reused across forwards
 
     def perturb(self, z: torch.Tensor) -> torch.Tensor:
         call, self.calls = self.calls, self.calls + 1
@@ -60,16 +61,33 @@ class _Injector:
                     smallest_threshold(z, self.spec.ratio)
                 )
             return z
-        noise = torch.randn(z.shape, generator=self.owner.generator(z.device), device=z.device, dtype=z.dtype)
+        noise = self.noise(z.shape, z, call)
         if self.spec.ratio >= 1.0:
-            return torch.add(z, noise, alpha=self.spec.std)
+            return z + noise
         if self.spec.selection == "threshold":
             mask = z <= self.owner.threshold(self.site.name, call)
         else:
             mask = smallest_mask(z, self.spec.ratio)
             if mask is None:
-                return torch.add(z, noise, alpha=self.spec.std)
-        return torch.addcmul(z, noise, mask, value=self.spec.std)
+                return z + noise
+        return torch.addcmul(z, noise, mask)
+
+    def noise(self, shape: torch.Size | tuple[int, ...], like: torch.Tensor, call: int) -> torch.Tensor:
+        """Fresh N(0, std^2) noise of ``shape``; without autograd it is drawn into a reused buffer.
+
+        Re-using the buffer saves a large allocation per site and forward (on CPU the page faults of
+        a fresh tensor cost about as much as drawing the noise). With autograd on, a new tensor is
+        drawn so that saved tensors of an earlier graph are never overwritten.
+        """
+        gen = self.owner.generator(like.device)
+        if torch.is_grad_enabled():
+            return torch.empty(shape, device=like.device, dtype=like.dtype).normal_(
+                0.0, self.spec.std, generator=gen
+            )
+        buf = self.buffers.get(call)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[call] = torch.empty(shape, device=like.device, dtype=like.dtype)
+        return buf.normal_(0.0, self.spec.std, generator=gen)
 
     def pre(self, module: nn.Module, args: tuple) -> tuple | None:
         if not self.owner.active:
@@ -91,9 +109,7 @@ class _Injector:
             return None
         x = args[0] if args else kwargs["x"]
         batch, tokens = x.shape[0], x.shape[1]
-        shape = (batch, module.num_heads, tokens, tokens)
-        noise = torch.randn(shape, generator=self.owner.generator(x.device), device=x.device, dtype=x.dtype)
-        noise.mul_(self.spec.std)
+        noise = self.noise((batch, module.num_heads, tokens, tokens), x, 0)
         mask = kwargs.get("attn_mask")
         if mask is not None:
             if mask.dtype == torch.bool:  # True = attend, as in SDPA
@@ -182,9 +198,10 @@ class DefendedModel(nn.Module):
 
     @property
     def _needs_thresholds(self) -> bool:
-        return any(
-            i.spec.selection == "threshold" and i.spec.ratio < 1 for i in self._injectors
-        ) and not self._thresholds
+        return (
+            any(i.spec.selection == "threshold" and i.spec.ratio < 1 for i in self._injectors)
+            and not self._thresholds
+        )
 
     @contextmanager
     def clean(self) -> Iterator[DefendedModel]:
@@ -201,7 +218,7 @@ class DefendedModel(nn.Module):
         self._generators.clear()
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """This model's generator on ``device`` (created on first use, so noise is drawn where the tensor is)."""
+        """This model's generator on ``device``, created on first use (noise is drawn where the tensor is)."""
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
@@ -219,7 +236,9 @@ class DefendedModel(nn.Module):
             ) from None
 
     @torch.no_grad()
-    def calibrate_thresholds(self, images: torch.Tensor, *, batch_size: int = 256) -> dict[tuple[str, int], float]:
+    def calibrate_thresholds(
+        self, images: torch.Tensor, *, batch_size: int = 256
+    ) -> dict[tuple[str, int], float]:
         """Fix, per selective site, the value below which logits get noise (``selection='threshold'``).
 
         The threshold is the mean over clean ``images`` of each sample's ``ceil(ratio * n)``-th smallest

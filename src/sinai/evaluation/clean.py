@@ -30,7 +30,10 @@ class CleanAccuracy:
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     """Predicted labels for ``images`` (moved batch by batch to the model's device)."""
     device = next(model.parameters()).device
-    out = [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+    out = [
+        model(images[i : i + batch_size].to(device)).argmax(1).cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 

@@ -11,7 +11,7 @@ CACHE_ENV = "SINAI_CACHE_DIR"
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """Return (and create) the cache directory: ``override``, else ``$SINAI_CACHE_DIR``, else the user cache."""
+    """Return (and create) the cache dir: ``override``, else ``$SINAI_CACHE_DIR``, else the user cache."""
     path = Path(override or os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("sinai"))
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -1,0 +1,131 @@
+"""The command line end to end, on embedded models trained with a short recipe into a temp cache."""
+
+import dataclasses
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import sinai.demo
+from sinai.cli import cli
+from sinai.models.embedded import EMBEDDED, TrainConfig
+
+SHORT = {
+    "mnist-cnn": TrainConfig(
+        epochs=2, batch_size=64, lr=3e-3, weight_decay=5e-4, augment=0, train_images=2000
+    ),
+    "mnist-vit": TrainConfig(
+        epochs=3, batch_size=64, lr=2e-3, weight_decay=0.05, augment=0, train_images=2000
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Short-recipe embedded models, trained once for this module."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, cfg in SHORT.items():
+            mp.setitem(EMBEDDED, name, dataclasses.replace(EMBEDDED[name], train=cfg))
+        mp.setenv("SINAI_CACHE_DIR", str(path))
+        yield path
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_help_lists_the_commands():
+    out = run("--help").output
+    for command in ("demo", "eval", "bench", "sites", "train"):
+        assert command in out
+
+
+def test_eval_prints_base_and_defended_clean_accuracy(cache):
+    result = run(
+        "eval",
+        "--model",
+        "mnist-cnn",
+        "--defense",
+        "RND:std=0.05",
+        "--images",
+        "100",
+        "--passes",
+        "2",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    assert "100 images" in result.output and "M = 2" in result.output
+    assert "| mnist-cnn | Base" in result.output and "RND(input std=0.05)" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--defense", "bogus"], "unknown defense 'bogus'"),
+        (["--defense", "RND:std=-1"], "std must be a finite number >= 0"),
+        (["--defense", "SINAI-Attn"], "needs ['attn'] sites"),
+        (["--attack", "square"], "only --attack none"),
+        (["--images", "5"], "cannot cover all 10 classes"),
+        (["--images", "5000"], "1000"),
+        (["--data", "cifar10"], "--data-root"),
+        (["--model", "timm:not_a_model"], "unknown timm model"),
+        (["--device", "tpu"], "unknown device"),
+    ],
+)
+def test_eval_bad_input_is_a_clear_error(cache, args, message):
+    result = run("eval", "--model", "mnist-cnn", *args)
+    assert result.exit_code != 0
+    assert message in result.output
+
+
+def test_demo_quick_runs_end_to_end_and_resumes(cache, tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    result = run("demo", "--quick", "--images", "100", "--passes", "1", "--out", str(out), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    stored = [json.loads(line) for line in (out / "clean.jsonl").read_text().splitlines()]
+    rows = [r for r in stored if not r.get("skipped")]
+    assert {(r["model"], r["defense"]) for r in stored if r.get("skipped")} == {
+        ("mnist-cnn", "SINAI-Attn"),
+        ("mnist-cnn", "SINAI-FFN"),
+    }
+    assert {r["model"] for r in rows} == {"mnist-cnn", "mnist-vit"}
+    vit = {r["defense"] for r in rows if r["model"] == "mnist-vit"}
+    assert vit == {"Base", "RND", "FND", "SINAI-Attn", "SINAI-FFN", "SINAI"}
+    assert {r["defense"] for r in rows if r["model"] == "mnist-cnn"} == {"Base", "RND", "FND", "SINAI"}
+    assert (out / "clean.md").read_text().count("mnist-vit") == len(vit)
+
+    def no_work(*a, **k):
+        raise AssertionError("a finished row was computed again")
+
+    monkeypatch.setattr(sinai.demo, "_evaluate", no_work)
+    again = run("demo", "--quick", "--images", "100", "--passes", "1", "--out", str(out), "--device", "cpu")
+    assert again.exit_code == 0 and again.output.count("| mnist-") == len(rows)
+
+
+def test_sites_lists_kinds_without_training():
+    out = run("sites", "--model", "mnist-vit").output
+    assert "attn       4" in out and "gelu       4" in out and "relu       0" in out
+
+
+def test_bench_defenses_prints_ratios(cache, tmp_path):
+    path = tmp_path / "rows.json"
+    result = run(
+        "bench",
+        "defenses",
+        "--models",
+        "mnist-cnn@8",
+        "--rounds",
+        "1",
+        "--iters",
+        "1",
+        "--json-out",
+        str(path),
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(path.read_text())
+    assert [r["defense"] for r in rows] == ["RND", "FND", "SINAI", "SINAI@threshold"]
+    assert all(r["ratio"] > 0 for r in rows)

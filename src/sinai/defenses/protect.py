@@ -28,19 +28,19 @@ def selected_count(ratio: float, n: int) -> int:
 
 
 def smallest_mask(z: torch.Tensor, ratio: float) -> torch.Tensor | None:
-    """Per sample, a mask of the ``ceil(ratio * n)`` smallest entries of ``z`` (``None`` = all).
+    """Per sample, a mask of exactly the ``ceil(ratio * n)`` smallest entries of ``z`` (``None`` = all).
 
-    Selection is by value, so with exact ties at the threshold a few more may be selected.
+    ``topk(sorted=False)`` + scatter is exact under ties and faster than ``kthvalue`` + compare on CPU.
     """
     flat = z.reshape(z.shape[0], -1)
     n = flat.shape[1]
     k = selected_count(ratio, n)
     if k >= n:
         return None
-    if k == 0:
-        return torch.zeros_like(z, dtype=torch.bool)
-    threshold = flat.kthvalue(k, dim=1, keepdim=True).values
-    return (flat <= threshold).view_as(z)
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=z.device)
+    if k > 0:
+        mask.scatter_(1, flat.topk(k, dim=1, largest=False, sorted=False).indices, True)
+    return mask.view_as(z)
 
 
 class _Injector:

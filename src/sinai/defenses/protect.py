@@ -51,7 +51,6 @@ class _Injector:
         self.site = site
         self.spec = spec
         self.calls = 0  # calls within the current forward (torchvision reuses one ReLU 2-3 times)
-        self.buffers: dict[int, torch.Tensor] = {}  # noise buffers per call, reused across forwards
 
     def perturb(self, z: torch.Tensor) -> torch.Tensor:
         call, self.calls = self.calls, self.calls + 1
@@ -61,7 +60,7 @@ class _Injector:
                     smallest_threshold(z, self.spec.ratio)
                 )
             return z
-        noise = self.noise(z.shape, z, call)
+        noise = self.owner.noise(z.shape, z, self.spec.std)
         if self.spec.ratio >= 1.0:
             return z + noise
         if self.spec.selection == "threshold":
@@ -71,23 +70,6 @@ class _Injector:
             if mask is None:
                 return z + noise
         return torch.addcmul(z, noise, mask)
-
-    def noise(self, shape: torch.Size | tuple[int, ...], like: torch.Tensor, call: int) -> torch.Tensor:
-        """Fresh N(0, std^2) noise of ``shape``; without autograd it is drawn into a reused buffer.
-
-        Re-using the buffer saves a large allocation per site and forward (on CPU the page faults of
-        a fresh tensor cost about as much as drawing the noise). With autograd on, a new tensor is
-        drawn so that saved tensors of an earlier graph are never overwritten.
-        """
-        gen = self.owner.generator(like.device)
-        if torch.is_grad_enabled():
-            return torch.empty(shape, device=like.device, dtype=like.dtype).normal_(
-                0.0, self.spec.std, generator=gen
-            )
-        buf = self.buffers.get(call)
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self.buffers[call] = torch.empty(shape, device=like.device, dtype=like.dtype)
-        return buf.normal_(0.0, self.spec.std, generator=gen)
 
     def pre(self, module: nn.Module, args: tuple) -> tuple | None:
         if not self.owner.active:
@@ -109,7 +91,7 @@ class _Injector:
             return None
         x = args[0] if args else kwargs["x"]
         batch, tokens = x.shape[0], x.shape[1]
-        noise = self.noise((batch, module.num_heads, tokens, tokens), x, 0)
+        noise = self.owner.noise((batch, module.num_heads, tokens, tokens), x, self.spec.std)
         mask = kwargs.get("attn_mask")
         if mask is not None:
             if mask.dtype == torch.bool:  # True = attend, as in SDPA
@@ -146,6 +128,7 @@ class DefendedModel(nn.Module):
         self._noise_on = True
         self._thresholds: dict[tuple[str, int], float] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}  # CPU noise buffers by (shape, dtype)
         self._seed: int | None = None
         self.reseed(seed)
         self.sites: list[Site] = []
@@ -225,6 +208,23 @@ class DefendedModel(nn.Module):
             gen.manual_seed(self._seed if self._seed is not None else secrets.randbits(63))
             self._generators[device] = gen
         return gen
+
+    def noise(self, shape: torch.Size | tuple[int, ...], like: torch.Tensor, std: float) -> torch.Tensor:
+        """Fresh N(0, std^2) noise of ``shape`` on ``like``'s device, from this model's generator.
+
+        On CPU without autograd it is drawn into a buffer shared by all sites of that shape: every
+        site consumes its noise before the next site draws, and a fresh large CPU tensor costs about
+        as much in page faults as drawing the noise. CUDA's caching allocator needs no such help, and
+        with autograd on a new tensor keeps the saved tensors of earlier graphs intact.
+        """
+        gen = self.generator(like.device)
+        if like.device.type != "cpu" or torch.is_grad_enabled():
+            return torch.empty(shape, device=like.device, dtype=like.dtype).normal_(0.0, std, generator=gen)
+        key = (tuple(shape), like.dtype)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype)
+        return buf.normal_(0.0, std, generator=gen)
 
     def threshold(self, site_name: str, call: int) -> float:
         try:

@@ -129,3 +129,33 @@ def test_bench_defenses_prints_ratios(cache, tmp_path):
     rows = json.loads(path.read_text())
     assert [r["defense"] for r in rows] == ["RND", "FND", "SINAI", "SINAI@threshold"]
     assert all(r["ratio"] > 0 for r in rows)
+
+
+def test_eval_reads_an_imagenet_folder_at_the_models_input_size(tmp_path):
+    from PIL import Image
+
+    for c, synset in enumerate(("n01440764", "n01443537", "n01484850")):
+        (tmp_path / synset).mkdir()
+        for i in range(2):
+            Image.new("RGB", (200 + 10 * i, 180), (40 * c, 90, 200)).save(tmp_path / synset / f"{i}.JPEG")
+    result = run(
+        "eval",
+        "--model",
+        "timm:test_vit",
+        "--weights",
+        "random",
+        "--data",
+        "imagenet",
+        "--data-root",
+        str(tmp_path),
+        "--images",
+        "3",
+        "--defense",
+        "SINAI-Attn:std=0.5",
+        "--passes",
+        "1",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    assert "imagenet: 3 images" in result.output and "SINAI-Attn(attn std=0.5)" in result.output

@@ -151,7 +151,11 @@ def eval_(
         device=device,
         cache_dir=cache_dir,
     )
-    dataset = load_dataset(data or default_dataset(model_name, num_classes=model.num_classes), root=data_root)
+    dataset = load_dataset(
+        data or default_dataset(model_name, num_classes=model.num_classes),
+        root=data_root,
+        image_size=model.input_shape[-1],
+    )
     _check_fits(dataset, model)
     x, y = sample(dataset, images, seed)
     base = clean_accuracy(model, x, y, passes=1, batch_size=batch_size)

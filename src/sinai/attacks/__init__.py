@@ -1,0 +1,1 @@
+"""Query-based black-box attacks, all through the Oracle."""

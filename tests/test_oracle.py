@@ -1,0 +1,107 @@
+"""The Oracle: exact query counts, budgets, EOT and verified success on randomized models."""
+
+import pytest
+import torch
+from torch import nn
+
+from sinai.attacks.oracle import Oracle, group_rank
+
+
+class Counting(nn.Module):
+    """Class = 1 if the mean pixel > 0.5 else 0; counts every image it sees. ``flip``: wrong 1 in 10."""
+
+    def __init__(self, flip: float = 0.0, seed: int = 0):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.num_classes, self.input_shape, self.seen, self.flip = 2, (1, 2, 2), 0, flip
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def forward(self, x):
+        self.seen += len(x)
+        cls = (x.flatten(1).mean(1) > 0.5).long()
+        if self.flip:
+            flips = torch.rand(len(x), generator=self.gen) < self.flip
+            cls = torch.where(flips, 1 - cls, cls)
+        return nn.functional.one_hot(cls, 2).float() + self.w
+
+
+def imgs(values):
+    return torch.tensor(values, dtype=torch.float).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
+
+
+def test_group_rank_counts_earlier_candidates_of_the_same_image():
+    assert group_rank(torch.tensor([3, 1, 3, 3, 0, 1])).tolist() == [0, 0, 1, 2, 0, 1]
+
+
+def test_queries_are_counted_exactly_and_verification_separately():
+    model = Counting()
+    oracle = Oracle(model, torch.zeros(3, dtype=torch.long), budget=10, votes=9)
+    out = oracle(imgs([0.1, 0.2, 0.9, 0.1]), torch.tensor([0, 1, 2, 0]))
+    assert out.shape == (4, 2)
+    assert oracle.queries.tolist() == [2, 1, 1]
+    assert oracle.success.tolist() == [False, False, True] and oracle.success_at.tolist() == [0, 0, 1]
+    assert oracle.vote_passes.tolist() == [0, 0, 9]
+    assert model.seen == 4 + 9  # what the model saw = counted queries + votes
+
+
+def test_budget_masks_candidates_and_is_never_exceeded():
+    model = Counting()
+    oracle = Oracle(model, torch.zeros(2, dtype=torch.long), budget=3)
+    out = oracle(imgs([0.1] * 5), torch.tensor([0, 0, 0, 0, 1]))
+    assert oracle.queries.tolist() == [3, 1]
+    assert torch.isnan(out[3]).all() and not torch.isnan(out[:3]).any()
+    assert oracle.done.tolist() == [True, False]
+    oracle(imgs([0.1]), torch.tensor([0]))
+    assert oracle.queries.tolist() == [3, 1] and model.seen == 4
+
+
+def test_finished_images_are_not_queried():
+    model = Counting()
+    oracle = Oracle(model, torch.zeros(1, dtype=torch.long), budget=10, votes=0)
+    oracle(imgs([0.9]), torch.tensor([0]))
+    seen = model.seen
+    out = oracle(imgs([0.9, 0.1]), torch.tensor([0, 0]))
+    assert model.seen == seen and torch.isnan(out).all() and oracle.queries.tolist() == [1]
+
+
+def test_eot_counts_m_queries_and_returns_the_mean():
+    model = Counting()
+    oracle = Oracle(model, torch.zeros(2, dtype=torch.long), budget=20, eot=5)
+    oracle(imgs([0.1, 0.2]), torch.tensor([0, 1]))
+    assert oracle.queries.tolist() == [5, 5] and model.seen == 10
+    assert Oracle(model, torch.zeros(1, dtype=torch.long), budget=7, eot=5).done.tolist() == [False]
+    with pytest.raises(ValueError, match="eot"):
+        Oracle(model, torch.zeros(1, dtype=torch.long), budget=7, eot=0)
+
+
+def test_a_single_noisy_flip_is_not_a_verified_success():
+    model = Counting(flip=0.1)
+    oracle = Oracle(model, torch.zeros(200, dtype=torch.long), budget=50)
+    x = imgs([0.1] * 200)
+    for _ in range(20):
+        oracle(x, torch.arange(200))
+    assert oracle.vote_passes.sum() > 0  # flips happened and were checked
+    assert oracle.success.float().mean() < 0.02  # but (almost) never confirmed by the majority of 9
+    lucky = Oracle(Counting(flip=0.1), torch.zeros(200, dtype=torch.long), budget=50, lucky=True)
+    for _ in range(20):
+        lucky(x, torch.arange(200))
+    assert lucky.success.float().mean() > 0.5 and lucky.vote_passes.sum() == 0
+
+
+def test_decision_mode_returns_labels_and_minus_one_for_refused():
+    oracle = Oracle(Counting(), torch.zeros(1, dtype=torch.long), budget=1, output="labels")
+    assert oracle(imgs([0.1, 0.2]), torch.tensor([0, 0])).tolist() == [0, -1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"budget": 0}, "budget"),
+        ({"output": "probs"}, "output"),
+        ({"labels": torch.tensor([2])}, "labels must be"),
+    ],
+)
+def test_bad_oracle_arguments(kwargs, message):
+    args = {"labels": torch.zeros(1, dtype=torch.long), "budget": 5} | kwargs
+    with pytest.raises(ValueError, match=message):
+        Oracle(Counting(), args.pop("labels"), **args)

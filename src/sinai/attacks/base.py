@@ -45,8 +45,8 @@ class Attack:
         """Raise a clear error when the oracle, images and labels do not fit this attack."""
         if oracle.output != self.output:
             raise ValueError(
-                f"{self.name} is a {'score' if self.output == 'scores' else 'decision'}-based attack and needs "
-                f"an oracle with output={self.output!r}, got {oracle.output!r}"
+                f"{self.name} is a {'score' if self.output == 'scores' else 'decision'}-based attack: "
+                f"it needs an oracle with output={self.output!r}, got {oracle.output!r}"
             )
         if len(x) != len(oracle.labels) or len(y) != len(x):
             raise ValueError(

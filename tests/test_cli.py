@@ -57,7 +57,7 @@ def test_eval_prints_base_and_defended_clean_accuracy(cache):
     )
     assert result.exit_code == 0, result.output
     assert "100 images" in result.output and "M = 2" in result.output
-    assert "| mnist-cnn | Base" in result.output and "RND(input std=0.05)" in result.output
+    assert "| mnist-cnn | RND(input std=0.05) |" in result.output and "drop %" in result.output
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,9 @@ def test_eval_prints_base_and_defended_clean_accuracy(cache):
         (["--defense", "bogus"], "unknown defense 'bogus'"),
         (["--defense", "RND:std=-1"], "std must be a finite number >= 0"),
         (["--defense", "SINAI-Attn"], "needs ['attn'] sites"),
-        (["--attack", "square"], "only --attack none"),
+        (["--attack", "squares"], "unknown attack 'squares'"),
+        (["--budget", "0"], "budgets must be positive"),
+        (["--budget", "1k"], "budgets must be integers"),
         (["--images", "5"], "cannot cover all 10 classes"),
         (["--images", "5000"], "1000"),
         (["--data", "cifar10"], "--data-root"),

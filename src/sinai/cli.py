@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -14,11 +15,6 @@ import click
 import torch
 
 from . import __version__
-
-ATTACKS_NOT_YET = (
-    "only --attack none (clean accuracy) is available in this version; the query-based attacks "
-    "(Square, SignHunter, NES, ...) come with the query engine"
-)
 
 
 class _Group(click.Group):
@@ -109,13 +105,58 @@ def demo(
     show_default=True,
     help="Preset or composition, e.g. RND:std=0.05 or 'SINAI:attn.std=1,gelu.std=0.1,gelu.ratio=0.7'.",
 )
-@click.option("--attack", default="none", show_default=True, help="'none' = clean accuracy only.")
+@click.option(
+    "--attack",
+    default="none",
+    show_default=True,
+    help="none (clean accuracy only), square, signhunter, nes, bandits, simba, simba-dct.",
+)
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
+@click.option(
+    "--eps",
+    type=float,
+    default=None,
+    help="Threat-model radius in [0, 1] pixel units (default per dataset/model, see README).",
+)
+@click.option(
+    "--budget",
+    default="1000,10000",
+    show_default=True,
+    help="Query budgets to report, comma-separated; one run with the largest.",
+)
 @click.option("--data", default=None, help="mnist, cifar10 or imagenet (default: the model's own).")
 @click.option("--data-root", type=click.Path(), default=None, help="Root folder of cifar10 / imagenet.")
 @click.option("--images", type=int, default=1000, show_default=True, help="N images, covering every class.")
 @click.option("--passes", type=int, default=3, show_default=True, help="Noisy passes per clean accuracy (M).")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Image selection and noise seed.")
+@click.option(
+    "--eot", type=int, default=1, show_default=True, help="Samples averaged per query (adaptive EOT)."
+)
+@click.option(
+    "--votes",
+    type=int,
+    default=9,
+    show_default=True,
+    help="Uncounted passes that must confirm a success on a randomized model.",
+)
+@click.option("--lucky", is_flag=True, help="Decide success by the single query (RFD Table 15).")
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Forward chunk size.")
+@click.option(
+    "--shard-size",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Images attacked together and saved as one unit.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Image selection, noise and attack seed."
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="runs/eval",
+    show_default=True,
+    help="Output folder; results.sqlite there is resumed when the settings match.",
+)
 @_common
 def eval_(
     model_name: str,
@@ -124,24 +165,40 @@ def eval_(
     num_classes: int | None,
     defense: str,
     attack: str,
+    norm: str,
+    eps: float | None,
+    budget: str,
     data: str | None,
     data_root: str | None,
     images: int,
     passes: int,
+    eot: int,
+    votes: int,
+    lucky: bool,
     batch_size: int,
+    shard_size: int,
     seed: int,
+    out: str,
     device: torch.device,
     cache_dir: str | None,
 ) -> None:
-    """Evaluate a (defended) model: clean accuracy as mean ± std over M noisy passes."""
-    from .defenses import parse_defense, protect
+    """Evaluate a (defended) model: clean accuracy (mean ± std over M passes) and robust accuracy."""
+    from .attacks import ATTACKS
+    from .defenses import parse_defense
     from .evaluation.clean import clean_accuracy
-    from .models.data import load_dataset, sample
+    from .evaluation.defaults import default_eps
+    from .evaluation.protocol import evaluate
+    from .evaluation.store import ResultStore
+    from .models.data import load_dataset, select_images
     from .models.zoo import default_dataset, load_model
     from .reports.table import markdown_table
 
-    if attack.lower() != "none":
-        raise click.BadParameter(f"unknown attack {attack!r}: {ATTACKS_NOT_YET}", param_hint="--attack")
+    attack = attack.lower()
+    if attack != "none" and attack not in ATTACKS:
+        raise click.BadParameter(
+            f"unknown attack {attack!r}; choose none or one of {', '.join(ATTACKS)}", param_hint="--attack"
+        )
+    budgets = _parse_budgets(budget)
     parsed = parse_defense(defense)
     model = load_model(
         model_name,
@@ -151,29 +208,66 @@ def eval_(
         device=device,
         cache_dir=cache_dir,
     )
-    dataset = load_dataset(
-        data or default_dataset(model_name, num_classes=model.num_classes),
-        root=data_root,
-        image_size=model.input_shape[-1],
-    )
+    data = data or default_dataset(model_name, num_classes=model.num_classes)
+    dataset = load_dataset(data, root=data_root, image_size=model.input_shape[-1])
     _check_fits(dataset, model)
-    x, y = sample(dataset, images, seed)
-    base = clean_accuracy(model, x, y, passes=1, batch_size=batch_size)
-    rows = [[model_name, "Base", f"{100 * base.mean:.2f}", "-", "-"]]
-    if parsed.specs:
-        defended = protect(model, parsed, seed=seed)
-        acc = clean_accuracy(defended, x, y, passes=passes, batch_size=batch_size, progress=True)
-        rows.append(
-            [
-                model_name,
-                parsed.describe(),
-                f"{100 * acc.mean:.2f} ± {100 * acc.std:.2f}",
-                f"{100 * (base.mean - acc.mean):+.2f}",
-                len(defended.sites),
-            ]
+    eps = eps if eps is not None else default_eps(model_name, data, norm)
+    chosen = select_images(dataset.labels, images, seed, dataset.num_classes)
+    x, y = dataset.load(chosen), dataset.labels[chosen]
+    click.echo(
+        f"{data}: {len(x)} images (seed {seed}); {attack} {norm} eps={eps:g}, budgets {budgets}, "
+        f"M = {passes}, EOT {eot}, device {device}; results in {out}/results.sqlite",
+        err=True,
+    )
+    with ResultStore(Path(out) / "results.sqlite") as store:
+        result = evaluate(
+            model,
+            x,
+            y,
+            attack=attack,
+            defense=parsed,
+            norm=norm,
+            eps=eps,
+            budgets=budgets,
+            seed=seed,
+            passes=passes,
+            eot=eot,
+            votes=votes,
+            lucky=lucky,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            dataset_indices=chosen.tolist(),
+            store=store,
+            describe={"model": model_name, "checkpoint": checkpoint, "dataset": data},
         )
-    click.echo(f"{dataset.name}: {len(x)} images (seed {seed}), M = {passes} noisy passes, device {device}")
-    click.echo(markdown_table(["model", "defense", "clean acc %", "drop %", "sites"], rows))
+    base = clean_accuracy(model, x, y, passes=1, batch_size=batch_size).mean
+    headers = ["model", "defense", "clean acc %", "drop %"]
+    row = [
+        model_name,
+        parsed.describe() if parsed.specs else "Base",
+        f"{100 * result.clean_mean:.2f} ± {100 * result.clean_std:.2f}",
+        f"{100 * (base - result.clean_mean):.2f}",
+    ]
+    if attack != "none":
+        headers += [f"{attack} @{b}" for b in budgets]
+        row += [f"{100 * result.robust_accuracy(b):.1f}" for b in budgets]
+        spent = [r.queries for r in result.results if r.success_at is not None]
+        headers.append("median queries (broken)")
+        row.append(int(statistics.median(spent)) if spent else "-")
+    click.echo(markdown_table(headers, [row]))
+    click.echo(f"wall time {result.seconds:.1f} s", err=True)
+
+
+def _parse_budgets(text: str) -> tuple[int, ...]:
+    try:
+        budgets = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError:
+        raise click.BadParameter(
+            f"budgets must be integers like 1000,10000, got {text!r}", param_hint="--budget"
+        ) from None
+    if not budgets or budgets[0] < 1:
+        raise click.BadParameter(f"budgets must be positive, got {text!r}", param_hint="--budget")
+    return budgets
 
 
 def _check_fits(dataset: object, model: object) -> None:

@@ -10,6 +10,8 @@ decides by the single query instead (RFD Table 15).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -74,6 +76,7 @@ class Oracle:
         self.success_at = torch.zeros(n, dtype=torch.long, device=self.device)  # 0 = none yet
         self.success = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.x_adv: torch.Tensor | None = None  # the verified adversarial example of each image
+        self.on_query: Callable[[int], None] | None = None  # told how many queries each call counted
 
     # ----------------------------------------------------------------------------------------- state
     @property
@@ -125,6 +128,8 @@ class Oracle:
             logits = self._forward(xa)
         spent = self.queries[ia] + (rank[answered] + 1) * self.eot  # query count at each candidate
         self.queries.index_add_(0, ia, torch.full_like(ia, self.eot))
+        if self.on_query is not None:
+            self.on_query(len(ia) * self.eot)
         self._check_success(xa, ia, logits.argmax(1), spent)
         if self.output == "labels":
             result = torch.full((len(x),), -1, dtype=torch.long, device=self.device)

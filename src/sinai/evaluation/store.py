@@ -1,0 +1,150 @@
+"""The result store: one SQLite file per output folder, written as results arrive.
+
+A run is identified by its full settings (model, defense, attack and its hyper-parameters, norm, eps,
+budget, images, seed, ...). Asking for the same settings again resumes that run; other settings make
+another run in the same store, so one folder can hold every row of a paper-style table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    key TEXT UNIQUE NOT NULL,
+    settings TEXT NOT NULL,
+    created REAL NOT NULL,
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS clean (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    pass INTEGER NOT NULL,
+    accuracy REAL NOT NULL,
+    PRIMARY KEY (run_id, pass)
+);
+CREATE TABLE IF NOT EXISTS results (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    image INTEGER NOT NULL,           -- position in the run's image selection
+    dataset_index INTEGER NOT NULL,   -- index in the dataset
+    label INTEGER NOT NULL,
+    clean_correct INTEGER NOT NULL,   -- 1 if the (defended) model's vote was right before the attack
+    success_at INTEGER,               -- counted queries at the verified success; NULL = none
+    queries INTEGER NOT NULL,         -- counted queries spent
+    vote_passes INTEGER NOT NULL,     -- uncounted verification passes
+    norm REAL NOT NULL,               -- final perturbation norm (of the verified example if any)
+    PRIMARY KEY (run_id, image)
+);
+"""
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One attacked image: ``success_at`` is None when no verified success within the budget."""
+
+    image: int
+    dataset_index: int
+    label: int
+    clean_correct: bool
+    success_at: int | None
+    queries: int
+    vote_passes: int
+    norm: float
+
+    def robust_at(self, budget: int) -> bool:
+        """Not broken within ``budget`` counted queries (and correctly classified to begin with)."""
+        return self.clean_correct and (self.success_at is None or self.success_at > budget)
+
+
+def settings_key(settings: Mapping[str, object]) -> str:
+    """A stable short hash of the settings (JSON with sorted keys)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ResultStore:
+    """SQLite store of runs, clean accuracies and per-image attack results (see module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path)
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise ValueError(
+                f"{self.path} is not a sinai result store ({err}); choose another --out"
+            ) from err
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run_id(self, settings: Mapping[str, object]) -> int:
+        """The id of the run with these settings, created if new."""
+        key = settings_key(settings)
+        with self.db:
+            self.db.execute(
+                "INSERT OR IGNORE INTO runs (key, settings, created) VALUES (?, ?, ?)",
+                (key, json.dumps(settings, sort_keys=True, default=str), time.time()),
+            )
+        return self.db.execute("SELECT id FROM runs WHERE key = ?", (key,)).fetchone()[0]
+
+    def runs(self) -> list[tuple[int, dict, bool]]:
+        """(id, settings, finished) of every run in the store."""
+        rows = self.db.execute("SELECT id, settings, finished FROM runs ORDER BY id").fetchall()
+        return [(i, json.loads(s), f is not None) for i, s, f in rows]
+
+    def add_clean(self, run_id: int, accuracies: Iterable[float]) -> None:
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO clean (run_id, pass, accuracy) VALUES (?, ?, ?)",
+                [(run_id, i, a) for i, a in enumerate(accuracies)],
+            )
+
+    def clean(self, run_id: int) -> list[float]:
+        rows = self.db.execute("SELECT accuracy FROM clean WHERE run_id = ? ORDER BY pass", (run_id,))
+        return [r[0] for r in rows]
+
+    def add_results(self, run_id: int, results: Iterable[ImageResult]) -> None:
+        """Write a batch of image results in one transaction (all or nothing)."""
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        run_id,
+                        r.image,
+                        r.dataset_index,
+                        r.label,
+                        int(r.clean_correct),
+                        r.success_at,
+                        r.queries,
+                        r.vote_passes,
+                        r.norm,
+                    )
+                    for r in results
+                ],
+            )
+
+    def results(self, run_id: int) -> list[ImageResult]:
+        rows = self.db.execute(
+            "SELECT image, dataset_index, label, clean_correct, success_at, queries, vote_passes, norm "
+            "FROM results WHERE run_id = ? ORDER BY image",
+            (run_id,),
+        )
+        return [ImageResult(i, d, lab, bool(c), s, q, v, n) for i, d, lab, c, s, q, v, n in rows]
+
+    def finish(self, run_id: int) -> None:
+        with self.db:
+            self.db.execute("UPDATE runs SET finished = ? WHERE id = ?", (time.time(), run_id))

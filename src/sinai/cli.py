@@ -393,6 +393,79 @@ def bench_defenses(
         Path(json_out).write_text(json.dumps([asdict(r) for r in rows], indent=2))
 
 
+@bench.command("attacks")
+@click.option("--model", "model_name", default="mnist-cnn", show_default=True)
+@click.option("--attacks", "attack_names", default=None, help="Comma-separated attacks (default: all).")
+@click.option("--images", type=int, default=100, show_default=True)
+@click.option("--budget", type=int, default=200, show_default=True, help="Queries per image for the ratio.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option(
+    "--peers", is_flag=True, help="Also compare Square with torchattacks and ART (pip install sinai[peers])."
+)
+@click.option("--peer-images", type=int, default=200, show_default=True)
+@click.option("--peer-eps", type=float, default=0.3, show_default=True)
+@click.option("--peer-budget", type=int, default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_common
+def bench_attacks(
+    model_name: str,
+    attack_names: str | None,
+    images: int,
+    budget: int,
+    batch_size: int,
+    peers: bool,
+    peer_images: int,
+    peer_eps: float,
+    peer_budget: int,
+    seed: int,
+    device: torch.device,
+    cache_dir: str | None,
+) -> None:
+    """Queries/s of each attack / the model's forward images/s (target >= 0.9); --peers: Square vs peers."""
+    from dataclasses import asdict
+
+    from .attacks import ATTACKS
+    from .bench.attacks import compare_square, measure_attacks
+    from .models.data import load_dataset, sample
+    from .models.zoo import default_dataset, load_model
+    from .reports.table import markdown_table
+
+    model = load_model(model_name, device=device, cache_dir=cache_dir)
+    dataset = load_dataset(
+        default_dataset(model_name, num_classes=model.num_classes), image_size=model.input_shape[-1]
+    )
+    names = tuple(a.strip() for a in attack_names.split(",")) if attack_names else ATTACKS
+    x, y = sample(dataset, images, seed)
+    rows = measure_attacks(
+        model, x.to(device), y.to(device), names, budget=budget, batch_size=batch_size, seed=seed
+    )
+    click.echo(f"{model_name}, {images} images, budget {budget}, batch {batch_size}, device {device}")
+    click.echo(
+        markdown_table(
+            list(asdict(rows[0])),
+            [[round(v, 3) if isinstance(v, float) else v for v in asdict(r).values()] for r in rows],
+        )
+    )
+    if peers:
+        x, y = sample(dataset, peer_images, seed)
+        peer_rows = compare_square(
+            model,
+            x.to(device),
+            y.to(device),
+            eps=peer_eps,
+            budget=peer_budget,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        click.echo(f"\nSquare linf eps={peer_eps}, {peer_budget} queries, {peer_images} images:")
+        click.echo(
+            markdown_table(
+                ["tool", "images", "seconds", "success %"],
+                [[r.tool, r.images, round(r.seconds, 2), round(100 * r.success_rate, 1)] for r in peer_rows],
+            )
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # sinai never downloads

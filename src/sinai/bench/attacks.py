@@ -1,0 +1,150 @@
+"""Attack-engine throughput: counted queries per second / the model's own forward images per second.
+
+Both are measured in one run on the same model, images and batch size. The threat model uses a small
+eps so that few images are broken and the live set stays full: the ratio then shows what the attack
+costs beyond the forwards it asks for (target >= 0.9).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attacks import ATTACKS, Oracle, attack_class, make_attack
+
+
+@dataclass(frozen=True)
+class ThroughputRow:
+    attack: str
+    images: int
+    queries: int
+    seconds: float
+    queries_per_s: float
+    forward_images_per_s: float
+    ratio: float
+
+
+@torch.no_grad()
+def forward_rate(model: nn.Module, x: torch.Tensor, batch_size: int, repeats: int = 5) -> float:
+    """Images per second of ``model`` on ``x`` forwarded in chunks of ``batch_size`` (median of repeats)."""
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for i in range(0, len(x), batch_size):
+            model(x[i : i + batch_size])
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        times.append(time.perf_counter() - start)
+    times = sorted(times[1:])  # the first is a warm-up
+    return len(x) / times[len(times) // 2]
+
+
+def measure_attacks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attacks: Sequence[str] = ATTACKS,
+    *,
+    eps: float = 0.05,
+    l2_eps: float = 0.5,
+    budget: int = 200,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> list[ThroughputRow]:
+    """Run each attack once on all of ``x`` and relate its query rate to the forward rate.
+
+    Attacks defined for linf run with ``eps``; l2-only attacks with ``l2_eps``.
+    """
+    rows = []
+    for name in attacks:
+        norm = "linf" if "linf" in attack_class(name).norms else "l2"
+        attack = make_attack(name, norm=norm, eps=eps if norm == "linf" else l2_eps, seed=seed)
+        oracle = Oracle(model, y, budget=budget, votes=0, batch_size=batch_size)
+        rate = forward_rate(model, x, batch_size)
+        start = time.perf_counter()
+        attack.run(oracle, x, y)
+        seconds = time.perf_counter() - start
+        queries = int(oracle.queries.sum())
+        qps = queries / seconds
+        rows.append(ThroughputRow(name, len(x), queries, seconds, qps, rate, qps / rate))
+    return rows
+
+
+@dataclass(frozen=True)
+class PeerRow:
+    tool: str
+    images: int
+    seconds: float
+    success_rate: float
+
+
+def compare_square(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float = 0.3,
+    budget: int = 1000,
+    p_init: float = 0.05,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> list[PeerRow]:
+    """sinai's Square vs torchattacks' ``Square`` vs ART's ``SquareAttack``: same model, images, eps, budget.
+
+    Success = the final image is misclassified (for all three, over all images). Peers missing from
+    the environment are skipped; install them with ``pip install 'sinai[peers]'``.
+    """
+    rows = []
+    start = time.perf_counter()
+    oracle = Oracle(model, y, budget=budget, votes=0, batch_size=batch_size)
+    make_attack("square", norm="linf", eps=eps, p_init=p_init, seed=seed).run(oracle, x, y)
+    rows.append(
+        PeerRow("sinai Square", len(x), time.perf_counter() - start, oracle.success.float().mean().item())
+    )
+    try:
+        import torchattacks
+    except ImportError:
+        torchattacks = None
+    if torchattacks is not None:
+        start = time.perf_counter()
+        attack = torchattacks.Square(model, norm="Linf", eps=eps, n_queries=budget, p_init=p_init, seed=seed)
+        adv = torch.cat(
+            [attack(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        )
+        seconds = time.perf_counter() - start
+        rows.append(PeerRow("torchattacks Square", len(x), seconds, _misclassified(model, adv, y)))
+    try:
+        from art.attacks.evasion import SquareAttack
+        from art.estimators.classification import PyTorchClassifier
+    except ImportError:
+        SquareAttack = None
+    if SquareAttack is not None:
+        import numpy as np
+
+        clf = PyTorchClassifier(
+            model=model,
+            loss=nn.CrossEntropyLoss(),
+            input_shape=tuple(x.shape[1:]),
+            nb_classes=int(model.num_classes),
+            clip_values=(0.0, 1.0),
+            device_type="gpu" if x.is_cuda else "cpu",
+        )
+        attack = SquareAttack(clf, norm=np.inf, eps=eps, max_iter=budget, p_init=p_init, nb_restarts=1,
+                              batch_size=batch_size, verbose=False)  # fmt: skip
+        start = time.perf_counter()
+        adv = attack.generate(x=x.cpu().numpy(), y=y.cpu().numpy())
+        seconds = time.perf_counter() - start
+        rows.append(
+            PeerRow("ART SquareAttack", len(x), seconds, _misclassified(model, torch.from_numpy(adv), y))
+        )
+    return rows
+
+
+@torch.no_grad()
+def _misclassified(model: nn.Module, adv: torch.Tensor, y: torch.Tensor) -> float:
+    device = next(model.parameters()).device
+    return (model(adv.to(device)).argmax(1) != y.to(device)).float().mean().item()

@@ -95,8 +95,10 @@ class Oracle:
     # ------------------------------------------------------------------------------------- querying
     @torch.no_grad()
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) <= self.batch_size:
+            return self.model(x).float()
         out = [self.model(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
-        return torch.cat(out).float() if out else x.new_zeros((0, 0))
+        return torch.cat(out).float()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, passes: int = 1) -> torch.Tensor:
@@ -117,24 +119,32 @@ class Oracle:
                 f"need images (B, C, H, W) and indices (B,), got {tuple(x.shape)} and {tuple(idx.shape)}"
             )
         x, idx = x.to(self.device), idx.to(self.device)
-        rank = group_rank(idx)
+        # Fast path (one candidate per image, the common case): no ranking, no copies, no masking.
+        unique = len(idx) <= 1 or int(torch.bincount(idx).max()) == 1
+        rank = torch.zeros_like(idx) if unique else group_rank(idx)
         answered = ~self.success[idx] & (self.queries[idx] + (rank + 1) * self.eot <= self.budget)
-        xa, ia = x[answered], idx[answered]
+        everything = bool(answered.all())
+        xa, ia, ra = (x, idx, rank) if everything else (x[answered], idx[answered], rank[answered])
         if not len(xa):
             logits = torch.empty((0, self.num_classes), device=self.device)
         elif self.eot > 1:
             logits = self._forward(xa.repeat(self.eot, 1, 1, 1)).view(self.eot, len(xa), -1).mean(0)
         else:
             logits = self._forward(xa)
-        spent = self.queries[ia] + (rank[answered] + 1) * self.eot  # query count at each candidate
+        spent = self.queries[ia] + (ra + 1) * self.eot  # query count at each candidate
         self.queries.index_add_(0, ia, torch.full_like(ia, self.eot))
         if self.on_query is not None:
             self.on_query(len(ia) * self.eot)
-        self._check_success(xa, ia, logits.argmax(1), spent)
+        pred = logits.argmax(1)
+        self._check_success(xa, ia, pred, spent)
         if self.output == "labels":
+            if everything:
+                return pred
             result = torch.full((len(x),), -1, dtype=torch.long, device=self.device)
-            result[answered] = logits.argmax(1)
+            result[answered] = pred
             return result
+        if everything:
+            return logits
         result = torch.full((len(x), self.num_classes), float("nan"), device=self.device)
         result[answered] = logits
         return result

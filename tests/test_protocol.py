@@ -1,7 +1,6 @@
 """The robust-accuracy protocol: results, resume after a crash, no recomputation, seeds."""
 
 import pytest
-import torch
 
 import sinai.evaluation.protocol as protocol
 from sinai.evaluation.protocol import evaluate

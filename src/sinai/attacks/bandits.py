@@ -24,8 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Attack, project
-from .nes import check_loss, l2_normalize, score_loss, with_verified
+from .base import Attack, check_loss, l2_normalize, project, score_loss, with_verified
 from .oracle import Oracle
 
 #: delta (exploration), online_lr (prior lr), image_lr, fd_eta per norm: the paper's Bandits-TD settings.

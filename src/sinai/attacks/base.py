@@ -11,10 +11,12 @@ import math
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from .oracle import Oracle
 
 NORMS = ("linf", "l2")
+LOSSES = ("margin", "ce", "prob")
 
 
 class Attack:
@@ -86,3 +88,32 @@ def perturbation_norm(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.
     """Per-image linf or l2 norm of ``x_adv - x``."""
     delta = (x_adv - x).flatten(1)
     return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+
+
+def score_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "margin") -> torch.Tensor:
+    """Per-row loss an untargeted attack minimizes: margin, log p_y (``"ce"``: minus CE) or p_y."""
+    if kind == "margin":
+        return margin_loss(logits, y)
+    logp = F.log_softmax(logits.float(), dim=1).gather(1, y[:, None]).squeeze(1)
+    return logp if kind == "ce" else logp.exp()
+
+
+def check_loss(kind: str, allowed: tuple[str, ...] = LOSSES) -> str:
+    """Validate a ``loss=`` keyword."""
+    if kind not in allowed:
+        raise ValueError(f"loss must be one of {', '.join(allowed)}, got {kind!r}")
+    return kind
+
+
+def with_verified(oracle: Oracle, x_adv: torch.Tensor) -> torch.Tensor:
+    """``x_adv`` with the oracle's verified adversarial example in the rows of the images it broke."""
+    if oracle.x_adv is None:
+        return x_adv
+    found = oracle.success & ~torch.isnan(oracle.x_adv.flatten(1)).any(1)
+    return torch.where(found.view(-1, *([1] * (x_adv.dim() - 1))), oracle.x_adv, x_adv)
+
+
+def l2_normalize(t: torch.Tensor) -> torch.Tensor:
+    """Each row of ``t`` divided by its l2 norm (zero rows stay zero)."""
+    norms = t.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return t / norms.view(-1, *([1] * (t.dim() - 1)))

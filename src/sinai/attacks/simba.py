@@ -27,8 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from .base import Attack, project
-from .nes import check_loss, score_loss, with_verified
+from .base import Attack, check_loss, project, score_loss, with_verified
 from .oracle import Oracle
 
 ORDERS = ("strided", "rand")

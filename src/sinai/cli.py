@@ -111,6 +111,9 @@ def demo(
     show_default=True,
     help="none (clean accuracy only), square, signhunter, nes, bandits, simba, simba-dct.",
 )
+@click.option(
+    "--attack-args", default="", help="Attack hyper-parameters, e.g. 'p_init=0.1' or 'lr=0.05,n_samples=20'."
+)
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
 @click.option(
     "--eps",
@@ -165,6 +168,7 @@ def eval_(
     num_classes: int | None,
     defense: str,
     attack: str,
+    attack_args: str,
     norm: str,
     eps: float | None,
     budget: str,
@@ -186,7 +190,7 @@ def eval_(
     from .attacks import ATTACKS
     from .defenses import parse_defense
     from .evaluation.clean import clean_accuracy
-    from .evaluation.defaults import default_eps
+    from .evaluation.defaults import default_attack_args, default_eps
     from .evaluation.protocol import evaluate
     from .evaluation.store import ResultStore
     from .models.data import load_dataset, select_images
@@ -212,6 +216,7 @@ def eval_(
     dataset = load_dataset(data, root=data_root, image_size=model.input_shape[-1])
     _check_fits(dataset, model)
     eps = eps if eps is not None else default_eps(model_name, data, norm)
+    kwargs = default_attack_args(attack, data, norm) | _parse_kwargs(attack_args)
     chosen = select_images(dataset.labels, images, seed, dataset.num_classes)
     x, y = dataset.load(chosen), dataset.labels[chosen]
     click.echo(
@@ -225,6 +230,7 @@ def eval_(
             x,
             y,
             attack=attack,
+            attack_kwargs=kwargs,
             defense=parsed,
             norm=norm,
             eps=eps,
@@ -256,6 +262,24 @@ def eval_(
         row.append(int(statistics.median(spent)) if spent else "-")
     click.echo(markdown_table(headers, [row]))
     click.echo(f"wall time {result.seconds:.1f} s", err=True)
+
+
+def _parse_kwargs(text: str) -> dict[str, object]:
+    """'a=1,b=0.5,c=dct' -> {'a': 1, 'b': 0.5, 'c': 'dct'} (numbers parsed, the rest kept as text)."""
+    kwargs: dict[str, object] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise click.BadParameter(f"expected key=value, got {item!r}", param_hint="--attack-args")
+        for cast in (int, float):
+            try:
+                kwargs[key.strip()] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            kwargs[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
+    return kwargs
 
 
 def _parse_budgets(text: str) -> tuple[int, ...]:

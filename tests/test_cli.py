@@ -161,3 +161,29 @@ def test_eval_reads_an_imagenet_folder_at_the_models_input_size(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "imagenet: 3 images" in result.output and "SINAI-Attn(attn std=0.5)" in result.output
+
+
+def test_eval_with_an_attack_reports_every_budget_and_resumes(cache, tmp_path):
+    args = ["eval", "--model", "mnist-cnn", "--attack", "square", "--budget", "10,50", "--images", "12"]
+    args += ["--shard-size", "6", "--attack-args", "p_init=0.1", "--out", str(tmp_path), "--device", "cpu"]
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    table = [line for line in first.output.splitlines() if line.startswith("| mnist-cnn")]
+    assert "square @10" in first.output and "square @50" in first.output and len(table) == 1
+    assert (tmp_path / "results.sqlite").exists()
+    again = run(*args)
+    assert [line for line in again.output.splitlines() if line.startswith("| mnist-cnn")] == table
+    bad = run(*args[:-4], "--attack-args", "p_init", "--out", str(tmp_path))
+    assert bad.exit_code != 0 and "expected key=value" in bad.output
+
+
+def test_bench_attacks_prints_throughput_ratios(cache):
+    result = run("bench", "attacks", "--attacks", "square,simba", "--images", "10", "--budget", "20",
+                 "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [
+        line
+        for line in result.output.splitlines()
+        if line.startswith("| square") or line.startswith("| simba")
+    ]
+    assert len(rows) == 2 and all(float(r.split("|")[-2]) > 0 for r in rows)

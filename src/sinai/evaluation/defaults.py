@@ -24,7 +24,7 @@ MNIST_ATTACK_ARGS: dict[str, dict[str, object]] = {
     "nes": {"lr": 0.05, "n_samples": 20},
     "bandits": {"tile": 2, "online_lr": 1.0},
 }
-"""Hyper-parameters for the embedded MNIST models where the papers' ImageNet defaults fail (measured at linf 0.3):
+"""MNIST hyper-parameters where the papers' ImageNet defaults fail (measured at linf 0.3):
 NES's lr 0.005 moves a pixel at most ~0.17 in 2000 queries; Bandits' prior lr 100 saturates the
 prior at once on margin losses and stalls 30-40% of the images (measured on the embedded CNN)."""
 

@@ -108,6 +108,7 @@ def evaluate(
         "eot": eot,
         "votes": votes,
         "lucky": lucky,
+        "shard_size": shard_size,  # shards seed the noise and the attack: part of what makes the numbers
     }
     store = store or ResultStore(":memory:")
     run_id = store.run_id(settings)

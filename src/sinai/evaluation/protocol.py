@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import make_attack
-from ..attacks.base import perturbation_norm
+from ..attacks.base import perturbation_norm, with_verified
 from ..attacks.oracle import Oracle
 from ..defenses import DefendedModel, Defense, parse_defense, protect
 from .clean import clean_accuracy
@@ -187,11 +187,7 @@ def _attack_shards(
         oracle.on_query = show
         clean_ok = oracle.predict(x, passes=max(votes, 1)) == y
         oracle.mark_broken(~clean_ok)
-        x_final = attacker.run(oracle, x, y)
-        if oracle.x_adv is not None:
-            x_final = torch.where(
-                oracle.success[:, None, None, None] & clean_ok[:, None, None, None], oracle.x_adv, x_final
-            )
+        x_final = with_verified(oracle, attacker.run(oracle, x, y).to(device))
         norms = perturbation_norm(x_final, x, attacker.norm)
         results = [
             ImageResult(

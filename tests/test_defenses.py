@@ -329,3 +329,10 @@ def test_noise_is_drawn_on_the_cuda_device():
     assert list(defended._generators) == [torch.device("cuda", 0)] or all(
         d.type == "cuda" for d in defended._generators
     )
+
+
+def test_applicable_names_only_the_kinds_a_model_has():
+    from sinai.defenses import applicable
+
+    assert set(applicable(preset("SINAI"), tiny_cnn()).specs) == {"relu"}
+    assert set(applicable(preset("SINAI"), tiny_vit()).specs) == {"attn", "gelu"}

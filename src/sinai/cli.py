@@ -188,7 +188,7 @@ def eval_(
 ) -> None:
     """Evaluate a (defended) model: clean accuracy (mean ± std over M passes) and robust accuracy."""
     from .attacks import ATTACKS
-    from .defenses import parse_defense
+    from .defenses import applicable, parse_defense
     from .evaluation.clean import clean_accuracy
     from .evaluation.defaults import default_attack_args, default_eps
     from .evaluation.protocol import evaluate
@@ -250,7 +250,7 @@ def eval_(
     headers = ["model", "defense", "clean acc %", "drop %"]
     row = [
         model_name,
-        parsed.describe() if parsed.specs else "Base",
+        applicable(parsed, model).describe() if parsed.specs else "Base",
         f"{100 * result.clean_mean:.2f} ± {100 * result.clean_std:.2f}",
         f"{100 * (base - result.clean_mean):.2f}",
     ]

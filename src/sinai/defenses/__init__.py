@@ -1,7 +1,7 @@
 """Inference-time noise defenses: one mechanism (noise at sites), many presets."""
 
 from .protect import DefendedModel, protect, selected_count, site_counts, smallest_mask
-from .sites import Site, classifier_head, describe_sites, find_sites
+from .sites import Site, applicable, classifier_head, describe_sites, find_sites
 from .spec import (
     DEFAULT_SPECS,
     PRESETS,
@@ -20,6 +20,7 @@ __all__ = [
     "Defense",
     "NoiseSpec",
     "Site",
+    "applicable",
     "classifier_head",
     "describe_sites",
     "find_sites",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .spec import SITE_KINDS, check_kind
+from .spec import SITE_KINDS, Defense, check_kind
 
 
 @dataclass(frozen=True)
@@ -103,3 +103,10 @@ def find_sites(
 def describe_sites(model: nn.Module) -> dict[str, list[str]]:
     """Names of the sites of every kind, for ``sinai sites`` and error messages."""
     return {kind: [s.name or "<input>" for s in sites] for kind, sites in find_sites(model).items()}
+
+
+def applicable(defense: Defense, model: nn.Module) -> Defense:
+    """``defense`` restricted to the site kinds ``model`` has (SINAI on a CNN is its ReLU part)."""
+    feature = defense.specs.get("feature")
+    found = find_sites(model, defense.specs, feature_layers=feature.layers if feature else ())
+    return defense.restricted_to({kind for kind, sites in found.items() if sites})

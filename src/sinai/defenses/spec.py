@@ -81,6 +81,11 @@ class Defense:
             raise ValueError(f"require must be 'all' or 'any', got {self.require!r}")
         object.__setattr__(self, "specs", MappingProxyType(dict(self.specs)))
 
+    def restricted_to(self, kinds: set[str] | frozenset[str]) -> Defense:
+        """The same defense with only the site kinds in ``kinds`` (what applies to a given model)."""
+        specs = {k: s for k, s in self.specs.items() if k in kinds}
+        return Defense(specs, name=self.name, require=self.require)
+
     def describe(self) -> str:
         """Short human-readable form, e.g. ``SINAI(attn std=1, gelu std=0.1 ratio=0.7)``."""
         parts = []

@@ -257,7 +257,7 @@ def eval_(
     if attack != "none":
         headers += [f"{attack} @{b}" for b in budgets]
         row += [f"{100 * result.robust_accuracy(b):.1f}" for b in budgets]
-        spent = [r.queries for r in result.results if r.success_at is not None]
+        spent = [r.success_at for r in result.results if r.success_at is not None]
         headers.append("median queries (broken)")
         row.append(int(statistics.median(spent)) if spent else "-")
     click.echo(markdown_table(headers, [row]))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..attacks import ATTACKS, Oracle, attack_class, make_attack
+from ..evaluation.clean import predict
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,5 @@ def compare_square(
     return rows
 
 
-@torch.no_grad()
 def _misclassified(model: nn.Module, adv: torch.Tensor, y: torch.Tensor) -> float:
-    device = next(model.parameters()).device
-    return (model(adv.to(device)).argmax(1) != y.to(device)).float().mean().item()
+    return (predict(model, adv) != y.cpu()).float().mean().item()

@@ -1,158 +1,184 @@
-"""``sinai demo``: the main job on the embedded default (two MNIST models, no download).
+"""``sinai demo``: the main job on the embedded default (two MNIST models, nothing downloaded).
 
-For now it trains (once) both embedded models, protects each with every preset at a few noise levels
-and prints clean accuracy (mean ± std over M noisy passes). Rows are appended to
-``OUT/clean.jsonl`` as they finish, and a re-run reuses the rows already there, so a killed demo
-loses nothing it finished.
+1. Train (once, cached) or load the embedded CNN and ViT.
+2. Split the 1000 MNIST test images into a validation set (calibration and tuning) and a disjoint
+   evaluation set (the table), both seeded and class-covering.
+3. Calibrate RND, FND and SINAI-Attn (the ViT only) to ≈1% and ≈2% clean-accuracy drop.
+4. Tune SINAI with Optuna NSGA-II under delta = 2% and choose the best configuration at ≈1% and ≈2%.
+5. Evaluate the undefended model and every calibrated / tuned defense under Square, SignHunter and
+   NES (and the decision-based RayS and SignFlip when installed) with the papers' protocol.
+6. Print the Table-1-style table and write the report folder (tables as Markdown/CSV/JSON, plots).
+
+Every stage resumes: calibrations are saved as they finish, the Optuna study and all evaluations live in
+SQLite files, so a killed demo picks up where it stopped and a finished one only re-prints its report.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import torch
-from tqdm.auto import tqdm
 
-from .defenses import Defense, preset, protect
-from .evaluation.clean import clean_accuracy
-from .models.data import mnist, sample
+from .attacks import ATTACKS
+from .defenses import Defense, preset
+from .evaluation.defaults import MNIST_EPS, default_attack_args
+from .evaluation.protocol import evaluate
+from .evaluation.store import ResultStore
+from .models.data import mnist, select_images
 from .models.zoo import load_model
-from .reports.table import markdown_table
+from .reports.report import make_report, write_tuning
+from .tuning.calibrate import calibrate
+from .tuning.tune import Fidelity, tune
 
 MODELS = ("mnist-cnn", "mnist-vit")
-
-# (preset, kind, stds) swept per model; ranges chosen around where each kind starts to cost accuracy
-# on the embedded models (see README "Embedded models").
-GRID: tuple[tuple[str, dict[str, tuple[dict, ...]]], ...] = (
-    ("RND", {"input": ({"std": 0.02}, {"std": 0.05}, {"std": 0.1})}),
-    ("FND", {"feature": ({"std": 0.5}, {"std": 1.0}, {"std": 2.0})}),
-    ("SINAI-Attn", {"attn": ({"std": 0.1}, {"std": 0.25}, {"std": 0.5})}),
-    (
-        "SINAI-FFN",
-        {"gelu": ({"std": 0.2, "ratio": 0.7}, {"std": 0.4, "ratio": 0.7}, {"std": 0.8, "ratio": 0.7})},
-    ),
-    (
-        "SINAI",
-        {
-            "attn": ({"std": 0.1}, {"std": 0.25}, {"std": 0.5}),
-            "gelu": ({"std": 0.2, "ratio": 0.7}, {"std": 0.4, "ratio": 0.7}, {"std": 0.8, "ratio": 0.7}),
-            "relu": ({"std": 0.2, "ratio": 0.5}, {"std": 0.4, "ratio": 0.5}, {"std": 0.8, "ratio": 0.5}),
-        },
-    ),
-)
+CALIBRATED = ("RND", "FND", "SINAI-Attn")  # one-kind defenses; SINAI-Attn only where attention exists
+SCORE_ATTACKS = ("square", "signhunter", "nes")
+DECISION_ATTACKS = ("rays", "signflip")
 
 
-def demo_defenses(quick: bool = False) -> list[Defense]:
-    """The grid of defenses the demo evaluates (the middle level only with ``quick``)."""
-    levels = (1,) if quick else (0, 1, 2)
-    return [
-        preset(name, **{kind: specs[i] for kind, specs in kinds.items()})
-        for name, kinds in GRID
-        for i in levels
-    ]
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of one demo run (the full one, or ``--quick``)."""
+
+    val_images: int
+    eval_images: int
+    budget: int
+    drops: tuple[float, ...]
+    trials: int
+    population: int
+    screen: Fidelity
+    full: Fidelity
+    passes: int = 3
+
+    @staticmethod
+    def preset(quick: bool) -> DemoConfig:
+        if quick:
+            return DemoConfig(
+                val_images=200, eval_images=50, budget=200, drops=(0.01, 0.02), trials=4, population=2,
+                screen=Fidelity(20, 100), full=Fidelity(30, 200),
+            )  # fmt: skip
+        return DemoConfig(
+            val_images=500, eval_images=100, budget=1000, drops=(0.01, 0.02), trials=12, population=4,
+            screen=Fidelity(50, 200), full=Fidelity(50, 1000),
+        )  # fmt: skip
 
 
-def _load_rows(path: Path) -> dict[str, dict]:
-    rows = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                rows[row["key"]] = row
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut by a crash: that row is simply computed again
-    return rows
+def demo_attacks() -> tuple[str, ...]:
+    """The attacks of the demo table: the score-based three, plus RayS/SignFlip where registered."""
+    return SCORE_ATTACKS + tuple(a for a in DECISION_ATTACKS if a in ATTACKS)
+
+
+def split(n_val: int, n_eval: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint, class-covering validation and evaluation indices into the MNIST test split."""
+    labels = mnist("test").labels
+    val = select_images(labels, n_val, seed, num_classes=10)
+    rest = torch.ones(len(labels), dtype=torch.bool)
+    rest[val] = False
+    remaining = torch.nonzero(rest).flatten()
+    ev = remaining[select_images(labels[remaining], n_eval, seed + 1, num_classes=10)]
+    return val, ev
+
+
+def _level(drop: float) -> str:
+    return f"≈{100 * drop:g}%"
 
 
 def run_demo(
     *,
     out: Path,
     quick: bool = False,
-    images: int | None = None,
-    passes: int = 3,
+    eval_images: int | None = None,
+    budget: int | None = None,
+    trials: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     cache_dir: str | None = None,
-) -> list[dict]:
-    """Run the demo, print its table, write ``clean.jsonl`` and ``clean.md`` under ``out``."""
-    n = images or (200 if quick else 1000)
+) -> list:
+    """Run the demo (see the module docstring); return the report's tables."""
+    cfg = DemoConfig.preset(quick)
+    n_eval = eval_images or cfg.eval_images
+    budget = budget or cfg.budget
+    trials = trials or cfg.trials
     out.mkdir(parents=True, exist_ok=True)
-    store = out / "clean.jsonl"
-    done = _load_rows(store)
-    x, y = sample(mnist("test"), n, seed)
-    rows = []
-    with store.open("a") as sink:
+    start = time.perf_counter()
+    data = mnist("test")
+    val_idx, eval_idx = split(cfg.val_images, n_eval, seed)
+    xv, yv = data.load(val_idx).to(device), data.labels[val_idx].to(device)
+    xe, ye = data.load(eval_idx), data.labels[eval_idx]
+    eps, norm = MNIST_EPS["linf"], "linf"
+    attacks = demo_attacks()
+    say = lambda msg: click.echo(f"[{time.perf_counter() - start:6.0f} s] {msg}", err=True)
+    say(
+        f"sinai demo{' --quick' if quick else ''}: {len(val_idx)} validation / {n_eval} evaluation MNIST "
+        f"images, linf eps {eps}, {budget} queries, attacks {', '.join(attacks)}; output {out}"
+    )
+    calib_path = out / "calibration.json"
+    calibrations: dict[str, dict] = json.loads(calib_path.read_text()) if calib_path.exists() else {}
+
+    rows: list[tuple[str, str, Defense]] = []  # (method, level, defense) per model, filled below
+    with ResultStore(out / "results.sqlite") as store:
         for model_name in MODELS:
+            say(f"{model_name}: load or train")
             model = load_model(model_name, device=device, cache_dir=cache_dir)
-            todo = [Defense(name="Base")] + demo_defenses(quick)
-            for defense in tqdm(todo, desc=model_name, unit="defense"):
-                key = f"{model_name}|{defense.describe()}|n={n}|seed={seed}|M={passes}"
-                if key not in done:
-                    row = _evaluate(model, model_name, defense, x, y, passes=passes, seed=seed, device=device)
-                    row["key"] = key
-                    sink.write(json.dumps(row) + "\n")
-                    sink.flush()
-                    done[key] = row
-                if not done[key].get("skipped"):
-                    rows.append(done[key])
-    table = _table(rows)
-    (out / "clean.md").write_text(table + "\n")
-    click.echo(
-        f"\nClean accuracy on {n} MNIST test images (seed {seed}), mean ± std over M = {passes} passes:"
-    )
-    click.echo(table)
-    click.echo(f"\nrows: {store}")
-    return rows
+            rows = [("Base", "", Defense(name="none"))]
 
+            # ----------------------------------------------------------------- calibration
+            for method in CALIBRATED:
+                if method == "SINAI-Attn" and model_name != "mnist-vit":
+                    continue
+                for drop in cfg.drops:
+                    key = f"{model_name}|{method}|{drop:g}|{len(val_idx)}|{seed}"
+                    if key not in calibrations:
+                        c = calibrate(model, xv, yv, method, drop=drop, passes=cfg.passes, seed=seed)
+                        calibrations[key] = c.as_dict()
+                        calib_path.write_text(json.dumps(calibrations, indent=2) + "\n")
+                    c = calibrations[key]
+                    say(
+                        f"{model_name}: {method} std {c['std']:.4g} -> drop {100 * c['drop']:.2f}% "
+                        f"(target {100 * drop:g}%{'' if c['reached'] else ', NOT reached'})"
+                    )
+                    kind = c["kind"]
+                    rows.append((method, _level(drop), preset(method, **{kind: {"std": c["std"]}})))
 
-def _evaluate(model, model_name, defense, x, y, *, passes, seed, device) -> dict:
-    """One table row; a defense whose sites the model lacks gives a row marked ``skipped``."""
-    x, y = x.to(device), y.to(device)
-    if not defense.specs:
-        acc = clean_accuracy(model, x, y, passes=1)
-        return {
-            "model": model_name,
-            "defense": "Base",
-            "setting": "-",
-            "mean": acc.mean,
-            "std": 0.0,
-            "sites": 0,
-        }
-    try:
-        defended = protect(model, defense, seed=seed)
-    except ValueError as err:  # e.g. attention noise on the CNN: not applicable
-        return {"model": model_name, "defense": defense.name, "skipped": str(err)}
-    acc = clean_accuracy(defended, x, y, passes=passes)
-    kinds = {s.kind for s in defended.sites}
-    setting = ", ".join(
-        f"{k} {s.std:g}" + (f"/{s.ratio:.0%}" if s.ratio < 1 else "")
-        for k, s in defense.specs.items()
-        if k in kinds
-    )
-    sites = len(defended.sites)
-    defended.remove()
-    return {
-        "model": model_name,
-        "defense": defense.name,
-        "setting": setting,
-        "mean": acc.mean,
-        "std": acc.std,
-        "sites": sites,
-    }
+            # ---------------------------------------------------------------------- tuning
+            folder = out / "tune" / model_name
+            folder.mkdir(parents=True, exist_ok=True)
+            say(
+                f"{model_name}: tune SINAI ({trials} NSGA-II trials, δ {', '.join(map(_level, cfg.drops))})"
+            )
+            with ResultStore(folder / "results.sqlite") as tune_store:
+                result = tune(
+                    model, xv, yv, deltas=cfg.drops, model_name=model_name, trials=trials,
+                    population=cfg.population, passes=cfg.passes, screen=cfg.screen, full=cfg.full,
+                    eps=eps, norm=norm, storage=f"sqlite:///{(folder / 'study.sqlite').resolve()}",
+                    study_name=f"{model_name}-sinai", store=tune_store, seed=seed, log=say,
+                )  # fmt: skip
+            write_tuning(result, folder, model_name)
+            for drop, chosen in result.chosen.items():
+                if chosen is None:
+                    say(f"{model_name}: no tuned configuration within {_level(drop)} drop")
+                    continue
+                say(f"{model_name}: SINAI {_level(drop)}: {chosen.defense().describe()}")
+                rows.append(("SINAI", _level(drop), chosen.defense()))
 
+            # ------------------------------------------------------------------ evaluation
+            for method, level, defense in rows:
+                for attack in attacks:
+                    say(f"{model_name}: {method} {level} under {attack}")
+                    evaluate(
+                        model, xe, ye, attack=attack, defense=defense, norm=norm, eps=eps,
+                        budgets=(budget,), attack_kwargs=default_attack_args(attack, "mnist", norm),
+                        seed=seed, passes=cfg.passes, dataset_indices=eval_idx.tolist(), store=store,
+                        describe={"model": model_name, "dataset": "mnist", "method": method, "level": level},
+                    )  # fmt: skip
 
-def _table(rows: list[dict]) -> str:
-    base = {r["model"]: r["mean"] for r in rows if r["defense"] == "Base"}
-    body = [
-        [
-            r["model"],
-            r["defense"],
-            r["setting"],
-            f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
-            "-" if r["defense"] == "Base" else f"{100 * (base.get(r['model'], r['mean']) - r['mean']):.2f}",
-        ]
-        for r in rows
-    ]
-    return markdown_table(["model", "defense", "std (/ratio)", "clean acc %", "drop %"], body)
+    report = make_report(out)
+    for table in report.tables:
+        click.echo(f"\n{table.name} (robust accuracy %, {n_eval} images, linf eps {eps}):")
+        click.echo(table.markdown())
+    say(f"done; report in {out / 'report'} ({len(report.files)} files)")
+    return report.tables

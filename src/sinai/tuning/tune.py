@@ -1,0 +1,368 @@
+"""Automatic tuning of SINAI: Optuna NSGA-II under a clean-accuracy-drop bound (SINAI section 4.3, App. B).
+
+Decision variables are the noise ``std`` of every SINAI site kind the model has (attention logits,
+pre-GeLU, pre-ReLU) and the injection ``ratio`` of the logit-selective kinds. Objectives: clean
+accuracy (mean over M noisy passes) and robust accuracy under Square, both maximized. Constraint:
+clean >= base - delta, handled by Optuna's own feasibility-first ``NSGAIISampler`` through
+``trial.set_constraint`` (Optuna 5's successor of ``constraints_func``): infeasible trials rank by how
+far they violate it.
+
+Multi-fidelity, as in the paper: every trial is *screened* with a cheap Square run (few images, small
+budget); afterwards the feasible trials on or near the screened Pareto front are *promoted* to the full
+protocol (more images, the full budget). The chosen configuration for each delta is the promoted trial
+with the best full-protocol robust accuracy among those whose drop is at most delta.
+
+The study lives in an Optuna RDB storage (SQLite in the output folder by default) and every robust
+evaluation in a sinai result store, so a killed run resumes: finished trials and evaluations are
+reused, a trial cut mid-way is failed by Optuna's heartbeat and sampled anew.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import optuna
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..defenses import Defense, NoiseSpec, find_sites, protect
+from ..defenses.spec import SELECTIVE_KINDS
+from ..evaluation.clean import clean_accuracy
+from ..evaluation.protocol import evaluate
+from ..evaluation.store import ResultStore
+from ..models.data import select_images
+
+TUNED_KINDS = ("attn", "gelu", "relu")
+
+# SINAI Appendix B: std ranges up to where clean accuracy starts to fall on ViT-B / ResNet-50, ratio in
+# [0, 1]. The attention range is the ViT's; the ReLU range the ResNet's.
+PAPER_RANGES: Mapping[str, tuple[float, float]] = {
+    "attn.std": (0.0, 2.0),
+    "gelu.std": (0.0, 0.4),
+    "gelu.ratio": (0.0, 1.0),
+    "relu.std": (0.0, 0.4),
+    "relu.ratio": (0.0, 1.0),
+}
+# The embedded MNIST models, by the same rule (README, "Embedded models"): the ViT loses ~1.4% at attn
+# std 0.5 and ~10% at gelu std 0.8 (ratio 0.7); the CNN ~1% at relu std 0.4 and ~20% at 0.8 (ratio 0.5).
+EMBEDDED_RANGES: Mapping[str, Mapping[str, tuple[float, float]]] = {
+    "mnist-vit": {"attn.std": (0.0, 1.0), "gelu.std": (0.0, 0.8), "gelu.ratio": (0.0, 1.0)},
+    "mnist-cnn": {"relu.std": (0.0, 0.8), "relu.ratio": (0.0, 1.0)},
+}
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How a robust accuracy is measured: Square on ``images`` images with ``budget`` queries."""
+
+    images: int
+    budget: int
+
+    def __post_init__(self) -> None:
+        if self.images < 1 or self.budget < 1:
+            raise ValueError(f"a fidelity needs images >= 1 and budget >= 1, got {self}")
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One configuration: its screened and (when promoted) full-protocol robust accuracy."""
+
+    number: int
+    params: Mapping[str, float]
+    clean: float
+    robust: float  # NaN when not screened (infeasible trials cost no attack)
+    drop: float
+    robust_full: float | None = None
+
+    def defense(self) -> Defense:
+        return defense_from_params(self.params)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "number": self.number,
+            "params": dict(self.params),
+            "defense": self.defense().describe(),
+            "clean": self.clean,
+            "drop": self.drop,
+            "robust": self.robust,
+            "robust_full": self.robust_full,
+        }
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """Every finished trial, the feasible screened Pareto front, and the choice for each delta."""
+
+    base: float
+    deltas: tuple[float, ...]
+    trials: tuple[TrialResult, ...]
+    pareto: tuple[TrialResult, ...]
+    chosen: Mapping[float, TrialResult | None] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "base": self.base,
+            "deltas": list(self.deltas),
+            "trials": [t.as_dict() for t in self.trials],
+            "pareto": [t.number for t in self.pareto],
+            "chosen": {f"{d:g}": (t.as_dict() if t else None) for d, t in self.chosen.items()},
+        }
+
+
+# ------------------------------------------------------------------------------------ search space
+def parse_ranges(text: str) -> dict[str, tuple[float, float]]:
+    """``"attn.std=0:1,gelu.ratio=0.2:1"`` -> ``{"attn.std": (0.0, 1.0), "gelu.ratio": (0.2, 1.0)}``."""
+    ranges: dict[str, tuple[float, float]] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, span = item.partition("=")
+        low, colon, high = span.partition(":")
+        try:
+            if not eq or not colon:
+                raise ValueError
+            ranges[name.strip()] = (float(low), float(high))
+        except ValueError:
+            raise ValueError(f"expected kind.field=low:high such as attn.std=0:1, got {item!r}") from None
+    return ranges
+
+
+def check_space(space: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Validate names (``attn|gelu|relu`` . ``std|ratio``) and bounds; return a plain sorted dict."""
+    if not space:
+        raise ValueError("the search space is empty: the model has none of the attn/gelu/relu sites")
+    checked = {}
+    for name, (low, high) in sorted(space.items()):
+        kind, _, field_ = name.partition(".")
+        if kind not in TUNED_KINDS or field_ not in ("std", "ratio"):
+            raise ValueError(
+                f"unknown decision variable {name!r}; use attn.std, gelu.std/ratio, relu.std/ratio"
+            )
+        if field_ == "ratio" and kind not in SELECTIVE_KINDS:
+            raise ValueError(f"{name}: only {SELECTIVE_KINDS} sites have a ratio")
+        if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+            raise ValueError(f"search range of {name} must have low <= high, got [{low}, {high}]")
+        if low < 0 or (field_ == "ratio" and high > 1):
+            raise ValueError(
+                f"search range of {name} must lie in {'[0, 1]' if field_ == 'ratio' else '[0, inf)'}"
+            )
+        checked[name] = (float(low), float(high))
+    return checked
+
+
+def search_space(
+    model: nn.Module,
+    model_name: str | None = None,
+    overrides: Mapping[str, tuple[float, float]] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """The decision variables that exist in ``model``, with the paper's (or the embedded) ranges.
+
+    ``overrides`` replace or add ranges; a variable of a kind the model lacks is an error.
+    """
+    found = find_sites(model, {kind: NoiseSpec(std=0.0) for kind in TUNED_KINDS})
+    kinds = {kind for kind, sites in found.items() if sites}
+    defaults = EMBEDDED_RANGES.get(model_name or "", PAPER_RANGES)
+    space = {name: span for name, span in defaults.items() if name.partition(".")[0] in kinds}
+    for name, span in (overrides or {}).items():
+        if name.partition(".")[0] not in kinds:
+            raise ValueError(
+                f"{name}: this model has no {name.partition('.')[0]} sites (it has {sorted(kinds)})"
+            )
+        space[name] = span
+    return check_space(space)
+
+
+def defense_from_params(params: Mapping[str, float]) -> Defense:
+    """A SINAI defense from decision-variable values (a kind's ratio defaults to 1 when not tuned)."""
+    kinds: dict[str, dict[str, float]] = {}
+    for name, value in params.items():
+        kind, _, field_ = name.partition(".")
+        kinds.setdefault(kind, {})[field_] = float(value)
+    specs = {
+        kind: NoiseSpec(std=f.get("std", 0.0), ratio=f.get("ratio", 1.0)) for kind, f in sorted(kinds.items())
+    }
+    return Defense(specs, name="SINAI", require="any")
+
+
+# ------------------------------------------------------------------------------------------ tuning
+def open_study(
+    storage: str, study_name: str, config: Mapping[str, object], sampler: optuna.samplers.BaseSampler
+) -> optuna.Study:
+    """Create or load the study; refuse one stored with another search space or objective setting."""
+    try:
+        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=90)
+    except Exception as exc:  # SQLAlchemy / Optuna raise many kinds for a bad URL or unwritable file
+        raise ValueError(f"cannot open Optuna storage {storage!r}: {exc}") from None
+    study = optuna.create_study(
+        storage=rdb,
+        study_name=study_name,
+        sampler=sampler,
+        directions=["maximize", "maximize"],
+        load_if_exists=True,
+    )
+    stored = study.user_attrs.get("config")
+    wanted = json.loads(json.dumps(config))
+    if stored is None:
+        study.set_user_attr("config", wanted)
+        study.set_metric_names(["clean", "robust"])
+    elif stored != wanted:
+        differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        raise ValueError(
+            f"study {study_name!r} in {storage} was made with other settings ({', '.join(differ)}: "
+            f"{ {k: stored.get(k) for k in differ} }); use another --study-name or the same settings"
+        )
+    return study
+
+
+def _pareto(points: Sequence[TrialResult]) -> list[TrialResult]:
+    """The trials no other trial beats in both clean and screened robust accuracy."""
+    return [
+        p
+        for p in points
+        if not any(
+            q.clean >= p.clean and q.robust >= p.robust and (q.clean > p.clean or q.robust > p.robust)
+            for q in points
+        )
+    ]
+
+
+def tune(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    deltas: Sequence[float] = (0.01,),
+    space: Mapping[str, tuple[float, float]] | None = None,
+    model_name: str | None = None,
+    trials: int = 40,
+    population: int = 10,
+    passes: int = 3,
+    screen: Fidelity = Fidelity(images=50, budget=200),
+    full: Fidelity = Fidelity(images=100, budget=1000),
+    promote: int = 2,
+    norm: str = "linf",
+    eps: float = 0.1,
+    attack_kwargs: Mapping[str, object] | None = None,
+    storage: str = "sqlite:///study.sqlite",
+    study_name: str = "sinai",
+    store: ResultStore | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Tune SINAI's decision variables on ``images`` (a validation set); see the module docstring.
+
+    Clean accuracy uses all ``images``; robust accuracy seeded class-covering subsets of them
+    (``screen`` for every trial, ``full`` for promoted ones). The constraint uses the largest delta;
+    each delta gets its own choice. ``promote``: besides the feasible Pareto front, the best ``promote``
+    screened trials under each delta are re-evaluated with the full protocol.
+    """
+    deltas = tuple(sorted(float(d) for d in deltas))
+    if not deltas or not all(0 < d < 1 for d in deltas):
+        raise ValueError(f"delta must be a fraction in (0, 1) such as 0.01 for 1%, got {deltas}")
+    if trials < 1 or population < 2 or passes < 1 or promote < 0:
+        raise ValueError("need trials >= 1, population >= 2, passes >= 1 and promote >= 0")
+    for fid in (screen, full):
+        if fid.images > len(images):
+            raise ValueError(
+                f"a fidelity asks for {fid.images} images but the validation set has {len(images)}"
+            )
+    space = check_space(space) if space is not None else search_space(model, model_name)
+    labels = torch.as_tensor(labels).long()
+    store = store or ResultStore(":memory:")
+    say = log or (lambda _msg: None)
+    base = clean_accuracy(model, images, labels, passes=1, batch_size=batch_size).mean
+    bound = base - deltas[-1]
+    num_classes = getattr(model, "num_classes", None)
+
+    def subset(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n == len(images):
+            return images, labels
+        idx = select_images(labels, n, seed, num_classes)
+        return images[idx], labels[idx]
+
+    def robust(defense: Defense, fid: Fidelity, stage: str) -> float:
+        x, y = subset(fid.images)
+        result = evaluate(
+            model, x, y, attack="square", defense=defense, norm=norm, eps=eps, budgets=(fid.budget,),
+            attack_kwargs=attack_kwargs, seed=seed, passes=passes, batch_size=batch_size, store=store,
+            describe={"model": model_name, "stage": stage}, progress=False,
+        )  # fmt: skip
+        return result.robust_accuracy(fid.budget)
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        params = {name: trial.suggest_float(name, low, high) for name, (low, high) in space.items()}
+        defense = defense_from_params(params)
+        defended = protect(model, defense, seed=seed)
+        try:
+            clean = clean_accuracy(defended, images, labels, passes=passes, batch_size=batch_size).mean
+        finally:
+            defended.remove()
+        trial.set_constraint("clean_drop", bound - clean)  # > 0: violated (Optuna's convention)
+        # Infeasible trials are ranked by their violation alone: no attack is spent on them.
+        trial.set_user_attr("screened", clean >= bound)
+        return clean, robust(defense, screen, "screen") if clean >= bound else 0.0
+
+    config = {
+        "model": model_name,
+        "space": {k: list(v) for k, v in space.items()},
+        "delta": deltas[-1],
+        "screen": [screen.images, screen.budget],
+        "images": len(images),
+        "passes": passes,
+        "norm": norm,
+        "eps": eps,
+        "seed": seed,
+    }
+    sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(storage, study_name, config, sampler)
+    complete = lambda: study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    done = len(complete())
+    if done:
+        say(f"study {study_name!r}: {done} of {trials} trials already done, resuming")
+    bar = tqdm(total=trials, initial=min(done, trials), unit="trial", desc="tune", disable=not progress)
+
+    def tick(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            bar.update(1)
+            feasible = [t.values[1] for t in complete() if t.values[0] >= bound]
+            bar.set_postfix(best_robust=f"{100 * max(feasible):.1f}%" if feasible else "-", refresh=False)
+
+    if done < trials:
+        stop = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,))
+        study.optimize(objective, n_trials=trials - done, callbacks=[tick, stop])
+    bar.close()
+
+    results = [
+        TrialResult(
+            t.number,
+            dict(t.params),
+            t.values[0],
+            t.values[1] if t.user_attrs.get("screened") else math.nan,
+            base - t.values[0],
+        )
+        for t in complete()[:trials]
+    ]
+    feasible = [r for r in results if r.clean >= bound]
+    pareto = sorted(_pareto(feasible), key=lambda r: r.clean)
+    promoted = {r.number for r in pareto}
+    for d in deltas:
+        under = sorted((r for r in feasible if r.drop <= d), key=lambda r: (-r.robust, -r.clean))
+        promoted |= {r.number for r in under[:promote]}
+    say(f"full protocol ({full.images} images, {full.budget} queries) for {len(promoted)} promoted trials")
+    for r in tqdm(results, desc="promote", disable=not progress, leave=False):
+        if r.number in promoted:
+            results[results.index(r)] = TrialResult(
+                r.number, r.params, r.clean, r.robust, r.drop, robust(r.defense(), full, "full")
+            )
+    by_number = {r.number: r for r in results}
+    pareto = [by_number[r.number] for r in pareto]
+    chosen: dict[float, TrialResult | None] = {}
+    for d in deltas:
+        under = [r for r in results if r.robust_full is not None and r.drop <= d]
+        chosen[d] = max(under, key=lambda r: (r.robust_full, r.clean)) if under else None
+    return TuneResult(base, deltas, tuple(results), tuple(pareto), chosen)

@@ -53,35 +53,288 @@ def cli() -> None:
 
 
 @cli.command()
+@click.option("--quick", is_flag=True, help="Small sizes: a smoke test of every stage (about 3 minutes).")
 @click.option(
-    "--quick", is_flag=True, help="Fewer images and noise levels (a smoke test, ~1 minute once trained)."
+    "--images", type=int, default=None, help="Evaluation images per model (default 100; --quick 50)."
 )
-@click.option("--images", type=int, default=None, help="Test images per model (default 1000; --quick 200).")
-@click.option("--passes", type=int, default=3, show_default=True, help="Noisy passes per clean accuracy (M).")
+@click.option("--budget", type=int, default=None, help="Queries per image (default 1000; --quick 200).")
+@click.option("--trials", type=int, default=None, help="NSGA-II trials per model (default 12; --quick 4).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 @_common
 def demo(
     quick: bool,
     images: int | None,
-    passes: int,
+    budget: int | None,
+    trials: int | None,
     seed: int,
     out: str,
     device: torch.device,
     cache_dir: str | None,
 ) -> None:
-    """The main job on the embedded default: train (once) both MNIST models, protect, print clean accuracy."""
+    """The main job on the embedded MNIST default: calibrate, tune, attack, report (resumable)."""
     from .demo import run_demo
 
     run_demo(
         out=Path(out),
         quick=quick,
-        images=images,
-        passes=passes,
+        eval_images=images,
+        budget=budget,
+        trials=trials,
         seed=seed,
         device=device,
         cache_dir=cache_dir,
     )
+
+
+def _model_options(fn: Callable) -> Callable:
+    """--model/--checkpoint/--weights/--num-classes/--data/--data-root, shared by calibrate and tune."""
+    for option in reversed(
+        [
+            click.option("--model", "model_name", default="mnist-vit", show_default=True),
+            click.option("--checkpoint", type=click.Path(dir_okay=False), default=None),
+            click.option("--weights", type=click.Choice(["pretrained", "random"]), default="pretrained"),
+            click.option(
+                "--num-classes", type=int, default=None, help="Head size of timm/torchvision models."
+            ),
+            click.option(
+                "--data", default=None, help="mnist, cifar10 or imagenet (default: the model's own)."
+            ),
+            click.option("--data-root", type=click.Path(), default=None, help="Root of cifar10 / imagenet."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _load_model_and_images(
+    model_name, checkpoint, weights, num_classes, data, data_root, images, seed, device, cache_dir
+):
+    """The model and ``images`` seeded class-covering images of its dataset (the validation set)."""
+    from .models.data import load_dataset, select_images
+    from .models.zoo import default_dataset, load_model
+
+    model = load_model(
+        model_name, checkpoint=checkpoint, weights=weights, num_classes=num_classes, device=device,
+        cache_dir=cache_dir,
+    )  # fmt: skip
+    data = data or default_dataset(model_name, num_classes=model.num_classes)
+    dataset = load_dataset(data, root=data_root, image_size=model.input_shape[-1])
+    _check_fits(dataset, model)
+    chosen = select_images(dataset.labels, images, seed, dataset.num_classes)
+    return model, data, dataset.load(chosen).to(device), dataset.labels[chosen].to(device)
+
+
+def _fractions(text: str, hint: str) -> tuple[float, ...]:
+    try:
+        values = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise click.BadParameter(
+            f"expected fractions like 0.01,0.02, got {text!r}", param_hint=hint
+        ) from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise click.BadParameter(
+            f"must be fractions in (0, 1) (0.01 = 1 percentage point), got {text!r}", param_hint=hint
+        )
+    return values
+
+
+@cli.command()
+@_model_options
+@click.option(
+    "--defense", "defenses", default="RND,FND,SINAI-Attn", show_default=True,
+    help="Comma-separated one-kind defenses (kinds the model lacks are skipped).",
+)  # fmt: skip
+@click.option(
+    "--drop", default="0.01,0.02", show_default=True, help="Target clean-accuracy drops (fractions)."
+)
+@click.option(
+    "--tolerance", type=float, default=0.0025, show_default=True, help="Accepted |drop - target| (fraction)."
+)
+@click.option("--low", type=float, default=0.0, show_default=True, help="Lowest std searched.")
+@click.option("--high", type=float, default=None, help="Highest std searched (default per site kind).")
+@click.option("--images", type=int, default=500, show_default=True, help="Validation images (seeded).")
+@click.option("--passes", type=int, default=3, show_default=True, help="Noisy passes per clean accuracy (M).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/calibrate", show_default=True)
+@_common
+def calibrate(
+    model_name, checkpoint, weights, num_classes, data, data_root, defenses, drop, tolerance, low, high,
+    images, passes, seed, out, device, cache_dir,
+) -> None:  # fmt: skip
+    """Find the std of each defense that costs a given clean-accuracy drop (bisection, fixed seeds)."""
+    from .defenses import PRESETS, applicable, parse_defense
+    from .reports.table import markdown_table
+    from .tuning.calibrate import calibrate as calibrate_std
+
+    drops = _fractions(drop, "--drop")
+    model, data, x, y = _load_model_and_images(
+        model_name, checkpoint, weights, num_classes, data, data_root, images, seed, device, cache_dir
+    )
+    rows, saved = [], []
+    for name in (d.strip() for d in defenses.split(",") if d.strip()):
+        parsed = parse_defense(name)
+        if parsed.name in PRESETS and not applicable(parsed, model).specs:
+            click.echo(f"{name}: {model_name} has none of its sites, skipped", err=True)
+            continue
+        for target in drops:
+            c = calibrate_std(
+                model, x, y, parsed, drop=target, tolerance=tolerance, low=low, high=high, passes=passes,
+                seed=seed,
+            )  # fmt: skip
+            saved.append(
+                {"model": model_name, "dataset": data, "images": len(x), "seed": seed, **c.as_dict()}
+            )
+            spec = c.defense.specs[c.kind]
+            text = (
+                f"{c.defense.name}:std={c.std:.4g}"
+                if c.defense.name in PRESETS
+                else f"{c.kind}.std={c.std:.4g}"
+            )
+            if spec.ratio != 1:
+                text += f",ratio={spec.ratio:g}"
+            rows.append(
+                [name, f"{100 * target:g}", round(c.std, 4), round(100 * c.drop, 2),
+                 "yes" if c.reached else "NO", len(c.steps), text]
+            )  # fmt: skip
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "calibration.json").write_text(json.dumps(saved, indent=2) + "\n")
+    click.echo(
+        f"{model_name} on {len(x)} {data} images (seed {seed}), M = {passes}, tolerance "
+        f"{100 * tolerance:g} points; base accuracy {100 * saved[0]['base']:.2f}%"
+        if saved
+        else "nothing to do"
+    )
+    click.echo(
+        markdown_table(["defense", "target %", "std", "drop %", "reached", "steps", "use as --defense"], rows)
+    )
+    if any(r[4] == "NO" for r in rows):
+        click.echo("some targets were not reached in the std range: widen it with --high / --low", err=True)
+    click.echo(f"written: {Path(out) / 'calibration.json'}", err=True)
+
+
+def _fidelity(text: str, hint: str):
+    from .tuning.tune import Fidelity
+
+    images, colon, budget = text.partition(":")
+    try:
+        return Fidelity(int(images), int(budget))
+    except ValueError:
+        raise click.BadParameter(
+            f"expected IMAGES:BUDGET such as 50:200, got {text!r}", param_hint=hint
+        ) from None
+
+
+@cli.command()
+@_model_options
+@click.option(
+    "--defense", default="SINAI", show_default=True, type=click.Choice(["SINAI", "SINAI-Attn", "SINAI-FFN"]),
+    help="Which SINAI kinds to tune (those the model has).",
+)  # fmt: skip
+@click.option(
+    "--delta", default="0.01", show_default=True, help="Clean-accuracy drop bound(s), e.g. 0.01,0.02."
+)
+@click.option("--trials", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option(
+    "--population", type=click.IntRange(min=2), default=10, show_default=True, help="NSGA-II population."
+)
+@click.option(
+    "--range",
+    "ranges",
+    default="",
+    help="Override search ranges: attn.std=0:1,gelu.ratio=0:1 (default per model).",
+)
+@click.option(
+    "--images", type=int, default=500, show_default=True, help="Validation images (clean accuracy)."
+)
+@click.option("--screen", default="50:200", show_default=True, help="IMAGES:BUDGET of the cheap Square run.")
+@click.option("--full", default="100:1000", show_default=True, help="IMAGES:BUDGET for promoted trials.")
+@click.option("--passes", type=int, default=3, show_default=True, help="Noisy passes per clean accuracy (M).")
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
+@click.option("--eps", type=float, default=None, help="Attack budget (default per dataset/model).")
+@click.option("--storage", default=None, help="Optuna RDB URL (default sqlite:///OUT/study.sqlite).")
+@click.option("--study-name", default=None, help="Default: MODEL-DEFENSE.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="runs/tune", show_default=True)
+@_common
+def tune(
+    model_name, checkpoint, weights, num_classes, data, data_root, defense, delta, trials, population, ranges,
+    images, screen, full, passes, norm, eps, storage, study_name, seed, out, device, cache_dir,
+) -> None:  # fmt: skip
+    """Optuna NSGA-II over SINAI's stds and ratios: max clean and robust accuracy, clean >= base - delta."""
+    from .evaluation.defaults import default_attack_args, default_eps
+    from .evaluation.store import ResultStore
+    from .reports.report import write_tuning
+    from .reports.table import markdown_table
+    from .tuning.tune import parse_ranges, search_space
+    from .tuning.tune import tune as run_tune
+
+    deltas = _fractions(delta, "--delta")
+    screen_f, full_f = _fidelity(screen, "--screen"), _fidelity(full, "--full")
+    model, data, x, y = _load_model_and_images(
+        model_name, checkpoint, weights, num_classes, data, data_root, images, seed, device, cache_dir
+    )
+    space = search_space(model, model_name, parse_ranges(ranges))
+    keep = {"SINAI": ("attn", "gelu", "relu"), "SINAI-Attn": ("attn",), "SINAI-FFN": ("gelu",)}[defense]
+    space = {k: v for k, v in space.items() if k.partition(".")[0] in keep}
+    eps = eps if eps is not None else default_eps(model_name, data, norm)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{(folder / 'study.sqlite').resolve()}"
+    click.echo(
+        f"{model_name}: tuning {', '.join(f'{k} in [{lo:g}, {hi:g}]' for k, (lo, hi) in space.items())} "
+        f"on {len(x)} {data} images; Square {norm} eps {eps:g}; study in {storage}",
+        err=True,
+    )
+    with ResultStore(folder / "results.sqlite") as store:
+        result = run_tune(
+            model, x, y, deltas=deltas, space=space, model_name=model_name, trials=trials,
+            population=population, passes=passes, screen=screen_f, full=full_f, norm=norm, eps=eps,
+            attack_kwargs=default_attack_args("square", data, norm), storage=storage,
+            study_name=study_name or f"{model_name}-{defense}", store=store, seed=seed,
+            log=lambda msg: click.echo(msg, err=True),
+        )  # fmt: skip
+    files = write_tuning(result, folder, model_name)
+    click.echo(f"base clean accuracy {100 * result.base:.2f}%; Pareto front (feasible, screened):")
+    click.echo(
+        markdown_table(
+            ["trial", "defense", "clean %", "drop %", "robust % (screen)", "robust % (full)"],
+            [
+                [
+                    t.number,
+                    t.defense().describe(),
+                    round(100 * t.clean, 2),
+                    round(100 * t.drop, 2),
+                    round(100 * t.robust, 1),
+                    "-" if t.robust_full is None else round(100 * t.robust_full, 1),
+                ]
+                for t in result.pareto
+            ],
+        )  # fmt: skip
+    )
+    for d, t in result.chosen.items():
+        if t is None:
+            click.echo(f"delta {100 * d:g}%: no trial meets the constraint; widen --range or add --trials")
+        else:
+            click.echo(
+                f"delta {100 * d:g}%: {t.defense().describe()}  clean {100 * t.clean:.2f}% "
+                f"(drop {100 * t.drop:.2f}), robust {100 * t.robust_full:.1f}% at {full_f.budget} queries"
+            )
+    click.echo(f"written: {', '.join(str(f) for f in files)}", err=True)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: FOLDER/report.")
+def report(folder: str, out: str | None) -> None:
+    """Paper-style tables (Markdown, CSV, JSON) and plots from the result stores under FOLDER."""
+    from .reports.report import make_report
+
+    result = make_report(folder, out)
+    for table in result.tables:
+        click.echo(f"\n{table.name}:")
+        click.echo(table.markdown())
+    click.echo("\nwritten: " + ", ".join(str(f) for f in result.files), err=True)
 
 
 @cli.command("eval")

@@ -117,11 +117,15 @@ def plot_tuning(result: object, path: Path, *, title: str = "") -> Path:
         [100 * t.clean for t in full], [100 * t.robust_full for t in full],
         s=30, color="tab:orange", label="promoted, full protocol",
     )  # fmt: skip
+    labels: dict[int, list[str]] = {}
     for delta, t in result.chosen.items():
         ax.axvline(100 * (result.base - delta), color="tab:red", ls=":", lw=1)
         if t is not None:
+            labels.setdefault(t.number, []).append(f"δ={100 * delta:g}%")
+    for t in result.trials:
+        if t.number in labels:
             ax.scatter(100 * t.clean, 100 * t.robust_full, s=160, marker="*", color="tab:red", zorder=4)
-            ax.annotate(f"δ={100 * delta:g}%", (100 * t.clean, 100 * t.robust_full), fontsize=8,
+            ax.annotate(", ".join(labels[t.number]), (100 * t.clean, 100 * t.robust_full), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")  # fmt: skip
     ax.axvline(100 * result.base, color="k", lw=1, label=f"undefended ({100 * result.base:.1f}%)")
     ax.set_xlabel("clean accuracy (%, mean of M noisy passes)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -192,7 +193,9 @@ def open_study(
 ) -> optuna.Study:
     """Create or load the study; refuse one stored with another search space or objective setting."""
     try:
-        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=90)
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna, stable since 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=90)
     except Exception as exc:  # SQLAlchemy / Optuna raise many kinds for a bad URL or unwritable file
         raise ValueError(f"cannot open Optuna storage {storage!r}: {exc}") from None
     study = optuna.create_study(
@@ -206,7 +209,9 @@ def open_study(
     wanted = json.loads(json.dumps(config))
     if stored is None:
         study.set_user_attr("config", wanted)
-        study.set_metric_names(["clean", "robust"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["clean", "robust"])
     elif stored != wanted:
         differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         raise ValueError(

@@ -37,7 +37,7 @@ def run(*args: str):
 
 def test_help_lists_the_commands():
     out = run("--help").output
-    for command in ("demo", "eval", "bench", "sites", "train"):
+    for command in ("demo", "eval", "calibrate", "tune", "report", "bench", "sites", "train"):
         assert command in out
 
 
@@ -84,26 +84,34 @@ def test_eval_bad_input_is_a_clear_error(cache, args, message):
 
 def test_demo_quick_runs_end_to_end_and_resumes(cache, tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    result = run("demo", "--quick", "--images", "100", "--passes", "1", "--out", str(out), "--device", "cpu")
+    result = run("demo", "--quick", "--images", "20", "--budget", "100", "--out", str(out), "--device", "cpu")
     assert result.exit_code == 0, result.output
-    stored = [json.loads(line) for line in (out / "clean.jsonl").read_text().splitlines()]
-    rows = [r for r in stored if not r.get("skipped")]
-    assert {(r["model"], r["defense"]) for r in stored if r.get("skipped")} == {
-        ("mnist-cnn", "SINAI-Attn"),
-        ("mnist-cnn", "SINAI-FFN"),
-    }
-    assert {r["model"] for r in rows} == {"mnist-cnn", "mnist-vit"}
-    vit = {r["defense"] for r in rows if r["model"] == "mnist-vit"}
-    assert vit == {"Base", "RND", "FND", "SINAI-Attn", "SINAI-FFN", "SINAI"}
-    assert {r["defense"] for r in rows if r["model"] == "mnist-cnn"} == {"Base", "RND", "FND", "SINAI"}
-    assert (out / "clean.md").read_text().count("mnist-vit") == len(vit)
+    table = [line for line in result.output.splitlines() if line.startswith("| mnist-")]
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]) for line in table}
+    for model in ("mnist-cnn", "mnist-vit"):
+        assert (model, "Base") in rows
+        for method in ("RND", "FND"):
+            assert {(model, f"{method} ≈1%"), (model, f"{method} ≈2%")} <= rows
+    assert ("mnist-vit", "SINAI-Attn ≈1%") in rows and ("mnist-cnn", "SINAI-Attn ≈1%") not in rows
+    header = next(line for line in result.output.splitlines() if line.startswith("| model"))
+    assert all(f"{attack} 100" in header for attack in ("square", "signhunter", "nes"))
+    calibrations = json.loads((out / "calibration.json").read_text())
+    assert len(calibrations) == 2 * 2 + 3 * 2  # RND, FND (+ SINAI-Attn on the ViT) at 1% and 2%
+    for model in ("mnist-cnn", "mnist-vit"):
+        tuning = json.loads((out / "tune" / model / "tuning.json").read_text())
+        assert len(tuning["trials"]) == 4 and (out / "tune" / model / "pareto.png").exists()
+    for name in ("table1.md", "table1.csv", "table1.json", "robust_vs_queries.png", "tradeoff.png"):
+        assert (out / "report" / name).exists()
 
     def no_work(*a, **k):
-        raise AssertionError("a finished row was computed again")
+        raise AssertionError("a finished stage was computed again")
 
-    monkeypatch.setattr(sinai.demo, "_evaluate", no_work)
-    again = run("demo", "--quick", "--images", "100", "--passes", "1", "--out", str(out), "--device", "cpu")
-    assert again.exit_code == 0 and again.output.count("| mnist-") == len(rows)
+    monkeypatch.setattr(sinai.demo, "calibrate", no_work)
+    monkeypatch.setattr("sinai.evaluation.protocol.Oracle", no_work)
+    monkeypatch.setattr("sinai.tuning.tune.protect", no_work)
+    again = run("demo", "--quick", "--images", "20", "--budget", "100", "--out", str(out), "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    assert [line for line in again.output.splitlines() if line.startswith("| mnist-")] == table
 
 
 def test_sites_lists_kinds_without_training():

@@ -1,0 +1,123 @@
+"""Report tables hold exactly the rows and columns of the runs in the store; files and plots are written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sinai.cli import cli
+from sinai.evaluation.store import ImageResult, ResultStore
+from sinai.reports.report import make_report
+
+
+def _add_run(store, *, model, method, level, attack, budget, clean, success_at, eot=1, stage=None) -> None:
+    settings = {
+        "model": model, "method": method, "level": level, "defense": f"{method}()",
+        "attack": f"{attack}(norm='linf', eps=0.1, seed=0)", "budget": budget, "eot": eot, "seed": 0,
+    }  # fmt: skip
+    if stage:
+        settings["stage"] = stage
+    run = store.run_id(settings)
+    store.add_clean(run, clean)
+    results = [
+        ImageResult(i, i, 0, s != "wrong", None if s in (None, "wrong") else s, budget, 0, 0.1)
+        for i, s in enumerate(success_at)
+    ]
+    store.add_results(run, results)
+    store.finish(run)
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        # 4 images each: success_at None = robust, "wrong" = misclassified before the attack.
+        _add_run(store, model="m", method="Base", level="", attack="Square", budget=10000,
+                 clean=[1.0], success_at=[5, 50, 500, 5000])  # fmt: skip
+        _add_run(store, model="m", method="RND", level="≈1%", attack="Square", budget=10000,
+                 clean=[0.99, 0.98], success_at=[None, 2000, None, "wrong"])  # fmt: skip
+        _add_run(store, model="m", method="SINAI", level="≈1%", attack="Square", budget=10000,
+                 clean=[0.99, 0.99], success_at=[None, None, 900, 20000 - 10001])  # fmt: skip
+        _add_run(store, model="m", method="SINAI", level="≈1%", attack="SignHunter", budget=1000,
+                 clean=[0.99, 0.99], success_at=[None, None, None, 10])  # fmt: skip
+        _add_run(store, model="m", method="RND", level="≈1%", attack="Square", budget=5000, eot=5,
+                 clean=[0.99, 0.98], success_at=[None, 1200, None, None])  # fmt: skip
+        _add_run(store, model="m", method="SINAI", level="trial", attack="Square", budget=200,
+                 clean=[0.5], success_at=[1, 1, 1, 1], stage="screen")  # fmt: skip
+    return tmp_path
+
+
+def test_table_rows_and_columns_are_exactly_the_runs(folder) -> None:
+    report = make_report(folder)
+    tables = {t.name: t for t in report.tables}
+    assert set(tables) == {"table1", "table4"}  # no decision-based runs -> no table2
+    t1 = tables["table1"]
+    assert t1.rows == [
+        ("m", "Base", ""),
+        ("m", "RND", "≈1%"),
+        ("m", "SINAI", "≈1%"),
+    ]  # the screen run is not a row
+    assert t1.columns == ["Clean", "square 1k", "square 10k", "signhunter 1k"]
+    cells = {r: dict(zip(t1.columns, c, strict=True)) for r, c in zip(t1.rows, t1.cells, strict=True)}
+    assert cells[("m", "Base", "")] == {
+        "Clean": 100.0,
+        "square 1k": 25.0,
+        "square 10k": 0.0,
+        "signhunter 1k": None,
+    }
+    rnd = cells[("m", "RND", "≈1%")]
+    assert rnd["Clean"] == pytest.approx(98.5) and rnd["square 1k"] == 75.0 and rnd["square 10k"] == 50.0
+    sinai = cells[("m", "SINAI", "≈1%")]
+    assert sinai["square 1k"] == 75.0 and sinai["square 10k"] == 50.0 and sinai["signhunter 1k"] == 75.0
+    # Best value per column among the defenses (Base is the reference, never marked).
+    best = {(t1.rows[r][1], t1.columns[c]) for r, c in t1.best}
+    assert ("SINAI", "Clean") in best and ("RND", "Clean") not in best
+    assert ("RND", "square 10k") in best and ("SINAI", "square 10k") in best  # a tie marks both
+    assert not any(method == "Base" for method, _ in best)
+    assert "**75.0**" in t1.markdown()
+
+    t4 = tables["table4"]
+    assert t4.columns == [
+        "Clean",
+        "square M=1 QC=1k",
+        "square M=1 QC=10k",
+        "square M=5 QC=1k",
+        "square M=5 QC=5k",
+    ]
+    rnd4 = dict(zip(t4.columns, t4.cells[t4.rows.index(("m", "RND", "≈1%"))], strict=True))
+    assert rnd4["square M=5 QC=1k"] == 100.0 and rnd4["square M=5 QC=5k"] == 75.0
+
+
+def test_report_writes_tables_and_plots(folder) -> None:
+    report = make_report(folder)
+    names = {p.name for p in report.files}
+    assert {
+        "table1.md",
+        "table1.csv",
+        "table1.json",
+        "table4.md",
+        "robust_vs_queries.png",
+        "tradeoff.png",
+    } <= names
+    for path in report.files:
+        assert path.exists() and path.stat().st_size > 0
+    csv_lines = (folder / "report" / "table1.csv").read_text().splitlines()
+    assert csv_lines[0] == "model,method,level,Clean,square 1k,square 10k,signhunter 1k"
+    assert len(csv_lines) == 1 + 3
+    payload = json.loads((folder / "report" / "table1.json").read_text())
+    assert [r["method"] for r in payload["rows"]] == ["Base", "RND", "SINAI"]
+    assert (folder / "report" / "robust_vs_queries.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_cli_and_bad_folders(folder, tmp_path) -> None:
+    result = CliRunner().invoke(cli, ["report", str(folder), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "table1" in result.output and "square 10k" in result.output
+    assert (tmp_path / "out" / "table1.md").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(cli, ["report", str(empty)])
+    assert result.exit_code != 0 and "no results.sqlite" in result.output
+    result = CliRunner().invoke(cli, ["report", str(tmp_path / "missing")])
+    assert result.exit_code != 0 and "not a folder" in result.output

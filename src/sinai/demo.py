@@ -147,9 +147,7 @@ def run_demo(
             # ---------------------------------------------------------------------- tuning
             folder = out / "tune" / model_name
             folder.mkdir(parents=True, exist_ok=True)
-            say(
-                f"{model_name}: tune SINAI ({trials} NSGA-II trials, δ {', '.join(map(_level, cfg.drops))})"
-            )
+            say(f"{model_name}: tune SINAI ({trials} NSGA-II trials, δ {', '.join(map(_level, cfg.drops))})")
             with ResultStore(folder / "results.sqlite") as tune_store:
                 result = tune(
                     model, xv, yv, deltas=cfg.drops, model_name=model_name, trials=trials,

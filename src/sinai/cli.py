@@ -109,7 +109,8 @@ def demo(
     "--attack",
     default="none",
     show_default=True,
-    help="none (clean accuracy only), square, signhunter, nes, bandits, simba, simba-dct.",
+    help="none (clean accuracy only); score-based: square, signhunter, nes, bandits, simba, simba-dct; "
+    "decision-based (labels only): rays, signflip, hsja, boundary, signopt, geoda.",
 )
 @click.option(
     "--attack-args", default="", help="Attack hyper-parameters, e.g. 'p_init=0.1' or 'lr=0.05,n_samples=20'."
@@ -132,7 +133,19 @@ def demo(
 @click.option("--images", type=int, default=1000, show_default=True, help="N images, covering every class.")
 @click.option("--passes", type=int, default=3, show_default=True, help="Noisy passes per clean accuracy (M).")
 @click.option(
-    "--eot", type=int, default=1, show_default=True, help="Samples averaged per query (adaptive EOT)."
+    "--eot",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Adaptive attack with M samples per query, each counted: EOT (mean scores) for score-based "
+    "attacks, T-query majority label for decision-based ones.",
+)
+@click.option(
+    "--p-mis",
+    "p_mis",
+    is_flag=True,
+    help="Also measure P_mis: the share of queries labelled unlike the noise-free model (SND Table 5; "
+    "one extra uncounted noise-free forward per query).",
 )
 @click.option(
     "--votes",
@@ -177,6 +190,7 @@ def eval_(
     images: int,
     passes: int,
     eot: int,
+    p_mis: bool,
     votes: int,
     lucky: bool,
     batch_size: int,
@@ -203,6 +217,8 @@ def eval_(
             f"unknown attack {attack!r}; choose none or one of {', '.join(ATTACKS)}", param_hint="--attack"
         )
     budgets = _parse_budgets(budget)
+    if eot < 1:
+        raise click.BadParameter(f"M (samples per query) must be >= 1, got {eot}", param_hint="--eot")
     parsed = parse_defense(defense)
     model = load_model(
         model_name,
@@ -245,6 +261,7 @@ def eval_(
             dataset_indices=chosen.tolist(),
             store=store,
             describe={"model": model_name, "checkpoint": checkpoint, "dataset": data},
+            track_mismatch=p_mis,
         )
     base = clean_accuracy(model, x, y, passes=1, batch_size=batch_size).mean
     headers = ["model", "defense", "clean acc %", "drop %"]
@@ -261,7 +278,24 @@ def eval_(
         headers.append("median queries (broken)")
         row.append(int(statistics.median(spent)) if spent else "-")
     click.echo(markdown_table(headers, [row]))
+    if attack != "none":
+        _echo_snd_metrics(result, budgets, norm)
     click.echo(f"wall time {result.seconds:.1f} s", err=True)
+
+
+def _echo_snd_metrics(result: object, budgets: tuple[int, ...], norm: str) -> None:
+    """SND's metrics: attack success rate and mean perturbation norm per budget (Table 3), P_mis (Table 5)."""
+    from .reports.table import markdown_table
+
+    if not any(r.checkpoint_norms for r in result.results):
+        return
+    rows = []
+    for b in budgets:
+        mean = result.mean_norm(b)
+        rows.append([b, f"{100 * result.attack_success_rate(b):.1f}", "-" if mean is None else f"{mean:.4f}"])
+    click.echo(markdown_table(["queries", "attack success %", f"mean {norm} norm"], rows))
+    if result.p_mis is not None:
+        click.echo(f"P_mis {result.p_mis:.4f}")
 
 
 def _parse_kwargs(text: str) -> dict[str, object]:

@@ -458,11 +458,24 @@ def bench_defenses(
 @click.option("--budget", type=int, default=200, show_default=True, help="Queries per image for the ratio.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option(
-    "--peers", is_flag=True, help="Also compare Square with torchattacks and ART (pip install sinai[peers])."
+    "--peers",
+    is_flag=True,
+    help="Also compare Square with torchattacks and ART, and HopSkipJump with ART and foolbox "
+    "(pip install sinai[peers]).",
 )
 @click.option("--peer-images", type=int, default=200, show_default=True)
 @click.option("--peer-eps", type=float, default=0.3, show_default=True)
 @click.option("--peer-budget", type=int, default=1000, show_default=True)
+@click.option(
+    "--hsja-images",
+    type=int,
+    default=50,
+    show_default=True,
+    help="Images of the HopSkipJump peer comparison.",
+)
+@click.option(
+    "--hsja-iters", type=int, default=10, show_default=True, help="HopSkipJump iterations (all tools)."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @_common
 def bench_attacks(
@@ -475,15 +488,18 @@ def bench_attacks(
     peer_images: int,
     peer_eps: float,
     peer_budget: int,
+    hsja_images: int,
+    hsja_iters: int,
     seed: int,
     device: torch.device,
     cache_dir: str | None,
 ) -> None:
-    """Queries/s of each attack / the model's forward images/s (target >= 0.9); --peers: Square vs peers."""
+    """Queries/s of each attack / the model's forward images/s (target >= 0.9); --peers: Square and
+    HopSkipJump vs torchattacks, ART and foolbox."""
     from dataclasses import asdict
 
     from .attacks import ATTACKS
-    from .bench.attacks import compare_square, measure_attacks
+    from .bench.attacks import compare_hsja, compare_square, measure_attacks
     from .models.data import load_dataset, sample
     from .models.zoo import default_dataset, load_model
     from .reports.table import markdown_table
@@ -520,6 +536,26 @@ def bench_attacks(
             markdown_table(
                 ["tool", "images", "seconds", "success %"],
                 [[r.tool, r.images, round(r.seconds, 2), round(100 * r.success_rate, 1)] for r in peer_rows],
+            )
+        )
+        x, y = sample(dataset, hsja_images, seed)
+        hsja_rows = compare_hsja(
+            model, x.to(device), y.to(device), iterations=hsja_iters, batch_size=batch_size, seed=seed
+        )
+        click.echo(f"\nHopSkipJump l2 untargeted, {hsja_iters} iterations, {hsja_images} images:")
+        click.echo(
+            markdown_table(
+                ["tool", "images", "seconds", "success %", "median l2"],
+                [
+                    [
+                        r.tool,
+                        r.images,
+                        round(r.seconds, 2),
+                        round(100 * r.success_rate, 1),
+                        "-" if r.median_norm is None else round(r.median_norm, 3),
+                    ]
+                    for r in hsja_rows
+                ],  # fmt: skip
             )
         )
 

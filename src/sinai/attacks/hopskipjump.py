@@ -38,7 +38,10 @@ def distance(a: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 class HopSkipJump(DecisionAttack):
-    """HopSkipJumpAttack (l2, linf), untargeted; ``gamma`` sets theta, ``init_samples`` is B0."""
+    """HopSkipJumpAttack (l2, linf), untargeted; ``gamma`` sets theta, ``init_samples`` is B0.
+
+    ``max_iter``: stop after that many iterations (None: run until the oracle's budget is spent).
+    """
 
     name = "hsja"
     norms = ("l2", "linf")
@@ -54,8 +57,12 @@ class HopSkipJump(DecisionAttack):
         max_samples: int = 10_000,
         max_halvings: int = 25,
         start_tries: int = 100,
+        max_iter: int | None = None,
     ) -> None:
         super().__init__(norm=norm, eps=eps, seed=seed)
+        if max_iter is not None and max_iter < 0:
+            raise ValueError(f"max_iter must be >= 0 or None (until the budget is spent), got {max_iter!r}")
+        self.max_iter = max_iter
         if not gamma > 0 or init_samples < 1 or max_samples < init_samples:
             raise ValueError("need gamma > 0, init_samples >= 1 and max_samples >= init_samples")
         if max_halvings < 1 or start_tries < 1:
@@ -140,6 +147,8 @@ class HopSkipJump(DecisionAttack):
         while True:
             idx = live_indices(oracle)
             idx = idx[has[idx]]
+            if self.max_iter is not None:
+                idx = idx[t[idx] <= self.max_iter]
             if not len(idx):
                 break
             xb, xi = x_adv[idx], x[idx]

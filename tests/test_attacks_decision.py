@@ -79,7 +79,7 @@ def test_breaks_undefended_models_and_counts_every_query(name, model_name, mnist
     x, y = x[right], y[right]
     counted = Counting(model)
     budget = 400
-    oracle, norm, eps = oracle_for(counted, x, y, name, budget, votes=0)
+    oracle, norm, eps = oracle_for(counted, x, y, name, budget, votes=0, checkpoints=(budget,))
     attack = make_attack(name, norm=norm, eps=eps, seed=0)
     x_adv = attack.run(oracle, x, y)
     assert x_adv.shape == x.shape and x_adv.min() >= 0 and x_adv.max() <= 1

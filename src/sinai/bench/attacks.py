@@ -63,8 +63,10 @@ def measure_attacks(
     rows = []
     for name in attacks:
         norm = "linf" if "linf" in attack_class(name).norms else "l2"
-        attack = make_attack(name, norm=norm, eps=eps if norm == "linf" else l2_eps, seed=seed)
-        oracle = Oracle(model, y, budget=budget, votes=0, batch_size=batch_size)
+        radius = eps if norm == "linf" else l2_eps
+        attack = make_attack(name, norm=norm, eps=radius, seed=seed)
+        oracle = Oracle(model, y, budget=budget, output=attack.output, votes=0, batch_size=batch_size,
+                        x_orig=x, norm=norm, eps=radius)  # fmt: skip
         rate = forward_rate(model, x, batch_size)
         start = time.perf_counter()
         attack.run(oracle, x, y)

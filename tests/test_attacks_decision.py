@@ -234,3 +234,14 @@ def test_evaluate_runs_a_decision_attack_and_stores_the_snd_metrics(mnist_models
     assert plain.p_mis is None and all(r.mismatches is None for r in plain.results)
     with pytest.raises(ValueError, match="eot"):
         evaluate(model, x, y, eot=0, **args)
+
+
+@pytest.mark.slow
+def test_hsja_peer_comparison_reports_every_tool(mnist_models, mnist_images):
+    from sinai.bench.attacks import compare_hsja
+
+    x, y = mnist_images
+    rows = compare_hsja(mnist_models["mnist-cnn"], x[:10], y[:10], iterations=2)
+    assert rows[0].tool == "sinai HopSkipJump" and len(rows) == 3
+    assert all(r.images == 10 and r.seconds > 0 for r in rows)
+    assert rows[0].success_rate >= min(r.success_rate for r in rows[1:])

@@ -117,18 +117,23 @@ def random_start(
     *,
     tries: int = 100,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform-noise images until one is labelled adversarial (at most ``tries`` queries per image).
+    """Random images until one is labelled adversarial (at most ``tries`` queries per image).
+
+    Uniform noise (the papers' start), alternating with random binary images, which a model that
+    labels all uniform noise alike may still see as another class.
 
     Returns (start, found) for the images ``idx``; ``start`` is ``x`` where nothing was found.
     """
     start = x[idx].clone()
     found = torch.zeros(len(idx), dtype=torch.bool, device=x.device)
     dead = torch.zeros_like(found)
-    for _ in range(tries):
+    for attempt in range(tries):
         pos = torch.nonzero(~found & ~dead).flatten()
         if not len(pos):
             break
         noise = streams.uniform(idx[pos], tuple(x.shape[1:]))
+        if attempt % 2:  # every other try a random binary image: some models label all grey noise alike
+            noise = (noise < 0.5).float()
         ok, adv = ask(oracle, noise, idx[pos], y)
         start[pos[adv]] = noise[adv]
         found[pos[adv]] = True

@@ -1,10 +1,11 @@
 """Per-image random streams: draws that depend on (seed, image content, draw count), never on the batch.
 
 A batched attack that drew from one shared ``torch.Generator`` would give image i different noise
-depending on which other images are still live. Here every value is a counter-based hash of the
-attack's seed, a key derived from the image's own pixels and the number of values that image has
-drawn so far, so one image attacked alone or among a thousand follows the same trajectory. All
-arithmetic is vectorized integer work on the attack's device (no per-image Python loop).
+depending on which other images are still live. Here an image's values depend only on the attack's
+seed, a key derived from the image's own pixels and the number of values that image has drawn so far,
+so one image attacked alone or among a thousand follows the same trajectory. Images at the same
+stream position share one generator draw (seeded by seed and position) that each rotates by its own
+key, so a batched draw costs one ``torch.randn`` plus a gather (no per-image Python loop).
 """
 
 from __future__ import annotations
@@ -40,27 +41,36 @@ class ImageStreams:
 
     def __init__(self, x: torch.Tensor, seed: int) -> None:
         self.keys = image_keys(x, seed)
+        self.seed_mix = int(hash32(torch.tensor([seed & _M32]))[0])
         self.counter = torch.zeros(len(x), dtype=torch.long, device=x.device)
 
-    def _bits(self, idx: torch.Tensor, count: int) -> torch.Tensor:
-        """(len(idx), count) 32-bit values: the next ``count`` of each image's stream."""
-        ctr = self.counter[idx][:, None] + torch.arange(count, device=idx.device)[None]
+    def _draw(self, idx: torch.Tensor, count: int, normal: bool) -> torch.Tensor:
+        """(len(idx), count): the next ``count`` values of each image's stream.
+
+        Images whose streams are at the same position share one generator draw, seeded by (seed,
+        position), which each image then rotates by an offset taken from its own key: a Gaussian or
+        uniform vector stays one under a fixed permutation, and nothing depends on the other images.
+        """
+        out = torch.empty((len(idx), count), device=idx.device)
+        ctr = self.counter[idx]
+        for c in torch.unique(ctr).tolist():  # one value when the images move in lockstep (the usual case)
+            rows = torch.nonzero(ctr == c).flatten()
+            seed = int(hash32(torch.tensor([c & _M32 ^ self.seed_mix ^ (c >> 32)]))[0])
+            gen = torch.Generator(device=idx.device).manual_seed(seed)
+            draw = (torch.randn if normal else torch.rand)((count,), generator=gen, device=idx.device)
+            shift = self.keys[idx[rows]] % count
+            pos = (torch.arange(count, device=idx.device)[None] + shift[:, None]) % count
+            out[rows] = draw[pos]
         self.counter.index_add_(0, idx, torch.full_like(idx, count))
-        h = hash32(self.keys[idx][:, None] ^ hash32(ctr & _M32))
-        return hash32(h ^ (ctr >> 32) ^ 0x2545F491)
+        return out
 
     def uniform(self, idx: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """Uniform (0, 1) floats of shape (len(idx), *shape)."""
-        count = math.prod(shape)
-        u = ((self._bits(idx, count) >> 8).float() + 0.5) / 2**24
-        return u.view(len(idx), *shape)
+        """Uniform [0, 1) floats of shape (len(idx), *shape)."""
+        return self._draw(idx, math.prod(shape), normal=False).view(len(idx), *shape)
 
     def normal(self, idx: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """Standard normal floats of shape (len(idx), *shape) (Box-Muller on two uniforms)."""
-        count = math.prod(shape)
-        u = self.uniform(idx, (2, count))
-        z = torch.sqrt(-2 * torch.log(u[:, 0])) * torch.cos(2 * math.pi * u[:, 1])
-        return z.view(len(idx), *shape)
+        """Standard normal floats of shape (len(idx), *shape)."""
+        return self._draw(idx, math.prod(shape), normal=True).view(len(idx), *shape)
 
     def sign(self, idx: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Uniform +-1 floats of shape (len(idx), *shape)."""

@@ -195,3 +195,32 @@ def test_bench_attacks_prints_throughput_ratios(cache):
         if line.startswith("| square") or line.startswith("| simba")
     ]
     assert len(rows) == 2 and all(float(r.split("|")[-2]) > 0 for r in rows)
+
+
+def test_eval_with_a_decision_attack_prints_the_snd_metrics(cache, tmp_path):
+    args = ["eval", "--model", "mnist-cnn", "--attack", "rays", "--eps", "0.3", "--budget", "10,30"]
+    args += ["--images", "10", "--defense", "RND:std=0.05", "--passes", "1", "--p-mis"]
+    result = run(*args, "--out", str(tmp_path), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (
+        "rays @30" in result.output
+        and "attack success %" in result.output
+        and "mean linf norm" in result.output
+    )
+    assert "P_mis" in result.output
+    bad = run(
+        "eval",
+        "--model",
+        "mnist-cnn",
+        "--attack",
+        "rays",
+        "--norm",
+        "l2",
+        "--images",
+        "10",
+        "--device",
+        "cpu",
+    )
+    assert bad.exit_code != 0 and "rays is defined for linf only" in bad.output
+    bad = run("eval", "--model", "mnist-cnn", "--attack", "hsja", "--eot", "0", "--device", "cpu")
+    assert bad.exit_code != 0 and "must be >= 1" in bad.output

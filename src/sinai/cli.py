@@ -362,7 +362,8 @@ def report(folder: str, out: str | None) -> None:
     "--attack",
     default="none",
     show_default=True,
-    help="none (clean accuracy only), square, signhunter, nes, bandits, simba, simba-dct.",
+    help="none (clean accuracy only); score-based: square, signhunter, nes, bandits, simba, simba-dct; "
+    "decision-based (labels only): rays, signflip, hsja, boundary, signopt, geoda.",
 )
 @click.option(
     "--attack-args", default="", help="Attack hyper-parameters, e.g. 'p_init=0.1' or 'lr=0.05,n_samples=20'."
@@ -385,7 +386,19 @@ def report(folder: str, out: str | None) -> None:
 @click.option("--images", type=int, default=1000, show_default=True, help="N images, covering every class.")
 @click.option("--passes", type=int, default=3, show_default=True, help="Noisy passes per clean accuracy (M).")
 @click.option(
-    "--eot", type=int, default=1, show_default=True, help="Samples averaged per query (adaptive EOT)."
+    "--eot",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Adaptive attack with M samples per query, each counted: EOT (mean scores) for score-based "
+    "attacks, T-query majority label for decision-based ones.",
+)
+@click.option(
+    "--p-mis",
+    "p_mis",
+    is_flag=True,
+    help="Also measure P_mis: the share of queries labelled unlike the noise-free model (SND Table 5; "
+    "one extra uncounted noise-free forward per query).",
 )
 @click.option(
     "--votes",
@@ -430,6 +443,7 @@ def eval_(
     images: int,
     passes: int,
     eot: int,
+    p_mis: bool,
     votes: int,
     lucky: bool,
     batch_size: int,
@@ -456,6 +470,8 @@ def eval_(
             f"unknown attack {attack!r}; choose none or one of {', '.join(ATTACKS)}", param_hint="--attack"
         )
     budgets = _parse_budgets(budget)
+    if eot < 1:
+        raise click.BadParameter(f"M (samples per query) must be >= 1, got {eot}", param_hint="--eot")
     parsed = parse_defense(defense)
     model = load_model(
         model_name,
@@ -498,6 +514,7 @@ def eval_(
             dataset_indices=chosen.tolist(),
             store=store,
             describe={"model": model_name, "checkpoint": checkpoint, "dataset": data},
+            track_mismatch=p_mis,
         )
     base = clean_accuracy(model, x, y, passes=1, batch_size=batch_size).mean
     headers = ["model", "defense", "clean acc %", "drop %"]
@@ -514,7 +531,24 @@ def eval_(
         headers.append("median queries (broken)")
         row.append(int(statistics.median(spent)) if spent else "-")
     click.echo(markdown_table(headers, [row]))
+    if attack != "none":
+        _echo_snd_metrics(result, budgets, norm)
     click.echo(f"wall time {result.seconds:.1f} s", err=True)
+
+
+def _echo_snd_metrics(result: object, budgets: tuple[int, ...], norm: str) -> None:
+    """SND's metrics: attack success rate and mean perturbation norm per budget (Table 3), P_mis (Table 5)."""
+    from .reports.table import markdown_table
+
+    if not any(r.checkpoint_norms for r in result.results):
+        return
+    rows = []
+    for b in budgets:
+        mean = result.mean_norm(b)
+        rows.append([b, f"{100 * result.attack_success_rate(b):.1f}", "-" if mean is None else f"{mean:.4f}"])
+    click.echo(markdown_table(["queries", "attack success %", f"mean {norm} norm"], rows))
+    if result.p_mis is not None:
+        click.echo(f"P_mis {result.p_mis:.4f}")
 
 
 def _parse_kwargs(text: str) -> dict[str, object]:
@@ -677,11 +711,24 @@ def bench_defenses(
 @click.option("--budget", type=int, default=200, show_default=True, help="Queries per image for the ratio.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option(
-    "--peers", is_flag=True, help="Also compare Square with torchattacks and ART (pip install sinai[peers])."
+    "--peers",
+    is_flag=True,
+    help="Also compare Square with torchattacks and ART, and HopSkipJump with ART and foolbox "
+    "(pip install sinai[peers]).",
 )
 @click.option("--peer-images", type=int, default=200, show_default=True)
 @click.option("--peer-eps", type=float, default=0.3, show_default=True)
 @click.option("--peer-budget", type=int, default=1000, show_default=True)
+@click.option(
+    "--hsja-images",
+    type=int,
+    default=50,
+    show_default=True,
+    help="Images of the HopSkipJump peer comparison.",
+)
+@click.option(
+    "--hsja-iters", type=int, default=10, show_default=True, help="HopSkipJump iterations (all tools)."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @_common
 def bench_attacks(
@@ -694,15 +741,18 @@ def bench_attacks(
     peer_images: int,
     peer_eps: float,
     peer_budget: int,
+    hsja_images: int,
+    hsja_iters: int,
     seed: int,
     device: torch.device,
     cache_dir: str | None,
 ) -> None:
-    """Queries/s of each attack / the model's forward images/s (target >= 0.9); --peers: Square vs peers."""
+    """Queries/s of each attack / the model's forward images/s (target >= 0.9); --peers: Square and
+    HopSkipJump vs torchattacks, ART and foolbox."""
     from dataclasses import asdict
 
     from .attacks import ATTACKS
-    from .bench.attacks import compare_square, measure_attacks
+    from .bench.attacks import compare_hsja, compare_square, measure_attacks
     from .models.data import load_dataset, sample
     from .models.zoo import default_dataset, load_model
     from .reports.table import markdown_table
@@ -739,6 +789,26 @@ def bench_attacks(
             markdown_table(
                 ["tool", "images", "seconds", "success %"],
                 [[r.tool, r.images, round(r.seconds, 2), round(100 * r.success_rate, 1)] for r in peer_rows],
+            )
+        )
+        x, y = sample(dataset, hsja_images, seed)
+        hsja_rows = compare_hsja(
+            model, x.to(device), y.to(device), iterations=hsja_iters, batch_size=batch_size, seed=seed
+        )
+        click.echo(f"\nHopSkipJump l2 untargeted, {hsja_iters} iterations, {hsja_images} images:")
+        click.echo(
+            markdown_table(
+                ["tool", "images", "seconds", "success %", "median l2"],
+                [
+                    [
+                        r.tool,
+                        r.images,
+                        round(r.seconds, 2),
+                        round(100 * r.success_rate, 1),
+                        "-" if r.median_norm is None else round(r.median_norm, 3),
+                    ]
+                    for r in hsja_rows
+                ],  # fmt: skip
             )
         )
 

@@ -14,6 +14,12 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "bandits": ("bandits", "Bandits"),
     "simba": ("simba", "SimBA"),
     "simba-dct": ("simba", "SimBADCT"),
+    "rays": ("rays", "RayS"),
+    "signflip": ("signflip", "SignFlip"),
+    "hsja": ("hopskipjump", "HopSkipJump"),
+    "boundary": ("boundary", "Boundary"),
+    "signopt": ("signopt", "SignOPT"),
+    "geoda": ("geoda", "GeoDA"),
 }
 ATTACKS: tuple[str, ...] = tuple(_REGISTRY)
 """Names accepted by :func:`make_attack` and ``sinai eval --attack``."""

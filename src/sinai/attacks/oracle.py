@@ -6,16 +6,36 @@ candidates of images that are finished (verified success or budget spent), and d
 the papers do on a randomized model: when a counted query sees a wrong label, 9 more noisy passes
 of that candidate, not counted in the budget, must mostly agree (RFD Appendix D.4). ``lucky=True``
 decides by the single query instead (RFD Table 15).
+
+Decision-based attacks query points outside the threat model (they start far away and shrink), so the
+oracle can be given the threat model (``x_orig``, ``norm``, ``eps``): a wrong label then counts as a
+success only for a candidate inside the eps-ball. The same threat model lets the oracle record, per
+image, the smallest perturbation norm of a candidate its query labelled adversarial by each budget
+checkpoint (SND Table 3) and, opt-in, how many queries were labelled differently from the noise-free
+model on the same input (``P_mis``, SND Table 5; one uncounted noise-free forward per query).
+
+Under EOT with M samples (``eot=M``) score mode returns the mean logits and label mode the majority
+label of the M samples: the T-query adaptive attack of SND section 3.4 (Tables 4 and 6).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 OUTPUTS = ("scores", "labels")
+NORMS = ("linf", "l2")
+#: Slack of the eps-ball check, relative and absolute (float32 rounding of x + delta is ~6e-8).
+EPS_TOLERANCE = 1e-6
+
+
+def candidate_norms(x: torch.Tensor, x_orig: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-row linf or l2 norm of ``x - x_orig``."""
+    delta = (x - x_orig).flatten(1)
+    return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
 
 
 def group_rank(idx: torch.Tensor) -> torch.Tensor:
@@ -37,6 +57,13 @@ class Oracle:
     ``budget``: counted queries allowed per image. ``eot``: samples per candidate (each counts as a
     query; the mean logits are returned). ``votes``: uncounted extra passes that confirm a wrong label
     (0 = a deterministic model, the query itself decides). ``batch_size``: forward chunk size.
+
+    Threat model (all three or none): ``x_orig`` (the clean images), ``norm`` and ``eps``: only
+    candidates with ``||x - x_orig|| <= eps`` (slack 1e-6, relative and absolute) can be successes.
+    ``checkpoints`` (needs the threat model): budgets at which to record the smallest norm labelled
+    adversarial, read from ``checkpoint_norms`` (images x checkpoints, inf = none yet).
+    ``track_mismatch``: count in ``mismatches`` the counted queries whose label differs from the
+    noise-free label (the model's ``clean()`` context; a model without one counts as deterministic).
     """
 
     def __init__(
@@ -50,6 +77,11 @@ class Oracle:
         votes: int = 9,
         lucky: bool = False,
         batch_size: int = 128,
+        x_orig: torch.Tensor | None = None,
+        norm: str | None = None,
+        eps: float | None = None,
+        checkpoints: Sequence[int] = (),
+        track_mismatch: bool = False,
     ) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -77,6 +109,37 @@ class Oracle:
         self.success = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.x_adv: torch.Tensor | None = None  # the verified adversarial example of each image
         self.on_query: Callable[[int], None] | None = None  # told how many queries each call counted
+        self._set_threat_model(x_orig, norm, eps, checkpoints)
+        self.track_mismatch = bool(track_mismatch)
+        self.mismatches = torch.zeros(n, dtype=torch.long, device=self.device)
+
+    def _set_threat_model(
+        self, x_orig: torch.Tensor | None, norm: str | None, eps: float | None, checkpoints: Sequence[int]
+    ) -> None:
+        given = [v is not None for v in (x_orig, norm, eps)]
+        if any(given) and not all(given):
+            raise ValueError("the threat model needs all of x_orig, norm and eps (or none of them)")
+        checkpoints = tuple(sorted({int(c) for c in checkpoints}))
+        if checkpoints and x_orig is None:
+            raise ValueError("checkpoints need the threat model (x_orig, norm, eps)")
+        if checkpoints and checkpoints[0] < 1:
+            raise ValueError(f"checkpoints must be positive numbers of queries, got {checkpoints}")
+        self.x_orig = self.norm = self.eps = None
+        if x_orig is not None:
+            if norm not in NORMS:
+                raise ValueError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
+            if not isinstance(eps, (int, float)) or not eps > 0:
+                raise ValueError(f"eps must be a positive number, got {eps!r}")
+            if x_orig.dim() != 4 or len(x_orig) != len(self.labels):
+                raise ValueError(
+                    f"x_orig must be (N, C, H, W) with N = {len(self.labels)} images, "
+                    f"got {tuple(x_orig.shape)}"
+                )
+            self.x_orig, self.norm, self.eps = x_orig.to(self.device).float(), norm, float(eps)
+        self.checkpoints = torch.tensor(checkpoints, dtype=torch.long, device=self.device)
+        self.checkpoint_norms = torch.full(
+            (len(self.labels), len(checkpoints)), float("inf"), device=self.device
+        )
 
     # ----------------------------------------------------------------------------------------- state
     @property
@@ -127,16 +190,23 @@ class Oracle:
         xa, ia, ra = (x, idx, rank) if everything else (x[answered], idx[answered], rank[answered])
         if not len(xa):
             logits = torch.empty((0, self.num_classes), device=self.device)
+            samples = torch.empty((1, 0), dtype=torch.long, device=self.device)
+            pred = samples[0]
         elif self.eot > 1:
-            logits = self._forward(xa.repeat(self.eot, 1, 1, 1)).view(self.eot, len(xa), -1).mean(0)
+            out = self._forward(xa.repeat(self.eot, 1, 1, 1)).view(self.eot, len(xa), -1)
+            logits, samples = out.mean(0), out.argmax(2)
+            # Labels: the majority of the M samples (SND's T-query attack); scores: the mean (EOT).
+            pred = torch.mode(samples, dim=0).values if self.output == "labels" else logits.argmax(1)
         else:
             logits = self._forward(xa)
+            pred = logits.argmax(1)
+            samples = pred[None]
         spent = self.queries[ia] + (ra + 1) * self.eot  # query count at each candidate
         self.queries.index_add_(0, ia, torch.full_like(ia, self.eot))
         if self.on_query is not None:
             self.on_query(len(ia) * self.eot)
-        pred = logits.argmax(1)
-        self._check_success(xa, ia, pred, spent)
+        within = self._observe(xa, ia, pred, samples, spent) if len(xa) else None
+        self._check_success(xa, ia, pred, spent, within)
         if self.output == "labels":
             if everything:
                 return pred
@@ -149,10 +219,55 @@ class Oracle:
         result[answered] = logits
         return result
 
+    def _observe(
+        self,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        pred: torch.Tensor,
+        samples: torch.Tensor,
+        spent: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Record checkpoint norms and mismatches of answered candidates; return their in-ball mask."""
+        if self.track_mismatch:
+            clean = getattr(self.model, "clean", None)
+            with clean() if clean is not None else contextlib.nullcontext():
+                clean_pred = self._forward(x).argmax(1)
+            self.mismatches.index_add_(0, idx, (samples != clean_pred[None]).sum(0))
+        if self.x_orig is None:
+            return None
+        norms = candidate_norms(x, self.x_orig[idx], self.norm)
+        if len(self.checkpoints):
+            adversarial = pred != self.labels[idx]
+            reached = spent[:, None] <= self.checkpoints[None, :]
+            values = torch.where(adversarial[:, None] & reached, norms[:, None], float("inf"))
+            self.checkpoint_norms.scatter_reduce_(
+                0, idx[:, None].expand_as(values), values, "amin", include_self=True
+            )
+        return norms <= self.radius
+
+    @property
+    def radius(self) -> float:
+        """The eps of the threat model with its float slack (inf without a threat model)."""
+        return float("inf") if self.eps is None else self.eps * (1 + EPS_TOLERANCE) + EPS_TOLERANCE
+
+    def within(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Mask of candidates inside the eps-ball of their image (all True without a threat model)."""
+        if self.x_orig is None:
+            return torch.ones(len(x), dtype=torch.bool, device=self.device)
+        x, idx = x.to(self.device), idx.to(self.device)
+        return candidate_norms(x, self.x_orig[idx], self.norm) <= self.radius
+
     def _check_success(
-        self, x: torch.Tensor, idx: torch.Tensor, pred: torch.Tensor, spent: torch.Tensor
+        self,
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        pred: torch.Tensor,
+        spent: torch.Tensor,
+        within: torch.Tensor | None = None,
     ) -> None:
         wrong = (pred != self.labels[idx]) & ~self.success[idx]
+        if within is not None:
+            wrong &= within
         if not wrong.any():
             return
         xw, iw, sw = x[wrong], idx[wrong], spent[wrong]

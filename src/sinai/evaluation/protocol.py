@@ -6,10 +6,19 @@ budget from the query index of the verified success; images the model already ge
 count as not robust and cost no queries. Images are attacked in shards; each shard reseeds the noise
 and the attack from (seed, shard) and is written to the result store in one transaction, so a killed
 run resumes with identical numbers and a finished run is never recomputed.
+
+The oracle gets the threat model, so only queries inside the eps-ball can be successes (decision-based
+attacks query far outside it), and the attack's output mode (scores or labels) from the attack class.
+Per image it also records the smallest norm of a query labelled adversarial at every budget, and, with
+``track_mismatch``, the queries labelled differently from the noise-free model: the SND metrics
+(attack success rate, mean perturbation norm at each budget, P_mis). ``eot=M`` is EOT (mean of M
+samples) for score-based attacks and the T-query majority label (T = M) for decision-based ones; every
+sample is a counted query.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -48,6 +57,27 @@ class EvalResult:
         """Share of the N images with no verified adversarial example within ``budget`` queries."""
         return sum(r.robust_at(budget) for r in self.results) / max(len(self.results), 1)
 
+    def attack_success_rate(self, budget: int) -> float:
+        """SND's attack success rate: share of the correctly classified images broken within ``budget``."""
+        attacked = [r for r in self.results if r.clean_correct]
+        return sum(not r.robust_at(budget) for r in attacked) / max(len(attacked), 1)
+
+    def mean_norm(self, budget: int) -> float | None:
+        """SND Table 3: mean over the attacked images of the smallest adversarial query norm by ``budget``.
+
+        Images with no query labelled adversarial by then are left out; None when no image has one.
+        """
+        norms = [r.norm_at(budget) for r in self.results if r.clean_correct]
+        norms = [n for n in norms if n is not None]
+        return statistics.fmean(norms) if norms else None
+
+    @property
+    def p_mis(self) -> float | None:
+        """SND Table 5: share of all counted queries labelled differently from the noise-free model."""
+        tracked = [r for r in self.results if r.mismatches is not None and r.clean_correct]
+        queries = sum(r.queries for r in tracked)
+        return sum(r.mismatches for r in tracked) / queries if queries else None
+
 
 def _shard_seed(seed: int, shard: int) -> int:
     return seed * 1_000_003 + shard
@@ -75,16 +105,20 @@ def evaluate(
     store: ResultStore | None = None,
     describe: Mapping[str, object] | None = None,
     progress: bool = True,
+    track_mismatch: bool = False,
 ) -> EvalResult:
     """Run ``attack`` on every image against ``model`` protected by ``defense``; see the module docstring.
 
     ``describe`` adds identifying settings (model and dataset names) to the run's key in ``store``.
+    ``track_mismatch`` records P_mis (one extra noise-free forward per query, not counted).
     """
     budgets = tuple(sorted({int(b) for b in budgets}))
     if not budgets or budgets[0] < 1:
         raise ValueError(f"budgets must be positive numbers of queries, got {budgets}")
     if shard_size < 1 or passes < 1:
         raise ValueError("shard_size and passes must be >= 1")
+    if not isinstance(eot, int) or eot < 1:
+        raise ValueError(f"eot (samples per query, M) must be an integer >= 1, got {eot!r}")
     defense = parse_defense(defense) if isinstance(defense, str) else (defense or Defense(name="none"))
     attack_kwargs = dict(attack_kwargs or {})
     attacker = (
@@ -110,6 +144,8 @@ def evaluate(
         "lucky": lucky,
         "shard_size": shard_size,  # shards seed the noise and the attack: part of what makes the numbers
     }
+    if track_mismatch:  # only when asked, so the keys of existing runs do not change
+        settings["track_mismatch"] = True
     store = store or ResultStore(":memory:")
     run_id = store.run_id(settings)
     start = time.perf_counter()
@@ -131,6 +167,7 @@ def evaluate(
                 defended, images, labels, indices, attacker.name, make, store, run_id, done,
                 budget=budgets[-1], seed=seed, eot=eot, votes=votes if randomized else 0, lucky=lucky,
                 batch_size=batch_size, shard_size=shard_size, progress=progress,
+                norm=norm, eps=eps, budgets=budgets, track_mismatch=track_mismatch,
             )  # fmt: skip
             store.finish(run_id)
     finally:
@@ -157,6 +194,10 @@ def _attack_shards(
     batch_size: int,
     shard_size: int,
     progress: bool,
+    norm: str,
+    eps: float,
+    budgets: tuple[int, ...],
+    track_mismatch: bool,
 ) -> None:
     n = len(images)
     device = next(defended.parameters()).device
@@ -183,7 +224,11 @@ def _attack_shards(
         y = labels[start : start + len(members)].to(device)
         defended.reseed(_shard_seed(seed, shard))
         attacker = make(_shard_seed(seed, shard))
-        oracle = Oracle(defended, y, budget=budget, eot=eot, votes=votes, lucky=lucky, batch_size=batch_size)
+        oracle = Oracle(
+            defended, y, budget=budget, output=attacker.output, eot=eot, votes=votes, lucky=lucky,
+            batch_size=batch_size, x_orig=x, norm=norm, eps=eps, checkpoints=budgets,
+            track_mismatch=track_mismatch,
+        )  # fmt: skip
         oracle.on_query = show
         clean_ok = oracle.predict(x, passes=max(votes, 1)) == y
         oracle.mark_broken(~clean_ok)
@@ -199,6 +244,11 @@ def _attack_shards(
                 queries=int(oracle.queries[j]),
                 vote_passes=int(oracle.vote_passes[j]),
                 norm=float(norms[j]) if clean_ok[j] else 0.0,
+                checkpoint_norms=tuple(
+                    (b, float(v) if math.isfinite(v) else None)
+                    for b, v in zip(budgets, oracle.checkpoint_norms[j].tolist(), strict=True)
+                ),
+                mismatches=int(oracle.mismatches[j]) if track_mismatch else None,
             )
             for j in range(len(members))
         ]

@@ -41,12 +41,31 @@ CREATE TABLE IF NOT EXISTS results (
     norm REAL NOT NULL,               -- final perturbation norm (of the verified example if any)
     PRIMARY KEY (run_id, image)
 );
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    image INTEGER NOT NULL,
+    budget INTEGER NOT NULL,          -- counted queries
+    norm REAL,                        -- smallest norm of a query labelled adversarial by then; NULL = none
+    PRIMARY KEY (run_id, image, budget)
+);
+CREATE TABLE IF NOT EXISTS mismatches (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    image INTEGER NOT NULL,
+    mismatches INTEGER NOT NULL,      -- counted queries labelled differently from the noise-free model
+    PRIMARY KEY (run_id, image)
+);
 """
 
 
 @dataclass(frozen=True)
 class ImageResult:
-    """One attacked image: ``success_at`` is None when no verified success within the budget."""
+    """One attacked image: ``success_at`` is None when no verified success within the budget.
+
+    ``checkpoint_norms``: (budget, norm) pairs, the smallest perturbation norm of a query labelled
+    adversarial within that many counted queries (None = none yet; SND Table 3). ``mismatches``:
+    counted queries labelled differently from the noise-free model (P_mis, SND Table 5), None when
+    not tracked.
+    """
 
     image: int
     dataset_index: int
@@ -56,6 +75,12 @@ class ImageResult:
     queries: int
     vote_passes: int
     norm: float
+    checkpoint_norms: tuple[tuple[int, float | None], ...] = ()
+    mismatches: int | None = None
+
+    def norm_at(self, budget: int) -> float | None:
+        """The recorded smallest adversarial norm at checkpoint ``budget`` (None if none or not recorded)."""
+        return dict(self.checkpoint_norms).get(budget)
 
     def robust_at(self, budget: int) -> bool:
         """Not broken within ``budget`` counted queries (and correctly classified to begin with)."""
@@ -136,14 +161,33 @@ class ResultStore:
                     for r in results
                 ],
             )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
+                [(run_id, r.image, b, n) for r in results for b, n in r.checkpoint_norms],
+            )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO mismatches VALUES (?, ?, ?)",
+                [(run_id, r.image, r.mismatches) for r in results if r.mismatches is not None],
+            )
 
     def results(self, run_id: int) -> list[ImageResult]:
         rows = self.db.execute(
             "SELECT image, dataset_index, label, clean_correct, success_at, queries, vote_passes, norm "
             "FROM results WHERE run_id = ? ORDER BY image",
             (run_id,),
+        ).fetchall()
+        checkpoints: dict[int, list[tuple[int, float | None]]] = {}
+        for image, budget, norm in self.db.execute(
+            "SELECT image, budget, norm FROM checkpoints WHERE run_id = ? ORDER BY image, budget", (run_id,)
+        ):
+            checkpoints.setdefault(image, []).append((budget, norm))
+        mismatches = dict(
+            self.db.execute("SELECT image, mismatches FROM mismatches WHERE run_id = ?", (run_id,)).fetchall()
         )
-        return [ImageResult(i, d, lab, bool(c), s, q, v, n) for i, d, lab, c, s, q, v, n in rows]
+        return [
+            ImageResult(i, d, lab, bool(c), s, q, v, n, tuple(checkpoints.get(i, ())), mismatches.get(i))
+            for i, d, lab, c, s, q, v, n in rows
+        ]
 
     def finish(self, run_id: int) -> None:
         with self.db:

@@ -1,0 +1,141 @@
+"""What the decision-based (label-only) attacks share: labelled queries, batched binary searches, starts.
+
+Every helper is batched over the images it is given: one oracle call per step for all of them, and an
+image leaves a loop as soon as the oracle stops answering it (verified success inside the eps-ball, or
+budget spent). All randomness comes from :class:`~sinai.attacks.streams.ImageStreams`, so an image's
+trajectory does not depend on which other images are attacked with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+
+from .base import Attack
+from .oracle import Oracle
+from .streams import ImageStreams
+
+#: A family of candidates: (positions into the batch, parameter per position) -> images.
+PointFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def view4(t: torch.Tensor) -> torch.Tensor:
+    """A per-image vector as (B, 1, 1, 1) for broadcasting against images."""
+    return t.view(-1, 1, 1, 1)
+
+
+class DecisionAttack(Attack):
+    """Base of the label-only attacks: untargeted, through an oracle in ``output="labels"`` mode."""
+
+    output: ClassVar[str] = "labels"
+
+    def check(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Besides the base checks, warn off an oracle without the threat model."""
+        super().check(oracle, x, y)
+        if oracle.x_orig is None:
+            raise ValueError(
+                f"{self.name} queries points outside the eps-ball: give the Oracle the threat model "
+                "(x_orig=x, norm=..., eps=...) so that only candidates inside it count as successes"
+            )
+        if oracle.norm != self.norm or abs(oracle.eps - self.eps) > 1e-12 * max(1.0, self.eps):
+            raise ValueError(
+                f"the oracle's threat model ({oracle.norm}, eps={oracle.eps}) differs from the attack's "
+                f"({self.norm}, eps={self.eps})"
+            )
+
+    def setup(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate, move to the oracle's device; return (x, y)."""
+        self.check(oracle, x, y)
+        return x.to(oracle.device).float(), y.to(oracle.device).long()
+
+    def streams(self, x: torch.Tensor) -> ImageStreams:
+        """Per-image random streams seeded by ``seed`` and each image's pixels."""
+        return ImageStreams(x, self.seed)
+
+
+def live_indices(oracle: Oracle) -> torch.Tensor:
+    """Indices of the images the oracle still answers."""
+    return torch.nonzero(~oracle.done).flatten()
+
+
+def ask(
+    oracle: Oracle, cand: torch.Tensor, idx: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query ``cand`` for images ``idx`` (true labels ``y``, full vector): (answered, adversarial)."""
+    labels = oracle(cand, idx)
+    answered = labels >= 0
+    return answered, answered & (labels != y[idx])
+
+
+def bisect(
+    oracle: Oracle,
+    idx: torch.Tensor,
+    y: torch.Tensor,
+    point: PointFn,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    tol: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Binary search of the boundary on ``point(pos, t)``: adversarial at ``hi``, not at ``lo``.
+
+    All images at once, one query per image per step, until ``hi - lo <= tol``. Returns (lo, hi,
+    answered): ``answered`` is False for images the oracle stopped answering during the search.
+    """
+    lo, hi = lo.clone(), hi.clone()
+    tol = torch.as_tensor(tol, dtype=hi.dtype, device=hi.device).expand_as(hi)
+    answered = torch.ones_like(hi, dtype=torch.bool)
+    active = hi - lo > tol
+    while bool(active.any()):
+        pos = torch.nonzero(active).flatten()
+        mid = (lo[pos] + hi[pos]) / 2
+        ok, adv = ask(oracle, point(pos, mid), idx[pos], y)
+        hi[pos[adv]] = mid[adv]
+        lo[pos[ok & ~adv]] = mid[ok & ~adv]
+        answered[pos[~ok]] = False
+        active = answered & (hi - lo > tol)
+    return lo, hi, answered
+
+
+def blend(x: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``(1 - t) x + t target`` per image (t = 1: ``target``)."""
+    return x + view4(t) * (target - x)
+
+
+def box(x: torch.Tensor, target: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``target`` clipped to the linf box of radius ``r`` around ``x`` (the linf line search)."""
+    return torch.minimum(torch.maximum(target, x - view4(r)), x + view4(r))
+
+
+def random_start(
+    oracle: Oracle,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    streams: ImageStreams,
+    *,
+    tries: int = 100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images until one is labelled adversarial (at most ``tries`` queries per image).
+
+    Uniform noise (the papers' start), alternating with random binary images, which a model that
+    labels all uniform noise alike may still see as another class.
+
+    Returns (start, found) for the images ``idx``; ``start`` is ``x`` where nothing was found.
+    """
+    start = x[idx].clone()
+    found = torch.zeros(len(idx), dtype=torch.bool, device=x.device)
+    dead = torch.zeros_like(found)
+    for attempt in range(tries):
+        pos = torch.nonzero(~found & ~dead).flatten()
+        if not len(pos):
+            break
+        noise = streams.uniform(idx[pos], tuple(x.shape[1:]))
+        if attempt % 2:  # every other try a random binary image: some models label all grey noise alike
+            noise = (noise < 0.5).float()
+        ok, adv = ask(oracle, noise, idx[pos], y)
+        start[pos[adv]] = noise[adv]
+        found[pos[adv]] = True
+        dead[pos[~ok]] = True
+    return start, found

@@ -1,0 +1,122 @@
+"""Sign Flip Attack: hard-label linf attack alternating a projection step and a random sign flip.
+
+Chen, Zhang, Hu & Wu, "Boosting Decision-based Black-box Adversarial Attacks with Random Sign Flip",
+ECCV 2020. The attack keeps an adversarial perturbation delta (starting from a uniform-noise image,
+shrunk to the boundary by a binary search on the linf radius) and repeats two one-query steps:
+
+1. *projection*: shrink the linf radius r = ||delta||_inf towards eps, r' = r - eta (r - eps), and
+   clip delta into [-r', r']; kept if still adversarial. The fraction eta adapts: times ``grow`` on
+   success, times ``shrink`` on failure (capped at 1).
+2. *random sign flip*: flip the sign of each coordinate of delta with probability p; kept if still
+   adversarial. Flipping moves delta to another vertex region of the same box, from where the next
+   projection can succeed. p adapts to the flip success rate over the last ``window`` flips (above
+   0.7: p x 1.5, below 0.3: p / 1.5, within [1/n, 0.5]).
+
+The attack stops when the oracle verifies an adversarial example inside the eps-ball. Randomness
+(noise start, flip masks) comes from per-image streams, so an image's run does not depend on the
+other images of the batch. If r is already <= eps (a success the vote did not confirm on a noisy
+model), the projection aims at 0.9 r instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decision import DecisionAttack, ask, bisect, box, live_indices, random_start, view4
+from .oracle import Oracle
+
+
+class SignFlip(DecisionAttack):
+    """Sign Flip Attack (linf): adaptive projection towards eps + random sign flips of delta."""
+
+    name = "signflip"
+    norms = ("linf",)
+
+    def __init__(
+        self,
+        *,
+        norm: str = "linf",
+        eps: float = 0.05,
+        seed: int = 0,
+        eta: float = 0.5,
+        p: float = 0.001,
+        grow: float = 1.5,
+        shrink: float = 0.5,
+        window: int = 10,
+        start_tries: int = 100,
+        tol: float = 1e-3,
+    ) -> None:
+        super().__init__(norm=norm, eps=eps, seed=seed)
+        if not (0 < eta <= 1 and 0 < p <= 0.5 and grow >= 1 and 0 < shrink < 1 and window >= 1):
+            raise ValueError("need 0 < eta <= 1, 0 < p <= 0.5, grow >= 1, 0 < shrink < 1 and window >= 1")
+        if start_tries < 1 or not tol > 0:
+            raise ValueError("start_tries must be >= 1 and tol > 0")
+        self.eta, self.p, self.grow, self.shrink = float(eta), float(p), float(grow), float(shrink)
+        self.window, self.start_tries, self.tol = int(window), int(start_tries), float(tol)
+
+    @torch.no_grad()
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Attack all live images together; return the current adversarial point (x where none)."""
+        out_device = x.device
+        x, y = self.setup(oracle, x, y)
+        streams = self.streams(x)
+        num, n = len(x), x[0].numel()
+        shape = tuple(x.shape[1:])
+
+        # Start: uniform noise, then the smallest linf box around x that keeps it adversarial.
+        idx = live_indices(oracle)
+        delta = torch.zeros_like(x)
+        has = torch.zeros(num, dtype=torch.bool, device=x.device)
+        start, found = random_start(oracle, x, y, idx, streams, tries=self.start_tries)
+        idx, start = idx[found], start[found]
+        if len(idx):
+            r0 = (start - x[idx]).flatten(1).abs().amax(1)
+            _, hi, _ = bisect(
+                oracle,
+                idx,
+                y,
+                lambda p, r: box(x[idx[p]], start[p], r),
+                torch.zeros_like(r0),
+                r0,
+                self.tol * r0,
+            )
+            delta[idx] = box(x[idx], start, hi) - x[idx]
+            has[idx] = True
+
+        eta = torch.full((num,), self.eta, device=x.device)
+        p = torch.full((num,), max(self.p, 1.0 / n), device=x.device)
+        flips = torch.zeros(num, dtype=torch.long, device=x.device)
+        flip_wins = torch.zeros_like(flips)
+        while True:
+            idx = live_indices(oracle)
+            idx = idx[has[idx]]
+            if not len(idx):
+                break
+            # 1. projection towards eps
+            xi, di = x[idx], delta[idx]
+            r = di.flatten(1).abs().amax(1)
+            target = torch.where(r > self.eps, self.eps, 0.9 * r)
+            r_new = r - eta[idx] * (r - target)
+            cand = (xi + di.clamp(-view4(r_new), view4(r_new))).clamp(0.0, 1.0)
+            ok, adv = ask(oracle, cand, idx, y)
+            delta[idx[adv]] = cand[adv] - xi[adv]
+            eta[idx[adv]] = (eta[idx[adv]] * self.grow).clamp(max=1.0)
+            eta[idx[ok & ~adv]] *= self.shrink
+            idx = idx[ok]
+            if not len(idx):
+                continue
+            # 2. random sign flip
+            xi, di = x[idx], delta[idx]
+            mask = streams.uniform(idx, shape) < view4(p[idx])
+            cand = (xi + torch.where(mask, -di, di)).clamp(0.0, 1.0)
+            ok, adv = ask(oracle, cand, idx, y)
+            delta[idx[adv]] = cand[adv] - xi[adv]
+            flips[idx[ok]] += 1
+            flip_wins[idx[adv]] += 1
+            due = ok & (flips[idx] % self.window == 0)
+            rate = flip_wins[idx].float() / self.window
+            up, down = due & (rate > 0.7), due & (rate < 0.3)
+            p[idx[up]] = (p[idx[up]] * 1.5).clamp(max=0.5)
+            p[idx[down]] = (p[idx[down]] / 1.5).clamp(min=1.0 / n)
+            flip_wins[idx[due]] = 0
+        return (x + delta).to(out_device)

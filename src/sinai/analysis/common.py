@@ -33,7 +33,9 @@ def check_ratios(ratios: Iterable[float]) -> tuple[float, ...]:
         raise ValueError("give at least one ratio")
     for ratio in out:
         if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"ratio must be in [0, 1] (the fraction of logits that get noise), got {ratio!r}")
+            raise ValueError(
+                f"ratio must be in [0, 1] (the fraction of logits that get noise), got {ratio!r}"
+            )
     return out
 
 

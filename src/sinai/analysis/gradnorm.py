@@ -46,7 +46,9 @@ def _check_kind(model: nn.Module, kind: str) -> list:
     sites = find_sites(model, [kind])[kind]
     if not sites:
         have = [k for k, v in find_sites(model).items() if v and k in SELECTIVE_KINDS]
-        raise ValueError(f"the model has no {kind!r} sites; it has: {', '.join(have) or 'no gelu/relu sites'}")
+        raise ValueError(
+            f"the model has no {kind!r} sites; it has: {', '.join(have) or 'no gelu/relu sites'}"
+        )
     return sites
 
 
@@ -92,7 +94,14 @@ class SelectiveNoise(nn.Module):
             raise ValueError(f"unknown selection rule {rule!r}; rules: {', '.join(RULES)}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        self.model, self.kind, self.std, self.ratio, self.rule, self.loss = model, kind, std, ratio, rule, loss
+        self.model, self.kind, self.std, self.ratio, self.rule, self.loss = (
+            model,
+            kind,
+            std,
+            ratio,
+            rule,
+            loss,
+        )
         self.num_classes = getattr(model, "num_classes", None)
         self.input_shape = getattr(model, "input_shape", None)
         self.seed = seed
@@ -193,7 +202,9 @@ def gradient_norms(
     per_site: dict[tuple[str, str], list[np.ndarray]] = {}
     for captures in _captures(model, x, y, sites, loss, batch_size):
         for c in captures:
-            per_site.setdefault((c.site.kind, c.label), []).append(c.grad.abs().float().flatten().cpu().numpy())
+            per_site.setdefault((c.site.kind, c.label), []).append(
+                c.grad.abs().float().flatten().cpu().numpy()
+            )
     stats, pooled = [], {}
     for kind in kinds:
         arrays = {label: np.concatenate(v) for (k, label), v in per_site.items() if k == kind}
@@ -365,7 +376,9 @@ def ratio_sweep(
                 with protect(model, defense, seed=seed) as defended:
                     acc = clean_accuracy(defended, x, y, passes=passes)
                 rob = (
-                    robust_accuracy(model, *robust, defense=defense, budget=budget, eps=eps, norm=norm, seed=seed)
+                    robust_accuracy(
+                        model, *robust, defense=defense, budget=budget, eps=eps, norm=norm, seed=seed
+                    )
                     if robust is not None
                     else None
                 )
@@ -374,7 +387,9 @@ def ratio_sweep(
                 try:
                     acc = clean_accuracy(wrapper, x, y, passes=passes)
                     rob = (
-                        robust_accuracy(wrapper, *robust, defense=None, budget=budget, eps=eps, norm=norm, seed=seed)
+                        robust_accuracy(
+                            wrapper, *robust, defense=None, budget=budget, eps=eps, norm=norm, seed=seed
+                        )
                         if robust is not None
                         else None
                     )

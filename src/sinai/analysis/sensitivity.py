@@ -109,7 +109,9 @@ def sweep_sensitivity(
     clean_logits, clean_mid = _outputs(model, x, modules[layer], batch_size)
     base_robust: float | None = None
     if robust is not None and 0.0 in stds:
-        base_robust = robust_accuracy(model, *robust, defense=None, budget=budget, eps=eps, norm=norm, seed=seed)
+        base_robust = robust_accuracy(
+            model, *robust, defense=None, budget=budget, eps=eps, norm=norm, seed=seed
+        )
     rows = []
     for kind in kinds:
         for std in stds:
@@ -127,7 +129,9 @@ def sweep_sensitivity(
                 defended.remove()
             rob = None
             if robust is not None and acc.mean >= base - robust_max_drop:
-                rob = robust_accuracy(model, *robust, defense=defense, budget=budget, eps=eps, norm=norm, seed=seed)
+                rob = robust_accuracy(
+                    model, *robust, defense=defense, budget=budget, eps=eps, norm=norm, seed=seed
+                )
             rows.append(
                 SensitivityRow(
                     name,

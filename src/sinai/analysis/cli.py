@@ -162,10 +162,21 @@ def sensitivity(stds: str, kinds: str | None, layer: str | None, **kw: object) -
         chosen = site_kinds(setup.model, _names(kinds))
         with _bar(len(chosen) * len(std_values), f"sensitivity {setup.name}") as bar:
             rows += sweep_sensitivity(
-                setup.model, setup.x, setup.y, kinds=chosen, stds=std_values, passes=kw["passes"],
-                seed=kw["seed"], layer=layer, robust=setup.robust, budget=kw["budget"], eps=setup.eps, norm=kw["norm"],
-                name=setup.name, on_step=bar.update,
-            )  # fmt: skip
+                setup.model,
+                setup.x,
+                setup.y,
+                kinds=chosen,
+                stds=std_values,
+                passes=kw["passes"],
+                seed=kw["seed"],
+                layer=layer,
+                robust=setup.robust,
+                budget=kw["budget"],
+                eps=setup.eps,
+                norm=kw["norm"],
+                name=setup.name,
+                on_step=bar.update,
+            )
     dicts = [r.as_dict() for r in rows]
     summary = sensitivity_summary(rows)
     files = [write_csv(out / "sensitivity.csv", dicts), write_csv(out / "sensitivity_summary.csv", summary)]
@@ -256,11 +267,23 @@ def gradnorm(
                 sweep += [
                     r.as_dict()
                     for r in ratio_sweep(
-                        setup.model, setup.x, setup.y, kind, std=kind_std, ratios=ratio_values,
-                        passes=kw["passes"], seed=kw["seed"], loss=loss, robust=setup.robust, budget=kw["budget"], eps=setup.eps,
-                        norm=kw["norm"], name=setup.name, on_step=bar.update,
+                        setup.model,
+                        setup.x,
+                        setup.y,
+                        kind,
+                        std=kind_std,
+                        ratios=ratio_values,
+                        passes=kw["passes"],
+                        seed=kw["seed"],
+                        loss=loss,
+                        robust=setup.robust,
+                        budget=kw["budget"],
+                        eps=setup.eps,
+                        norm=kw["norm"],
+                        name=setup.name,
+                        on_step=bar.update,
                     )
-                ]  # fmt: skip
+                ]
                 bar.update(steps - bar.n)
     files = [
         write_csv(out / "gradnorm_stats.csv", stats),
@@ -350,15 +373,34 @@ def theory(
             for p in probes:
                 for layer in chosen:
                     flip_rows += flip_rates(
-                        setup.model, setup.x[:flip_images], setup.y[:flip_images], layer, std=flip_std,
-                        probe_std=p, directions=directions, seed=kw["seed"], name=setup.name,
-                    )  # fmt: skip
+                        setup.model,
+                        setup.x[:flip_images],
+                        setup.y[:flip_images],
+                        layer,
+                        std=flip_std,
+                        probe_std=p,
+                        directions=directions,
+                        seed=kw["seed"],
+                        name=setup.name,
+                    )
                     bar.update()
             sweep_rows += layer_sweep(
-                setup.model, setup.x, setup.y, chosen, std=std, drop=drop, passes=kw["passes"],
-                seed=kw["seed"], ratios=ratios, robust=setup.robust, budget=kw["budget"], eps=setup.eps, norm=kw["norm"],
-                name=setup.name, on_step=bar.update,
-            )  # fmt: skip
+                setup.model,
+                setup.x,
+                setup.y,
+                chosen,
+                std=std,
+                drop=drop,
+                passes=kw["passes"],
+                seed=kw["seed"],
+                ratios=ratios,
+                robust=setup.robust,
+                budget=kw["budget"],
+                eps=setup.eps,
+                norm=kw["norm"],
+                name=setup.name,
+                on_step=bar.update,
+            )
     files = [
         write_csv(out / "theory_ratios.csv", ratio_rows),
         write_csv(out / "theory_flips.csv", flip_rows),
@@ -374,12 +416,17 @@ def theory(
         sel = [f for f in flip_rows if (f["model"], f["layer"]) == (r["model"], r["layer"])]
         table.append(
             [
-                r["model"], r["layer"], f"{sum(f['predicted'] for f in sel) / len(sel):.3f}",
-                f"{sum(f['measured'] for f in sel) / len(sel):.3f}", f"{r['grad_norm_mean']:.3g}",
-                _pct(r["robust_fixed"]), f"{r['std_calibrated']:.3g}", _pct(r["robust_calibrated"]),
+                r["model"],
+                r["layer"],
+                f"{sum(f['predicted'] for f in sel) / len(sel):.3f}",
+                f"{sum(f['measured'] for f in sel) / len(sel):.3f}",
+                f"{r['grad_norm_mean']:.3g}",
+                _pct(r["robust_fixed"]),
+                f"{r['std_calibrated']:.3g}",
+                _pct(r["robust_calibrated"]),
                 _fmt(r["ratio_change_median"]),
             ]
-        )  # fmt: skip
+        )
     headers = ["model", "layer", "P predicted", "P measured", "mean grad norm", f"robust (std {std:g})"]
     headers += ["std for drop", "robust (calibrated)", "ratio change"]
     click.echo(markdown_table(headers, table))

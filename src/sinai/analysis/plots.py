@@ -266,6 +266,8 @@ def theory_layers(rows: Sequence[Mapping], path: Path, budget: int) -> Path:
             pos, [r["layer"].removeprefix("net.") for r in sel], rotation=30, ha="right", fontsize=8
         )
         ax.set_ylabel("robust accuracy (%)")
+        ax.set_ylim(0, 135)  # room for the legend above the bars
+        ax.set_yticks(range(0, 101, 20))
         twin = ax.twinx()
         twin.plot(pos, [r["grad_norm_mean"] for r in sel], color="k", marker="o", label="mean ||grad_h L||")
         twin.set_ylabel("mean ||grad_h L|| (clean)")

@@ -103,7 +103,7 @@ def test_value_rule_wrapper_is_the_production_defense(mnist_models, mnist_images
 
 def test_ratio_sweep_and_agreement_shapes_and_errors(mnist_models, mnist_images):
     model = mnist_models["mnist-cnn"]
-    x, y = mnist_images[0][:40], mnist_images[1][:40]
+    x, y = mnist_images[0][:20], mnist_images[1][:20]
     rows = ratio_sweep(model, x, y, "relu", std=0.3, ratios=(0.0, 0.5, 1.0), passes=1)
     assert len(rows) == 12 and {r.rule for r in rows} == {
         "noncritical-value",

@@ -36,6 +36,7 @@ def _symlog_std(ax: plt.Axes, stds: Sequence[float]) -> None:
     positive = [s for s in stds if s > 0]
     if positive:
         ax.set_xscale("symlog", linthresh=min(positive))
+        ax.set_xlim(-0.3 * min(positive), max(positive) * 1.3)
     ax.set_xlabel("noise std")
 
 
@@ -61,7 +62,7 @@ def sensitivity_clean(rows: Sequence[Mapping], path: Path) -> Path:
 def sensitivity_mse(rows: Sequence[Mapping], path: Path) -> Path:
     """SINAI Fig. 1(c): MSE at a middle layer's output (solid) and at the logits (dashed) vs std."""
     models = _models(rows)
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 5.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         sel = [r for r in rows if r["model"] == model]
         for i, kind in enumerate(dict.fromkeys(r["kind"] for r in sel)):
@@ -88,7 +89,7 @@ def sensitivity_mse(rows: Sequence[Mapping], path: Path) -> Path:
         ax.set_xlabel("noise std")
         ax.set_ylabel("mean squared error vs clean")
         ax.set_title(f"{model}: error caused by the noise")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
         ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 

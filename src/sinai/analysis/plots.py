@@ -276,6 +276,6 @@ def theory_layers(rows: Sequence[Mapping], path: Path, budget: int) -> Path:
         ax.set_title(f"{model}: noise at one layer")
         lines = ax.get_legend_handles_labels()
         more = twin.get_legend_handles_labels()
-        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper left")
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper right")
         ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

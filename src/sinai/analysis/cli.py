@@ -227,11 +227,11 @@ def gradnorm(
     from .common import check_ratios, check_stds, write_csv
     from .gradnorm import (
         RULES,
-        _check_kind,
         gradient_norms,
         histogram,
         rank_agreement,
         ratio_sweep,
+        selective_sites,
         uniform_std,
     )
 
@@ -246,7 +246,7 @@ def gradnorm(
         found = find_sites(setup.model, ["gelu", "relu"])
         chosen = _names(kinds) or [k for k in ("gelu", "relu") if found[k]]
         for kind in chosen:
-            _check_kind(setup.model, kind)
+            selective_sites(setup.model, kind)
         xs, ys = setup.x[:stat_images], setup.y[:stat_images]
         s, p = gradient_norms(setup.model, xs, ys, kinds=chosen, loss=loss, name=setup.name)
         stats += [r.as_dict() for r in s]

@@ -39,7 +39,8 @@ RULE_LABELS = {
 DEFAULT_RATIOS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def _check_kind(model: nn.Module, kind: str) -> list:
+def selective_sites(model: nn.Module, kind: str) -> list:
+    """The ``kind`` sites of ``model``; ``ValueError`` unless ``kind`` is gelu/relu and the model has it."""
     check_kind(kind)
     if kind not in SELECTIVE_KINDS:
         raise ValueError(f"selection by gradient norm applies to {SELECTIVE_KINDS} sites, not {kind!r}")
@@ -87,7 +88,7 @@ class SelectiveNoise(nn.Module):
         loss: str = "margin",
     ) -> None:
         super().__init__()
-        self.sites = _check_kind(model, kind)
+        self.sites = selective_sites(model, kind)
         check_stds([std])
         check_ratios([ratio])
         if rule not in RULES:
@@ -322,7 +323,7 @@ def uniform_std(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, *, drop: float, seed: int = 0
 ) -> float:
     """The std at which uniform noise (ratio 1) at every ``kind`` site costs ``drop`` clean accuracy."""
-    _check_kind(model, kind)
+    selective_sites(model, kind)
     base = clean_accuracy(model, x, y, passes=1).mean
 
     def acc(std: float) -> float:
@@ -356,7 +357,7 @@ def ratio_sweep(
     Ratios 0 and 1 select nothing / everything whatever the rule, so they are measured once (through
     ``protect``) and reported for every rule.
     """
-    _check_kind(model, kind)
+    selective_sites(model, kind)
     check_stds([std])
     ratios = check_ratios(ratios)
     for rule in rules:

@@ -132,6 +132,8 @@ def gradnorm_hist(pooled: Mapping[tuple[str, str], np.ndarray], path: Path) -> P
         for v, name, color in ((med, "median", "C1"), (p95, "95th pct", "C3")):
             if v > 0:
                 ax.axvline(v, color=color, ls="--", label=f"{name} {v:.2e}")
+            else:  # cannot be drawn on the log axis: say it in the legend
+                ax.plot([], [], " ", label=f"{name} 0")
         zero = float((values == 0).mean())
         ax.set_title(f"{model}: |dL/dz| before {kind.replace('gelu', 'GeLU').replace('relu', 'ReLU')}")
         ax.set_xlabel("per-logit gradient norm (log scale; zeros not shown)")

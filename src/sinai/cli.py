@@ -813,6 +813,11 @@ def bench_attacks(
         )
 
 
+from .analysis.cli import analyze  # noqa: E402
+
+cli.add_command(analyze)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # sinai never downloads

@@ -152,7 +152,9 @@ def evaluate(
     defended = (
         protect(model, defense, seed=seed) if defense.specs else DefendedModel(model, defense, seed=seed)
     )
-    randomized = bool(defended.sites)
+    # A model with noise of its own (``randomized = True``, e.g. analysis wrappers) gets the M passes
+    # and the success votes of a randomized model even without defense sites.
+    randomized = bool(defended.sites) or bool(getattr(model, "randomized", False))
     try:
         clean = store.clean(run_id)
         if not clean:

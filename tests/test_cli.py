@@ -37,8 +37,14 @@ def run(*args: str):
 
 def test_help_lists_the_commands():
     out = run("--help").output
-    for command in ("demo", "eval", "calibrate", "tune", "report", "bench", "sites", "train"):
+    for command in ("demo", "eval", "calibrate", "tune", "report", "analyze", "bench", "sites", "train"):
         assert command in out
+
+
+@pytest.mark.parametrize("command", ["demo", "eval", "calibrate", "tune", "report", "analyze", "bench"])
+def test_subcommand_help_exits_cleanly(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0 and "Usage:" in result.output and "Error" not in result.output
 
 
 def test_eval_prints_base_and_defended_clean_accuracy(cache):

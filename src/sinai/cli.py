@@ -23,6 +23,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # click's own control flow (Exit, raised by --help, is a RuntimeError)
         except (ValueError, FileNotFoundError, RuntimeError, TypeError) as err:
             raise click.ClickException(str(err)) from err
 

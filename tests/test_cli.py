@@ -88,9 +88,26 @@ def test_eval_bad_input_is_a_clear_error(cache, args, message):
     assert message in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--attacks", "square,bogus"], "unknown attack(s) bogus"),
+        (["--images", "0"], "must be a positive integer"),
+        (["--trials", "-1"], "must be a positive integer"),
+    ],
+)
+def test_demo_bad_input_is_a_clear_error(tmp_path, args, message):
+    result = run("demo", "--quick", "--out", str(tmp_path / "demo"), *args)
+    assert result.exit_code != 0
+    assert message in result.output
+
+
+DEMO_ARGS = ("--quick", "--images", "20", "--budget", "100", "--attacks", "square,signhunter,nes,rays")
+
+
 def test_demo_quick_runs_end_to_end_and_resumes(cache, tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    result = run("demo", "--quick", "--images", "20", "--budget", "100", "--out", str(out), "--device", "cpu")
+    result = run("demo", *DEMO_ARGS, "--out", str(out), "--device", "cpu")
     assert result.exit_code == 0, result.output
     table = [line for line in result.output.splitlines() if line.startswith("| mnist-")]
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]) for line in table}
@@ -101,12 +118,14 @@ def test_demo_quick_runs_end_to_end_and_resumes(cache, tmp_path, monkeypatch):
     assert ("mnist-vit", "SINAI-Attn ≈1%") in rows and ("mnist-cnn", "SINAI-Attn ≈1%") not in rows
     header = next(line for line in result.output.splitlines() if line.startswith("| model"))
     assert all(f"{attack} 100" in header for attack in ("square", "signhunter", "nes"))
+    assert "rays 100" in result.output and "signflip" not in result.output  # table 2: the asked attacks only
     calibrations = json.loads((out / "calibration.json").read_text())
     assert len(calibrations) == 2 * 2 + 3 * 2  # RND, FND (+ SINAI-Attn on the ViT) at 1% and 2%
     for model in ("mnist-cnn", "mnist-vit"):
         tuning = json.loads((out / "tune" / model / "tuning.json").read_text())
         assert len(tuning["trials"]) == 4 and (out / "tune" / model / "pareto.png").exists()
-    for name in ("table1.md", "table1.csv", "table1.json", "robust_vs_queries.png", "tradeoff.png"):
+    files = ("table1.md", "table1.csv", "table1.json", "table2.md", "robust_vs_queries.png", "tradeoff.png")
+    for name in files:
         assert (out / "report" / name).exists()
 
     def no_work(*a, **k):
@@ -115,7 +134,7 @@ def test_demo_quick_runs_end_to_end_and_resumes(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(sinai.demo, "calibrate", no_work)
     monkeypatch.setattr("sinai.evaluation.protocol.Oracle", no_work)
     monkeypatch.setattr("sinai.tuning.tune.protect", no_work)
-    again = run("demo", "--quick", "--images", "20", "--budget", "100", "--out", str(out), "--device", "cpu")
+    again = run("demo", *DEMO_ARGS, "--out", str(out), "--device", "cpu")
     assert again.exit_code == 0, again.output
     assert [line for line in again.output.splitlines() if line.startswith("| mnist-")] == table
 

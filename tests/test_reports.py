@@ -121,3 +121,17 @@ def test_report_cli_and_bad_folders(folder, tmp_path) -> None:
     assert result.exit_code != 0 and "no results.sqlite" in result.output
     result = CliRunner().invoke(cli, ["report", str(tmp_path / "missing")])
     assert result.exit_code != 0 and "not a folder" in result.output
+
+
+def test_a_copied_run_is_a_row_of_its_own_with_the_same_numbers(folder) -> None:
+    with ResultStore(folder / "results.sqlite") as store:
+        originals = [r for r in store.runs() if r[1]["level"] == "≈1%" and r[1]["method"] == "SINAI"]
+        for run, settings, _ in originals:  # Square and SignHunter
+            store.copy_run({**settings, "level": "≈2%"}, store.clean(run), store.results(run))
+        copies = [r for r in store.runs() if r[1]["level"] == "≈2%"]
+        assert len(copies) == 2 and all(finished for _, _, finished in copies)
+        for (run, _, _), (copy, _, _) in zip(originals, copies, strict=True):
+            assert store.results(copy) == store.results(run) and store.clean(copy) == store.clean(run)
+    t1 = next(t for t in make_report(folder).tables if t.name == "table1")
+    rows = dict(zip(t1.rows, t1.cells, strict=True))
+    assert rows["m", "SINAI", "≈2%"] == rows["m", "SINAI", "≈1%"]

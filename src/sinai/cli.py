@@ -57,10 +57,15 @@ def cli() -> None:
 @cli.command()
 @click.option("--quick", is_flag=True, help="Small sizes: a smoke test of every stage (about 3 minutes).")
 @click.option(
-    "--images", type=int, default=None, help="Evaluation images per model (default 100; --quick 50)."
+    "--images", type=int, default=None, help="Evaluation images per model (default 50, both sizes)."
 )
 @click.option("--budget", type=int, default=None, help="Queries per image (default 1000; --quick 200).")
 @click.option("--trials", type=int, default=None, help="NSGA-II trials per model (default 12; --quick 4).")
+@click.option(
+    "--attacks",
+    default=None,
+    help="Comma-separated attacks of the table (default square,signhunter,nes,rays,signflip).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 @_common
@@ -69,6 +74,7 @@ def demo(
     images: int | None,
     budget: int | None,
     trials: int | None,
+    attacks: str | None,
     seed: int,
     out: str,
     device: torch.device,
@@ -83,6 +89,7 @@ def demo(
         eval_images=images,
         budget=budget,
         trials=trials,
+        attacks=[a.strip() for a in attacks.split(",") if a.strip()] if attacks else None,
         seed=seed,
         device=device,
         cache_dir=cache_dir,

@@ -5,8 +5,9 @@
    evaluation set (the table), both seeded and class-covering.
 3. Calibrate RND, FND and SINAI-Attn (the ViT only) to ≈1% and ≈2% clean-accuracy drop.
 4. Tune SINAI with Optuna NSGA-II under delta = 2% and choose the best configuration at ≈1% and ≈2%.
-5. Evaluate the undefended model and every calibrated / tuned defense under Square, SignHunter and
-   NES (and the decision-based RayS and SignFlip when installed) with the papers' protocol.
+5. Evaluate the undefended model and every calibrated / tuned defense under Square, SignHunter, NES
+   and the decision-based RayS and SignFlip (``attacks`` picks others) with the papers' protocol; a
+   defense that appears twice (one tuned configuration for both drops) is attacked once.
 6. Print the Table-1-style table and write the report folder (tables as Markdown/CSV/JSON, plots).
 
 Every stage resumes: calibrations are saved as they finish, the Optuna study and all evaluations live in
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import torch
 from .attacks import ATTACKS
 from .defenses import Defense, preset
 from .evaluation.defaults import MNIST_EPS, default_attack_args
-from .evaluation.protocol import evaluate
+from .evaluation.protocol import EvalResult, evaluate
 from .evaluation.store import ResultStore
 from .models.data import mnist, select_images
 from .models.zoo import load_model
@@ -62,7 +64,7 @@ class DemoConfig:
                 screen=Fidelity(20, 100), full=Fidelity(30, 200),
             )  # fmt: skip
         return DemoConfig(
-            val_images=500, eval_images=100, budget=1000, drops=(0.01, 0.02), trials=12, population=4,
+            val_images=500, eval_images=50, budget=1000, drops=(0.01, 0.02), trials=12, population=4,
             screen=Fidelity(50, 200), full=Fidelity(50, 1000),
         )  # fmt: skip
 
@@ -70,6 +72,17 @@ class DemoConfig:
 def demo_attacks() -> tuple[str, ...]:
     """The attacks of the demo table: the score-based three, plus RayS/SignFlip where registered."""
     return SCORE_ATTACKS + tuple(a for a in DECISION_ATTACKS if a in ATTACKS)
+
+
+def check_attacks(names: Sequence[str]) -> tuple[str, ...]:
+    """The demo's attack list from user input; unknown names are an error that lists the known ones."""
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(sorted(ATTACKS))}",
+            param_hint="--attacks",
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def split(n_val: int, n_eval: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,15 +107,20 @@ def run_demo(
     eval_images: int | None = None,
     budget: int | None = None,
     trials: int | None = None,
+    attacks: Sequence[str] | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     cache_dir: str | None = None,
 ) -> list:
     """Run the demo (see the module docstring); return the report's tables."""
     cfg = DemoConfig.preset(quick)
+    for name, value in (("--images", eval_images), ("--budget", budget), ("--trials", trials)):
+        if value is not None and value < 1:
+            raise click.BadParameter(f"must be a positive integer, got {value}", param_hint=name)
     n_eval = eval_images or cfg.eval_images
     budget = budget or cfg.budget
     trials = trials or cfg.trials
+    attacks = check_attacks(attacks) if attacks else demo_attacks()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = mnist("test")
@@ -110,7 +128,6 @@ def run_demo(
     xv, yv = data.load(val_idx).to(device), data.labels[val_idx].to(device)
     xe, ye = data.load(eval_idx), data.labels[eval_idx]
     eps, norm = MNIST_EPS["linf"], "linf"
-    attacks = demo_attacks()
     say = lambda msg: click.echo(f"[{time.perf_counter() - start:6.0f} s] {msg}", err=True)
     say(
         f"sinai demo{' --quick' if quick else ''}: {len(val_idx)} validation / {n_eval} evaluation MNIST "
@@ -164,14 +181,21 @@ def run_demo(
                 rows.append(("SINAI", _level(drop), chosen.defense()))
 
             # ------------------------------------------------------------------ evaluation
+            evaluated: dict[tuple[str, str], EvalResult] = {}  # (defense, attack) -> its run
             for method, level, defense in rows:
                 for attack in attacks:
+                    describe = {"model": model_name, "dataset": "mnist", "method": method, "level": level}
+                    same = evaluated.get((defense.describe(), attack))
+                    if same is not None:  # e.g. tuning chose one configuration for both drops
+                        say(f"{model_name}: {method} {level} under {attack}: same defense as above, reused")
+                        store.copy_run({**same.settings, **describe}, same.clean, same.results)
+                        continue
                     say(f"{model_name}: {method} {level} under {attack}")
-                    evaluate(
+                    evaluated[defense.describe(), attack] = evaluate(
                         model, xe, ye, attack=attack, defense=defense, norm=norm, eps=eps,
                         budgets=(budget,), attack_kwargs=default_attack_args(attack, "mnist", norm),
                         seed=seed, passes=cfg.passes, dataset_indices=eval_idx.tolist(), store=store,
-                        describe={"model": model_name, "dataset": "mnist", "method": method, "level": level},
+                        describe=describe,
                     )  # fmt: skip
 
     report = make_report(out)

@@ -189,6 +189,16 @@ class ResultStore:
             for i, d, lab, c, s, q, v, n in rows
         ]
 
+    def copy_run(
+        self, settings: Mapping[str, object], clean: Iterable[float], results: Iterable[ImageResult]
+    ) -> int:
+        """Store finished results under other settings (the same configuration met under another name)."""
+        run_id = self.run_id(settings)
+        self.add_clean(run_id, clean)
+        self.add_results(run_id, results)
+        self.finish(run_id)
+        return run_id
+
     def finish(self, run_id: int) -> None:
         with self.db:
             self.db.execute("UPDATE runs SET finished = ? WHERE id = ?", (time.time(), run_id))

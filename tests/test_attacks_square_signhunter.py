@@ -193,3 +193,19 @@ def test_bad_arguments():
     oracle = Oracle(Linear(4), torch.zeros(1, dtype=torch.long), budget=5, output="labels")
     with pytest.raises(ValueError, match="score"):
         SignHunter().run(oracle, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_square_linf_step_always_changes_the_image(channels):
+    # Pixels at 0 and 1 clip one of the two colours to "no change": the step must redraw (or flip) those.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(64, channels, 8, 8)
+    x[:, :, :4] = 1.0
+    attack = Square(norm="linf", eps=0.1)
+    best = attack.init_linf(x, gen)
+    side = torch.full((64,), 3)
+    for _ in range(20):
+        cand = attack.step_linf(x, best, side, gen)
+        assert ((cand - best).abs() > 1e-7).flatten(1).any(1).all()
+        assert (cand - x).abs().max() <= 0.1 + 1e-6 and cand.min() >= 0 and cand.max() <= 1
+        best = cand

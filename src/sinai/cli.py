@@ -509,7 +509,7 @@ def eval_(
             y,
             attack=attack,
             attack_kwargs=kwargs,
-            defense=parsed,
+            defense=applicable(parsed, model) if parsed.specs else parsed,  # its name in the store
             norm=norm,
             eps=eps,
             budgets=budgets,

@@ -149,14 +149,20 @@ class Square(Attack):
         top, left = random_corner(side, h, w, gen)
         win = window_mask(top, left, side, h, w)
         colour = self.eps * random_sign((b, c, 1, 1), gen, x.device)
-        cand = project(torch.where(win, x + colour, best), x, "linf", self.eps)
+        # x +- eps is inside the ball and ``best`` already is: only [0, 1] needs enforcing.
+        cand = torch.where(win, (x + colour).clamp(0.0, 1.0), best)
+        rows = torch.nonzero(((cand - best).abs() < 1e-7).flatten(1).all(1)).flatten()
         for _ in range(self.max_redraws):  # a square that changes nothing would waste the query
-            same = ((cand - best).abs() < 1e-7).flatten(1).all(1)
-            if not same.any():
+            if not len(rows):
                 break
-            redraw = self.eps * random_sign((b, c, 1, 1), gen, x.device)
-            colour = torch.where(same[:, None, None, None], redraw, colour)
-            cand = project(torch.where(win, x + colour, best), x, "linf", self.eps)
+            if c == 1:  # the other sign always changes the square: what redrawing until it does gives
+                colour[rows] = -colour[rows]
+            else:
+                colour[rows] = self.eps * random_sign((len(rows), c, 1, 1), gen, x.device)
+            cand[rows] = torch.where(win[rows], (x[rows] + colour[rows]).clamp(0.0, 1.0), best[rows])
+            if c == 1:
+                break
+            rows = rows[((cand[rows] - best[rows]).abs() < 1e-7).flatten(1).all(1)]
         return cand
 
     def step_l2(

@@ -249,3 +249,14 @@ def test_eval_with_a_decision_attack_prints_the_snd_metrics(cache, tmp_path):
     assert bad.exit_code != 0 and "rays is defined for linf only" in bad.output
     bad = run("eval", "--model", "mnist-cnn", "--attack", "hsja", "--eot", "0", "--device", "cpu")
     assert bad.exit_code != 0 and "must be >= 1" in bad.output
+
+
+def test_eval_stores_the_defense_under_the_sites_the_model_has(cache, tmp_path):
+    from sinai.evaluation.store import ResultStore
+
+    args = ("--model", "mnist-cnn", "--defense", "SINAI:relu.std=0.1,relu.ratio=0.5", "--images", "10")
+    result = run("eval", *args, "--out", str(tmp_path), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        ((_, settings, _),) = store.runs()
+    assert settings["defense"] == "SINAI(relu std=0.1 ratio=0.5)"  # no attn / gelu parts on a CNN

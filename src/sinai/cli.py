@@ -502,6 +502,10 @@ def eval_(
         f"M = {passes}, EOT {eot}, device {device}; results in {out}/results.sqlite",
         err=True,
     )
+    # Stored under the sites the model has (SINAI on a CNN is its ReLU part); a defense with none of
+    # them stays whole, so protect() says which sites are missing.
+    restricted = applicable(parsed, model) if parsed.specs else parsed
+    stored = restricted if restricted.specs else parsed
     with ResultStore(Path(out) / "results.sqlite") as store:
         result = evaluate(
             model,
@@ -509,7 +513,7 @@ def eval_(
             y,
             attack=attack,
             attack_kwargs=kwargs,
-            defense=applicable(parsed, model) if parsed.specs else parsed,  # its name in the store
+            defense=stored,
             norm=norm,
             eps=eps,
             budgets=budgets,

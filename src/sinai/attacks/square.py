@@ -80,7 +80,8 @@ class Square(Attack):
 
     ``p_init``: initial fraction of pixels changed per step (the paper's 0.05 for linf, 0.1 for l2 when
     left as None). ``max_redraws``: linf re-draws the colour of a square that would not change the image
-    (the authors' code loops until it does; bounded here).
+    (the authors' code loops until it does; bounded here; with one channel the other sign is the
+    only such colour, so it is taken directly).
     """
 
     name = "square"

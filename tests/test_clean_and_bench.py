@@ -71,3 +71,18 @@ def test_threshold_variant_and_unknown_variant():
     assert all(s.selection == "threshold" for s in bench_defense("SINAI@threshold").specs.values())
     with pytest.raises(ValueError, match="unknown variant"):
         bench_defense("SINAI@fast")
+
+
+def test_attack_throughput_rounds_repeat_the_same_queries_and_bound_the_ratio():
+    from sinai.bench.attacks import measure_attacks
+
+    model = tiny_cnn()
+    x, y = labelled(model, 16)
+    (row,) = measure_attacks(model, x, y, ["square"], budget=12, rounds=3, batch_size=8)
+    # 16 images x at most 12 counted queries each
+    assert 0 < row.queries <= 16 * 12 and row.images == 16
+    assert row.ratio_min <= row.ratio <= row.ratio_max
+    assert row.queries_per_s == pytest.approx(row.queries / row.seconds)
+    assert 0 < row.forward_share <= 1  # the model's forwards are part of the attack's wall time
+    with pytest.raises(ValueError, match="rounds"):
+        measure_attacks(model, x, y, ["square"], rounds=0)

@@ -94,6 +94,7 @@ def test_eval_bad_input_is_a_clear_error(cache, args, message):
         (["--attacks", "square,bogus"], "unknown attack(s) bogus"),
         (["--images", "0"], "must be a positive integer"),
         (["--trials", "-1"], "must be a positive integer"),
+        (["--models", "mnist-cnn,mnist-mlp"], "unknown model(s) mnist-mlp"),
     ],
 )
 def test_demo_bad_input_is_a_clear_error(tmp_path, args, message):
@@ -137,6 +138,20 @@ def test_demo_quick_runs_end_to_end_and_resumes(cache, tmp_path, monkeypatch):
     again = run("demo", *DEMO_ARGS, "--out", str(out), "--device", "cpu")
     assert again.exit_code == 0, again.output
     assert [line for line in again.output.splitlines() if line.startswith("| mnist-")] == table
+    vit_only = run("demo", *DEMO_ARGS, "--models", "mnist-vit", "--out", str(out), "--device", "cpu")
+    assert vit_only.exit_code == 0, vit_only.output
+    assert "mnist-vit: load" in vit_only.output and "mnist-cnn: load" not in vit_only.output
+    assert [line for line in vit_only.output.splitlines() if line.startswith("| mnist-")] == table
+
+
+def test_demo_calibration_file_keeps_what_another_demo_wrote(tmp_path):
+    path = tmp_path / "calibration.json"
+    sinai.demo.save_calibration(path, "mnist-cnn|RND|0.01|500|0", {"std": 0.1})
+    sinai.demo.save_calibration(path, "mnist-vit|RND|0.01|500|0", {"std": 0.2})
+    assert json.loads(path.read_text()) == {
+        "mnist-cnn|RND|0.01|500|0": {"std": 0.1},
+        "mnist-vit|RND|0.01|500|0": {"std": 0.2},
+    }
 
 
 def test_sites_lists_kinds_without_training():

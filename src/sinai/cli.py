@@ -66,6 +66,12 @@ def cli() -> None:
     default=None,
     help="Comma-separated attacks of the table (default square,signhunter,nes,rays,signflip).",
 )
+@click.option(
+    "--models",
+    default=None,
+    help="Comma-separated embedded models (default mnist-cnn,mnist-vit). Two demos with different "
+    "--models may share one --out and run side by side.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 @_common
@@ -75,6 +81,7 @@ def demo(
     budget: int | None,
     trials: int | None,
     attacks: str | None,
+    models: str | None,
     seed: int,
     out: str,
     device: torch.device,
@@ -90,6 +97,7 @@ def demo(
         budget=budget,
         trials=trials,
         attacks=[a.strip() for a in attacks.split(",") if a.strip()] if attacks else None,
+        models=[m.strip() for m in models.split(",") if m.strip()] if models else None,
         seed=seed,
         device=device,
         cache_dir=cache_dir,
@@ -724,6 +732,13 @@ def bench_defenses(
 @click.option("--budget", type=int, default=200, show_default=True, help="Queries per image for the ratio.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Interleaved (forward rate, attack) timings per attack; the median ratio is reported.",
+)
+@click.option(
     "--peers",
     is_flag=True,
     help="Also compare Square with torchattacks and ART, and HopSkipJump with ART and foolbox "
@@ -750,6 +765,7 @@ def bench_attacks(
     images: int,
     budget: int,
     batch_size: int,
+    rounds: int,
     peers: bool,
     peer_images: int,
     peer_eps: float,
@@ -777,9 +793,14 @@ def bench_attacks(
     names = tuple(a.strip() for a in attack_names.split(",")) if attack_names else ATTACKS
     x, y = sample(dataset, images, seed)
     rows = measure_attacks(
-        model, x.to(device), y.to(device), names, budget=budget, batch_size=batch_size, seed=seed
+        model, x.to(device), y.to(device), names, budget=budget, batch_size=batch_size, rounds=rounds,
+        seed=seed,
+    )  # fmt: skip
+    click.echo(
+        f"{model_name}, {images} images, budget {budget}, batch {batch_size}, device {device}; "
+        f"medians of {rounds} rounds. ratio = queries/s / forward images/s (target >= 0.9); "
+        "forward_share = fraction of the attack's time inside the model"
     )
-    click.echo(f"{model_name}, {images} images, budget {budget}, batch {batch_size}, device {device}")
     click.echo(
         markdown_table(
             list(asdict(rows[0])),

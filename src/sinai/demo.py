@@ -74,6 +74,17 @@ def demo_attacks() -> tuple[str, ...]:
     return SCORE_ATTACKS + tuple(a for a in DECISION_ATTACKS if a in ATTACKS)
 
 
+def check_models(names: Sequence[str]) -> tuple[str, ...]:
+    """The demo's model list from user input: a subset of the embedded models, in the given order."""
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown model(s) {', '.join(unknown)}; the demo runs the embedded {', '.join(MODELS)}",
+            param_hint="--models",
+        )
+    return tuple(dict.fromkeys(names))
+
+
 def check_attacks(names: Sequence[str]) -> tuple[str, ...]:
     """The demo's attack list from user input; unknown names are an error that lists the known ones."""
     unknown = [a for a in names if a not in ATTACKS]
@@ -96,6 +107,15 @@ def split(n_val: int, n_eval: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     return val, ev
 
 
+def save_calibration(path: Path, key: str, value: dict) -> None:
+    """Add one calibration to the file, keeping what another demo sharing the folder wrote meanwhile."""
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved[key] = value
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(saved, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _level(drop: float) -> str:
     return f"≈{100 * drop:g}%"
 
@@ -108,6 +128,7 @@ def run_demo(
     budget: int | None = None,
     trials: int | None = None,
     attacks: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     cache_dir: str | None = None,
@@ -121,6 +142,7 @@ def run_demo(
     budget = budget or cfg.budget
     trials = trials or cfg.trials
     attacks = check_attacks(attacks) if attacks else demo_attacks()
+    models = check_models(models) if models else MODELS
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = mnist("test")
@@ -131,14 +153,15 @@ def run_demo(
     say = lambda msg: click.echo(f"[{time.perf_counter() - start:6.0f} s] {msg}", err=True)
     say(
         f"sinai demo{' --quick' if quick else ''}: {len(val_idx)} validation / {n_eval} evaluation MNIST "
-        f"images, linf eps {eps}, {budget} queries, attacks {', '.join(attacks)}; output {out}"
+        f"images, linf eps {eps}, {budget} queries, models {', '.join(models)}, "
+        f"attacks {', '.join(attacks)}; output {out}"
     )
     calib_path = out / "calibration.json"
     calibrations: dict[str, dict] = json.loads(calib_path.read_text()) if calib_path.exists() else {}
 
     rows: list[tuple[str, str, Defense]] = []  # (method, level, defense) per model, filled below
     with ResultStore(out / "results.sqlite") as store:
-        for model_name in MODELS:
+        for model_name in models:
             say(f"{model_name}: load or train")
             model = load_model(model_name, device=device, cache_dir=cache_dir)
             rows = [("Base", "", Defense(name="none"))]
@@ -152,7 +175,7 @@ def run_demo(
                     if key not in calibrations:
                         c = calibrate(model, xv, yv, method, drop=drop, passes=cfg.passes, seed=seed)
                         calibrations[key] = c.as_dict()
-                        calib_path.write_text(json.dumps(calibrations, indent=2) + "\n")
+                        save_calibration(calib_path, key, calibrations[key])
                     c = calibrations[key]
                     say(
                         f"{model_name}: {method} std {c['std']:.4g} -> drop {100 * c['drop']:.2f}% "

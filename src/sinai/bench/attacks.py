@@ -3,10 +3,16 @@
 Both are measured in one run on the same model, images and batch size. The threat model uses a small
 eps so that few images are broken and the live set stays full: the ratio then shows what the attack
 costs beyond the forwards it asks for (target >= 0.9).
+
+On a shared or small machine one timing moves by 10-20% from run to run, so each attack is measured in
+``rounds`` interleaved rounds (forward rate, then the attack) and the median ratio is reported with
+its range. ``forward_share`` is a second, in-run view of the same overhead: the fraction of the
+attack's wall time spent inside the model's forwards (1 = no engine overhead at all).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +26,8 @@ from ..evaluation.clean import predict
 
 @dataclass(frozen=True)
 class ThroughputRow:
+    """One attack's throughput: medians over the rounds, and the range of the ratio."""
+
     attack: str
     images: int
     queries: int
@@ -27,6 +35,9 @@ class ThroughputRow:
     queries_per_s: float
     forward_images_per_s: float
     ratio: float
+    ratio_min: float
+    ratio_max: float
+    forward_share: float
 
 
 @torch.no_grad()
@@ -44,6 +55,22 @@ def forward_rate(model: nn.Module, x: torch.Tensor, batch_size: int, repeats: in
     return len(x) / times[len(times) // 2]
 
 
+class Stopwatch(nn.Module):
+    """``model`` that adds the wall time of each of its forwards to ``seconds``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.num_classes, self.seconds = model, model.num_classes, 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.model(x)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
 def measure_attacks(
     model: nn.Module,
     x: torch.Tensor,
@@ -54,26 +81,38 @@ def measure_attacks(
     l2_eps: float = 0.5,
     budget: int = 200,
     batch_size: int = 128,
+    rounds: int = 3,
     seed: int = 0,
 ) -> list[ThroughputRow]:
-    """Run each attack once on all of ``x`` and relate its query rate to the forward rate.
+    """Run each attack ``rounds`` times on all of ``x`` and relate its query rate to the forward rate.
 
-    Attacks defined for linf run with ``eps``; l2-only attacks with ``l2_eps``.
+    Attacks defined for linf run with ``eps``; l2-only attacks with ``l2_eps``. Every round runs the
+    same seeded attack, so it asks for the same queries.
     """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     rows = []
     for name in attacks:
         norm = "linf" if "linf" in attack_class(name).norms else "l2"
         radius = eps if norm == "linf" else l2_eps
-        attack = make_attack(name, norm=norm, eps=radius, seed=seed)
-        oracle = Oracle(model, y, budget=budget, output=attack.output, votes=0, batch_size=batch_size,
-                        x_orig=x, norm=norm, eps=radius)  # fmt: skip
-        rate = forward_rate(model, x, batch_size)
-        start = time.perf_counter()
-        attack.run(oracle, x, y)
-        seconds = time.perf_counter() - start
-        queries = int(oracle.queries.sum())
-        qps = queries / seconds
-        rows.append(ThroughputRow(name, len(x), queries, seconds, qps, rate, qps / rate))
+        rates, seconds, shares, queries = [], [], [], 0
+        for _ in range(rounds):
+            rates.append(forward_rate(model, x, batch_size, repeats=5))
+            timed = Stopwatch(model)
+            attack = make_attack(name, norm=norm, eps=radius, seed=seed)
+            oracle = Oracle(timed, y, budget=budget, output=attack.output, votes=0, batch_size=batch_size,
+                            x_orig=x, norm=norm, eps=radius)  # fmt: skip
+            start = time.perf_counter()
+            attack.run(oracle, x, y)
+            seconds.append(time.perf_counter() - start)
+            shares.append(timed.seconds / seconds[-1])
+            queries = int(oracle.queries.sum())
+        ratios = [queries / s / r for s, r in zip(seconds, rates, strict=True)]
+        median_s, ratio = statistics.median(seconds), statistics.median(ratios)
+        rate, share = statistics.median(rates), statistics.median(shares)
+        row = ThroughputRow(name, len(x), queries, median_s, queries / median_s, rate, ratio, min(ratios),
+                            max(ratios), share)  # fmt: skip
+        rows.append(row)
     return rows
 
 

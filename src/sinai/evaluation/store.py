@@ -99,7 +99,9 @@ class ResultStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path)
+            # Several processes may write one store (e.g. two demos with different --models): short
+            # transactions, and a writer waits for the lock instead of failing.
+            self.db = sqlite3.connect(self.path, timeout=60)
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as err:
             raise ValueError(

@@ -126,6 +126,23 @@ def test_one_image_alone_runs_exactly_as_in_the_batch(name):
     assert not torch.equal(a, x[3])  # the attack did move the image
 
 
+def test_rays_asks_every_live_image_in_every_oracle_call():
+    class Recording(Oracle):
+        def __call__(self, x, idx):
+            self.calls.append((len(idx), int((~self.done).sum())))
+            return super().__call__(x, idx)
+
+    model = Linear3(seed=1)
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    oracle = Recording(model, y, budget=200, output="labels", votes=0, x_orig=x, norm="linf", eps=0.05)
+    oracle.calls = []
+    make_attack("rays", eps=0.05).run(oracle, x, y)
+    # fast checks and binary-search steps of different images share one call: the batch stays full
+    assert len(oracle.calls) == 200 and all(asked == live for asked, live in oracle.calls)
+
+
 @pytest.mark.parametrize("name", ["rays", "hsja"])
 def test_eot_majority_counts_m_queries_per_logical_query(name):
     model = Counting(Linear3(seed=2))

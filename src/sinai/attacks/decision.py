@@ -98,6 +98,11 @@ def bisect(
     return lo, hi, answered
 
 
+def on_ray(x: torch.Tensor, d: torch.Tensor) -> PointFn:
+    """The candidates clip(x + r d) of a batch of rays, as ``bisect`` wants them."""
+    return lambda pos, r: (x[pos] + view4(r) * d[pos]).clamp(0.0, 1.0)
+
+
 def blend(x: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``(1 - t) x + t target`` per image (t = 1: ``target``)."""
     return x + view4(t) * (target - x)

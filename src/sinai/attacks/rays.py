@@ -10,6 +10,10 @@ is not adversarial, g(d') > r* and the trial is dropped without a search; otherw
 
 The attack is deterministic (``seed`` is accepted for a uniform interface). Its binary search stops
 at ``tol`` in the units of the paper's unit-l2 ray d / ||d||_2, i.e. tol / sqrt(n) in linf.
+
+Each image runs this sequence on its own: at every step an image either makes its next fast check or
+its next binary-search query, and one oracle call answers all live images, so the batch stays full
+while a few images search (the sequence of queries of an image is the same as searching it alone).
 """
 
 from __future__ import annotations
@@ -18,13 +22,8 @@ import math
 
 import torch
 
-from .decision import DecisionAttack, ask, bisect, live_indices, view4
+from .decision import DecisionAttack, ask, live_indices, view4
 from .oracle import Oracle
-
-
-def on_ray(x: torch.Tensor, d: torch.Tensor):
-    """The candidates clip(x + r d) of a batch of rays, as ``bisect`` wants them."""
-    return lambda pos, r: (x[pos] + view4(r) * d[pos]).clamp(0.0, 1.0)
 
 
 class RayS(DecisionAttack):
@@ -49,30 +48,68 @@ class RayS(DecisionAttack):
         direction = torch.ones((num, n), device=x.device)  # d, as +-1
         radius = torch.full((num,), float("inf"), device=x.device)  # r* = g(d)
         coords = torch.arange(n, device=x.device)
-        stage, block, first = 0, 0, True
+        # Per image: the block to flip next (stage s, block b of 2**s), the trial direction d', and
+        # whether a binary search on [lo, hi] of d' is running (else the next step is a fast check).
+        stage = torch.zeros(num, dtype=torch.long, device=x.device)
+        block = torch.full((num,), -1, dtype=torch.long, device=x.device)  # -1: d itself comes first
+        trial = direction.clone()
+        searching = torch.zeros(num, dtype=torch.bool, device=x.device)
+        lo, hi = torch.zeros(num, device=x.device), torch.zeros(num, device=x.device)
         while True:
             idx = live_indices(oracle)
             if not len(idx):
                 break
-            trial = direction[idx].clone()
-            if not first:  # flip block `block` of 2**stage blocks
-                length = math.ceil(n / 2**stage)
-                flip = (coords >= block * length) & (coords < (block + 1) * length)
-                trial[:, flip] *= -1
-                block += 1
-                if block * length >= n:
-                    stage, block = (stage + 1, 0) if length > 1 else (0, 0)
-            first = False
-            xi, di = x[idx], trial.view_as(x[idx])
-            r_hi = radius[idx].clamp(max=1.0)
-            _, adv = ask(oracle, (xi + view4(r_hi) * di).clamp(0.0, 1.0), idx, y)
-            pos = torch.nonzero(adv).flatten()  # the fast check passed: search the boundary on d'
-            if not len(pos):
-                continue
-            _, hi, _ = bisect(oracle, idx[pos], y, on_ray(xi[pos], di[pos]), 0 * r_hi[pos], r_hi[pos], tol)
-            better = hi < radius[idx[pos]]  # hi is always labelled adversarial, even if cut short
-            won = idx[pos[better]]
-            radius[won], direction[won] = hi[better], trial[pos[better]]
+            check = idx[~searching[idx]]
+            if len(check):
+                self.next_trial(check, stage, block, direction, trial, coords, n)
+                hi[check], lo[check] = radius[check].clamp(max=1.0), 0.0
+            r = torch.where(searching[idx], (lo[idx] + hi[idx]) / 2, hi[idx])
+            cand = (x[idx] + view4(r) * trial[idx].view_as(x[idx])).clamp(0.0, 1.0)
+            ok, adv = ask(oracle, cand, idx, y)
+            # a fast check that passed starts a search on [0, r*]; a search step halves its interval
+            started, stepped = ok & ~searching[idx], ok & searching[idx]
+            hi[idx[stepped & adv]] = r[stepped & adv]
+            lo[idx[stepped & ~adv]] = r[stepped & ~adv]
+            searching[idx[started & adv]] = True
+            self.settle(
+                idx[searching[idx] & ok & (hi[idx] - lo[idx] <= tol)], searching, hi, radius, trial, direction
+            )
+        # searches the oracle cut short (success verified, budget spent) still found an adversarial hi
+        self.settle(torch.nonzero(searching).flatten(), searching, hi, radius, trial, direction)
         found = torch.isfinite(radius)
         x_adv = (x + view4(torch.where(found, radius, 0.0)) * direction.view_as(x)).clamp(0.0, 1.0)
         return x_adv.to(out_device)
+
+    @staticmethod
+    def settle(
+        idx: torch.Tensor,
+        searching: torch.Tensor,
+        hi: torch.Tensor,
+        radius: torch.Tensor,
+        trial: torch.Tensor,
+        direction: torch.Tensor,
+    ) -> None:
+        """End the searches of images ``idx``: d' replaces d where its boundary is nearer."""
+        better = idx[hi[idx] < radius[idx]]  # hi is always labelled adversarial
+        radius[better], direction[better] = hi[better], trial[better]
+        searching[idx] = False
+
+    @staticmethod
+    def next_trial(
+        idx: torch.Tensor,
+        stage: torch.Tensor,
+        block: torch.Tensor,
+        direction: torch.Tensor,
+        trial: torch.Tensor,
+        coords: torch.Tensor,
+        n: int,
+    ) -> None:
+        """d' = d with its next block flipped, for images ``idx`` (d itself the first time); advance."""
+        s, b = stage[idx], block[idx]
+        length = (n + 2**s - 1) // 2**s  # ceil(n / 2**s)
+        flip = (coords >= (b * length)[:, None]) & (coords < ((b + 1) * length)[:, None]) & (b >= 0)[:, None]
+        trial[idx] = torch.where(flip, -direction[idx], direction[idx])
+        b = b + 1
+        wrap = b * length >= n  # past the last block: halve the blocks, or restart at one block
+        stage[idx] = torch.where(wrap, torch.where(length > 1, s + 1, 0), s)
+        block[idx] = torch.where(wrap, 0, b)

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .decision import DecisionAttack, ask, bisect, live_indices, view4
+from .decision import DecisionAttack, ask, bisect, live_indices, on_ray, view4
 from .oracle import Oracle
-from .rays import on_ray
 
 
 def unit(t: torch.Tensor) -> torch.Tensor:

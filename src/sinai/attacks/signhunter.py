@@ -58,13 +58,17 @@ class SignHunter(Attack):
             length = (n + 2**h - 1) // 2**h  # ceil(n / 2**h)
             start, end = i * length, torch.clamp((i + 1) * length, max=n)
             flip = (coords >= start[:, None]) & (coords < end[:, None]) & ~new[:, None]
-            neg = (negative[idx] ^ flip) & ~new[:, None]  # a fresh search starts from s = 1
+            every = len(idx) == num  # all images live (the common case): no gathers
+            xi, oi, ni = (x, origin, negative) if every else (x[idx], origin[idx], negative[idx])
+            neg = (ni ^ flip) & ~new[:, None]  # a fresh search starts from s = 1
             s = 1.0 - 2.0 * neg.float()
-            cand = project(origin[idx] + step * s.view_as(x[idx]), x[idx], self.norm, self.eps)
+            cand = project(oi + step * s.view_as(xi), xi, self.norm, self.eps)
             logits = oracle(cand, idx)
             ok = ~torch.isnan(logits).any(1)
-            idx, cand, neg, new, h, i, end = idx[ok], cand[ok], neg[ok], new[ok], h[ok], i[ok], end[ok]
-            new_loss = margin_loss(logits[ok], y[idx])
+            if not bool(ok.all()):
+                idx, cand, neg, new, h, i, end = idx[ok], cand[ok], neg[ok], new[ok], h[ok], i[ok], end[ok]
+                logits = logits[ok]
+            new_loss = margin_loss(logits, y[idx])
 
             keep = new | (new_loss <= loss[idx])  # the setup query defines f_best unconditionally
             kept = idx[keep]

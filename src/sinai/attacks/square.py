@@ -224,19 +224,21 @@ class Square(Attack):
             idx = torch.nonzero(~oracle.done).flatten()
             if not len(idx):
                 break
-            xi = x[idx]
+            every = len(idx) == len(x)  # all images live (the common case): no gathers
+            xi, best = (x, x_adv) if every else (x[idx], x_adv[idx])
             if first:
                 cand = self.init_linf(xi, gen) if self.norm == "linf" else self.init_l2(xi, gen)
             else:
                 level = p_level(it[idx], n_iters)
                 if self.norm == "linf":
-                    cand = self.step_linf(xi, x_adv[idx], sides[level], gen)
+                    cand = self.step_linf(xi, best, sides[level], gen)
                 else:
-                    cand = self.step_l2(xi, x_adv[idx], level, sides[level], bank, gen)
+                    cand = self.step_l2(xi, best, level, sides[level], bank, gen)
             logits = oracle(cand, idx)
             ok = ~torch.isnan(logits).any(1)  # rows of images that were done before this query
-            idx, cand = idx[ok], cand[ok]
-            new_loss = margin_loss(logits[ok], y[idx])
+            if not bool(ok.all()):
+                idx, cand, logits = idx[ok], cand[ok], logits[ok]
+            new_loss = margin_loss(logits, y[idx])
             better = new_loss < loss[idx]  # always true for the init point (loss starts at inf)
             x_adv[idx[better]] = cand[better]
             loss[idx[better]] = new_loss[better]

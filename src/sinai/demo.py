@@ -17,6 +17,7 @@ SQLite files, so a killed demo picks up where it stopped and a finished one only
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ def save_calibration(path: Path, key: str, value: dict) -> None:
     """Add one calibration to the file, keeping what another demo sharing the folder wrote meanwhile."""
     saved = json.loads(path.read_text()) if path.exists() else {}
     saved[key] = value
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(saved, indent=2) + "\n")
     tmp.replace(path)
 

@@ -86,3 +86,19 @@ def test_attack_throughput_rounds_repeat_the_same_queries_and_bound_the_ratio():
     assert 0 < row.forward_share <= 1  # the model's forwards are part of the attack's wall time
     with pytest.raises(ValueError, match="rounds"):
         measure_attacks(model, x, y, ["square"], rounds=0)
+
+
+def test_square_peer_comparison_times_every_installed_tool():
+    from sinai.bench.attacks import compare_square
+
+    model = tiny_cnn()
+    x, y = labelled(model, 12)
+    rows = compare_square(model, x, y, eps=0.3, budget=20, rounds=2, batch_size=8)
+    tools = [r.tool for r in rows]
+    assert tools[0] == "sinai Square"
+    assert set(tools) <= {"sinai Square", "torchattacks Square", "ART SquareAttack"}
+    assert all(r.images == 12 and r.seconds > 0 and 0 <= r.success_rate <= 1 for r in rows)
+    # the quarter of images mislabelled on purpose are successes at their first query
+    assert rows[0].success_rate >= 0.25
+    with pytest.raises(ValueError, match="rounds"):
+        compare_square(model, x, y, rounds=0)

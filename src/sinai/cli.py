@@ -736,7 +736,8 @@ def bench_defenses(
     type=click.IntRange(min=1),
     default=3,
     show_default=True,
-    help="Interleaved (forward rate, attack) timings per attack; the median ratio is reported.",
+    help="Interleaved timings per attack (forward rate, then the attack) and per Square peer; "
+    "medians are reported. The HopSkipJump peers run once.",
 )
 @click.option(
     "--peers",
@@ -816,9 +817,13 @@ def bench_attacks(
             eps=peer_eps,
             budget=peer_budget,
             batch_size=batch_size,
+            rounds=rounds,
             seed=seed,
         )
-        click.echo(f"\nSquare linf eps={peer_eps}, {peer_budget} queries, {peer_images} images:")
+        click.echo(
+            f"\nSquare linf eps={peer_eps}, {peer_budget} queries, {peer_images} images, "
+            f"median seconds of {rounds} rounds:"
+        )
         click.echo(
             markdown_table(
                 ["tool", "images", "seconds", "success %"],

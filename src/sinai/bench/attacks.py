@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -134,32 +134,41 @@ def compare_square(
     budget: int = 1000,
     p_init: float = 0.05,
     batch_size: int = 128,
+    rounds: int = 1,
     seed: int = 0,
 ) -> list[PeerRow]:
     """sinai's Square vs torchattacks' ``Square`` vs ART's ``SquareAttack``: same model, images, eps, budget.
 
-    Success = the final image is misclassified (for all three, over all images). Peers missing from
-    the environment are skipped; install them with ``pip install 'sinai[peers]'``.
+    Success = the final image is misclassified (for all three, over all images). Each tool runs
+    ``rounds`` times in turn (seeded, so every round gives the same images) and reports its median
+    time. Peers missing from the environment are skipped; install them with ``pip install 'sinai[peers]'``.
     """
-    rows = []
-    start = time.perf_counter()
-    oracle = Oracle(model, y, budget=budget, votes=0, batch_size=batch_size)
-    make_attack("square", norm="linf", eps=eps, p_init=p_init, seed=seed).run(oracle, x, y)
-    rows.append(
-        PeerRow("sinai Square", len(x), time.perf_counter() - start, oracle.success.float().mean().item())
-    )
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    tools: list[tuple[str, Callable[[], float]]] = []
+
+    def ours() -> float:
+        oracle = Oracle(model, y, budget=budget, votes=0, batch_size=batch_size)
+        make_attack("square", norm="linf", eps=eps, p_init=p_init, seed=seed).run(oracle, x, y)
+        return oracle.success.float().mean().item()
+
+    tools.append(("sinai Square", ours))
     try:
         import torchattacks
     except ImportError:
         torchattacks = None
     if torchattacks is not None:
-        start = time.perf_counter()
-        attack = torchattacks.Square(model, norm="Linf", eps=eps, n_queries=budget, p_init=p_init, seed=seed)
-        adv = torch.cat(
-            [attack(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-        )
-        seconds = time.perf_counter() - start
-        rows.append(PeerRow("torchattacks Square", len(x), seconds, _misclassified(model, adv, y)))
+
+        def theirs() -> float:
+            attack = torchattacks.Square(
+                model, norm="Linf", eps=eps, n_queries=budget, p_init=p_init, seed=seed
+            )
+            adv = torch.cat(
+                [attack(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+            )
+            return _misclassified(model, adv, y)
+
+        tools.append(("torchattacks Square", theirs))
     try:
         from art.attacks.evasion import SquareAttack
         from art.estimators.classification import PyTorchClassifier
@@ -168,23 +177,29 @@ def compare_square(
     if SquareAttack is not None:
         import numpy as np
 
-        clf = PyTorchClassifier(
-            model=model,
-            loss=nn.CrossEntropyLoss(),
-            input_shape=tuple(x.shape[1:]),
-            nb_classes=int(model.num_classes),
-            clip_values=(0.0, 1.0),
-            device_type="gpu" if x.is_cuda else "cpu",
-        )
-        attack = SquareAttack(clf, norm=np.inf, eps=eps, max_iter=budget, p_init=p_init, nb_restarts=1,
-                              batch_size=batch_size, verbose=False)  # fmt: skip
-        start = time.perf_counter()
-        adv = attack.generate(x=x.cpu().numpy(), y=y.cpu().numpy())
-        seconds = time.perf_counter() - start
-        rows.append(
-            PeerRow("ART SquareAttack", len(x), seconds, _misclassified(model, torch.from_numpy(adv), y))
-        )
-    return rows
+        def art() -> float:
+            clf = PyTorchClassifier(
+                model=model,
+                loss=nn.CrossEntropyLoss(),
+                input_shape=tuple(x.shape[1:]),
+                nb_classes=int(model.num_classes),
+                clip_values=(0.0, 1.0),
+                device_type="gpu" if x.is_cuda else "cpu",
+            )
+            attack = SquareAttack(clf, norm=np.inf, eps=eps, max_iter=budget, p_init=p_init, nb_restarts=1,
+                                  batch_size=batch_size, verbose=False)  # fmt: skip
+            adv = attack.generate(x=x.cpu().numpy(), y=y.cpu().numpy())
+            return _misclassified(model, torch.from_numpy(adv), y)
+
+        tools.append(("ART SquareAttack", art))
+    seconds: dict[str, list[float]] = {name: [] for name, _ in tools}
+    success: dict[str, float] = {}
+    for _ in range(rounds):  # interleaved, so that a slow spell of the machine hits every tool alike
+        for name, run in tools:
+            start = time.perf_counter()
+            success[name] = run()
+            seconds[name].append(time.perf_counter() - start)
+    return [PeerRow(name, len(x), statistics.median(seconds[name]), success[name]) for name, _ in tools]
 
 
 def _misclassified(model: nn.Module, adv: torch.Tensor, y: torch.Tensor) -> float:

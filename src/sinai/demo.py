@@ -75,24 +75,14 @@ def demo_attacks() -> tuple[str, ...]:
     return SCORE_ATTACKS + tuple(a for a in DECISION_ATTACKS if a in ATTACKS)
 
 
-def check_models(names: Sequence[str]) -> tuple[str, ...]:
-    """The demo's model list from user input: a subset of the embedded models, in the given order."""
-    unknown = [m for m in names if m not in MODELS]
+def check_names(names: Sequence[str], known: Sequence[str], what: str, option: str) -> tuple[str, ...]:
+    """A comma-option's names from user input, duplicates dropped; unknown ones are an error listing
+    the known ones."""
+    unknown = [name for name in names if name not in known]
     if unknown:
         raise click.BadParameter(
-            f"unknown model(s) {', '.join(unknown)}; the demo runs the embedded {', '.join(MODELS)}",
-            param_hint="--models",
-        )
-    return tuple(dict.fromkeys(names))
-
-
-def check_attacks(names: Sequence[str]) -> tuple[str, ...]:
-    """The demo's attack list from user input; unknown names are an error that lists the known ones."""
-    unknown = [a for a in names if a not in ATTACKS]
-    if unknown:
-        raise click.BadParameter(
-            f"unknown attack(s) {', '.join(unknown)}; choose from {', '.join(sorted(ATTACKS))}",
-            param_hint="--attacks",
+            f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}",
+            param_hint=option,
         )
     return tuple(dict.fromkeys(names))
 
@@ -142,8 +132,8 @@ def run_demo(
     n_eval = eval_images or cfg.eval_images
     budget = budget or cfg.budget
     trials = trials or cfg.trials
-    attacks = check_attacks(attacks) if attacks else demo_attacks()
-    models = check_models(models) if models else MODELS
+    attacks = check_names(attacks, ATTACKS, "attack", "--attacks") if attacks else demo_attacks()
+    models = check_names(models, MODELS, "model", "--models") if models else MODELS
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = mnist("test")

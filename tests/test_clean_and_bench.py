@@ -73,7 +73,7 @@ def test_threshold_variant_and_unknown_variant():
         bench_defense("SINAI@fast")
 
 
-def test_attack_throughput_rounds_repeat_the_same_queries_and_bound_the_ratio():
+def test_attack_throughput_bookkeeping_over_rounds():
     from sinai.bench.attacks import measure_attacks
 
     model = tiny_cnn()

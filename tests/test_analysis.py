@@ -8,10 +8,12 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from sinai.analysis.common import RobustCheck
 from sinai.analysis.gradnorm import SelectiveNoise, gradient_norms, rank_agreement, ratio_sweep
 from sinai.analysis.probes import attacker_loss, capture_gradients, default_layers
-from sinai.analysis.sensitivity import sweep_sensitivity
+from sinai.analysis.sensitivity import sensitivity_summary, sweep_sensitivity
 from sinai.analysis.theory import flip_rates, gradient_ratios, predicted_flip
+from sinai.attacks.threat import ThreatModel
 from sinai.defenses import find_sites, protect
 from sinai.models.classifier import ImageClassifier
 
@@ -115,7 +117,8 @@ def test_ratio_sweep_and_agreement_shapes_and_errors(mnist_models, mnist_images)
     assert all(a == rows[0].base for a in at0)  # no logit gets noise at ratio 0
     agree = rank_agreement(model, x[:10], y[:10], kinds=["relu"])
     assert len(agree) == len(find_sites(model, ["relu"])["relu"])
-    assert all(-1 <= r["spearman"] <= 1 and 0 <= r["precision_at_0.5"] <= 1 for r in agree)
+    assert all(-1 <= r.spearman <= 1 and 0 <= r.precision <= 1 and r.ratio == 0.5 for r in agree)
+    assert list(agree[0].as_dict()) == ["model", "kind", "site", "spearman", "precision_at_0.5"]
     with pytest.raises(ValueError, match="no 'gelu' sites"):
         SelectiveNoise(model, "gelu", std=0.1, ratio=0.5, rule="critical-grad")
     with pytest.raises(ValueError, match="ratio"):
@@ -127,11 +130,16 @@ def test_ratio_sweep_and_agreement_shapes_and_errors(mnist_models, mnist_images)
 def test_sensitivity_sweep(mnist_models, mnist_images):
     model = mnist_models["mnist-vit"]
     x, y = mnist_images
-    rows = sweep_sensitivity(model, x, y, kinds=["attn", "gelu"], stds=(0.0, 3.0), passes=1)
+    robust = RobustCheck(x[:4], y[:4], ThreatModel("linf", 0.1), budget=3)
+    rows = sweep_sensitivity(model, x, y, kinds=["attn", "gelu"], stds=(0.0, 3.0), passes=1, robust=robust)
     assert [(r.kind, r.std) for r in rows] == [("attn", 0.0), ("attn", 3.0), ("gelu", 0.0), ("gelu", 3.0)]
     zero, big = rows[2], rows[3]
     assert zero.clean == zero.base and zero.mse_mid == 0.0
     assert big.clean < big.base and big.mse_mid > 0 and big.mse_logits > 0
+    assert zero.robust == robust(model) and 0 <= zero.robust <= 1
+    assert big.robust is None  # clean accuracy fell more than robust_max_drop: no attack spent
+    (summary,) = [s for s in sensitivity_summary(rows) if s.kind == "gelu"]
+    assert summary.as_dict()["std_at_1pct_drop"] == summary.std_at_drop[0][1]
     with pytest.raises(ValueError, match="no 'relu' sites"):
         sweep_sensitivity(model, x, y, kinds=["relu"])
     with pytest.raises(ValueError, match="unknown site kind"):
@@ -157,13 +165,13 @@ def test_theory_flip_probability_matches_on_a_linear_model():
     y = torch.randint(0, 2, (4,), generator=gen)
     for layer, std in (("net.1", 0.05), ("input", 0.01)):
         rows = flip_rates(model, x, y, layer, std=std, probe_std=0.02, directions=3000, seed=3)
-        predicted = np.array([r["predicted"] for r in rows])
-        measured = np.array([r["measured"] for r in rows])
+        predicted = np.array([r.predicted for r in rows])
+        measured = np.array([r.measured for r in rows])
         assert np.abs(predicted - measured).max() < 0.035, (layer, predicted, measured)
         assert 0.02 < predicted.mean() < 0.5  # a non-trivial regime
     assert float(predicted_flip(0.0)) == 0.0 and float(predicted_flip(1e12)) == pytest.approx(0.5, abs=1e-5)
     ratios = gradient_ratios(model, x, y, ["input", "net.1"], step=0.05)
-    assert all(r["ratio_clean"] == pytest.approx(1.0) for r in ratios if r["layer"] == "input")
+    assert all(r.ratio_clean == pytest.approx(1.0) for r in ratios if r.layer == "input")
 
 
 def test_default_layers(mnist_models):
@@ -188,60 +196,43 @@ def _run(*args):
     return CliRunner().invoke(cli, ["analyze", *args, "--device", "cpu"], catch_exceptions=False)
 
 
-def test_cli_analyze_commands_write_csv_and_png(short_models, tmp_path):
+@pytest.mark.parametrize(
+    ("command", "args", "shown", "files", "inside"),
+    [
+        (
+            "sensitivity",
+            ["--model", "mnist-vit", "--stds", "0,0.5"],
+            ["std_at_1pct_drop"],
+            ["sensitivity.csv", "sensitivity_summary.csv", "sensitivity_clean.png", "sensitivity_mse.png"]
+            + ["sensitivity_robust.png"],
+            ("sensitivity.csv", "gelu"),
+        ),
+        (
+            "gradnorm",
+            ["--ratios", "0,0.5,1", "--std", "0.3", "--stat-images", "5"],
+            ["median |dL/dz|"],
+            [f"gradnorm_{f}.{ext}" for f in ("hist", "ratio", "agreement") for ext in ("csv", "png")]
+            + ["gradnorm_stats.csv"],
+            ("gradnorm_ratio.csv", "critical-grad"),
+        ),
+        (
+            "theory",
+            ["--model", "mnist-cnn", "--flip-images", "4", "--directions", "4"],
+            ["P predicted", "net.mlp.3"],
+            [f"theory_{f}.{ext}" for f in ("ratios", "flips", "layers") for ext in ("csv", "png")],
+            ("theory_layers.csv", "net.mlp.3"),
+        ),
+    ],
+)
+def test_cli_analyze_commands_write_csv_and_png(short_models, tmp_path, command, args, shown, files, inside):
     tiny = ["--images", "20", "--robust-images", "10", "--budget", "5", "--passes", "1"]
-    result = _run(
-        "sensitivity", *tiny, "--model", "mnist-vit", "--stds", "0,0.5", "--out", str(tmp_path / "s")
-    )
+    result = _run(command, *tiny, *args, "--out", str(tmp_path))
     assert result.exit_code == 0, result.output
-    assert "std_at_1pct_drop" in result.output
-    for f in ("sensitivity.csv", "sensitivity_summary.csv", "sensitivity_clean.png", "sensitivity_mse.png"):
-        assert (tmp_path / "s" / f).stat().st_size > 0
-    assert (tmp_path / "s" / "sensitivity_robust.png").exists()
-    assert "gelu" in (tmp_path / "s" / "sensitivity.csv").read_text()
-
-    result = _run(
-        "gradnorm",
-        *tiny,
-        "--ratios",
-        "0,0.5,1",
-        "--std",
-        "0.3",
-        "--stat-images",
-        "5",
-        "--out",
-        str(tmp_path / "g"),
-    )
-    assert result.exit_code == 0, result.output
-    assert "median |dL/dz|" in result.output
-    for f in (
-        "stats.csv",
-        "hist.csv",
-        "ratio.csv",
-        "agreement.csv",
-        "hist.png",
-        "ratio.png",
-        "agreement.png",
-    ):
-        assert (tmp_path / "g" / f"gradnorm_{f}").stat().st_size > 0
-    assert "critical-grad" in (tmp_path / "g" / "gradnorm_ratio.csv").read_text()
-
-    result = _run(
-        "theory",
-        *tiny,
-        "--model",
-        "mnist-cnn",
-        "--flip-images",
-        "4",
-        "--directions",
-        "4",
-        "--out",
-        str(tmp_path / "t"),
-    )
-    assert result.exit_code == 0, result.output
-    assert "P predicted" in result.output and "net.mlp.3" in result.output
-    for f in ("ratios.csv", "flips.csv", "layers.csv", "ratios.png", "flips.png", "layers.png"):
-        assert (tmp_path / "t" / f"theory_{f}").stat().st_size > 0
+    assert all(text in result.output for text in shown)
+    for f in files:
+        assert (tmp_path / f).stat().st_size > 0
+    name, text = inside
+    assert text in (tmp_path / name).read_text()
 
 
 def test_cli_analyze_rejects_bad_input(short_models, tmp_path):

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from sinai.attacks import ATTACKS, attack_class, make_attack
-from sinai.attacks.base import perturbation_norm
+from sinai.attacks import ATTACKS, attack_class, is_attack, list_attacks, make_attack
 from sinai.attacks.oracle import Oracle
-from sinai.defenses import protect
+from sinai.attacks.threat import ThreatModel
+from sinai.defenses import Defense, parse_defense, protect
+from sinai.evaluation.config import EvalConfig
 from sinai.evaluation.protocol import evaluate
 from sinai.evaluation.store import ResultStore
 
@@ -53,10 +54,18 @@ def norm_of(name: str) -> str:
 def oracle_for(model, x, y, name, budget, **kwargs):
     norm = kwargs.pop("norm", norm_of(name))
     eps = kwargs.pop("eps", EPS[norm])
-    return Oracle(model, y, budget=budget, output="labels", x_orig=x, norm=norm, eps=eps, **kwargs), norm, eps
+    threat = ThreatModel(norm, eps)
+    return Oracle(model, x, y, threat=threat, budget=budget, output="labels", **kwargs), norm, eps
 
 
 def test_registry_names_and_outputs():
+    assert ATTACKS == list_attacks() == (
+        "square", "signhunter", "nes", "bandits", "simba", "simba-dct",
+        "rays", "signflip", "hsja", "boundary", "signopt", "geoda",
+    )  # fmt: skip
+    assert is_attack("RayS") and not is_attack("none") and attack_class("HSJA").name == "hsja"
+    for name in ATTACKS:
+        assert attack_class(name).name == name and make_attack(name).kwargs() == {}
     for name in DECISION:
         assert name in ATTACKS and attack_class(name).output == "labels"
     assert attack_class("rays").norms == ("linf",) and attack_class("signflip").norms == ("linf",)
@@ -88,8 +97,7 @@ def test_breaks_undefended_models_and_counts_every_query(name, model_name, mnist
     oracle, norm, eps = oracle_for(
         counted, x, y, name, budget, norm=norm, eps=eps, votes=0, checkpoints=(budget,)
     )
-    attack = make_attack(name, norm=norm, eps=eps, seed=0)
-    x_adv = attack.run(oracle, x, y)
+    x_adv = make_attack(name)(oracle, seed=0)
     assert x_adv.shape == x.shape and x_adv.min() >= 0 and x_adv.max() <= 1
     assert counted.seen == int(oracle.queries.sum())  # binary searches and checks are counted queries
     assert int(oracle.queries.max()) <= budget
@@ -97,7 +105,7 @@ def test_breaks_undefended_models_and_counts_every_query(name, model_name, mnist
     assert (oracle.success_at[oracle.success] <= oracle.queries[oracle.success]).all()
     assert oracle.success.float().mean() >= 0.75, f"{name} broke {oracle.success.tolist()}"
     broken = oracle.success
-    assert (perturbation_norm(oracle.x_adv[broken], x[broken], norm) <= eps * (1 + 1e-6) + 1e-6).all()
+    assert (oracle.threat.distance(oracle.x_adv[broken], x[broken]) <= eps * (1 + 1e-6) + 1e-6).all()
     with torch.no_grad():
         assert (model(oracle.x_adv[broken]).argmax(1) != y[broken]).all()
     # the recorded checkpoint norm is reached no later than the verified success
@@ -116,7 +124,7 @@ def test_one_image_alone_runs_exactly_as_in_the_batch(name):
     runs = []
     for xs, ys in ((x, y), (x[3:4], y[3:4])):
         oracle, _, _ = oracle_for(model, xs, ys, name, 300, norm=norm, eps=eps, votes=0)
-        x_adv = make_attack(name, norm=norm, eps=eps, seed=7).run(oracle, xs, ys)
+        x_adv = make_attack(name)(oracle, seed=7)
         row = 3 if len(xs) == 5 else 0
         runs.append(
             (x_adv[row], int(oracle.queries[row]), int(oracle.success_at[row]), oracle.checkpoint_norms[row])
@@ -136,9 +144,9 @@ def test_rays_asks_every_live_image_in_every_oracle_call():
     x = torch.rand(6, 1, 8, 8)
     with torch.no_grad():
         y = model(x).argmax(1)
-    oracle = Recording(model, y, budget=200, output="labels", votes=0, x_orig=x, norm="linf", eps=0.05)
+    oracle = Recording(model, x, y, threat=ThreatModel("linf", 0.05), budget=200, output="labels", votes=0)
     oracle.calls = []
-    make_attack("rays", eps=0.05).run(oracle, x, y)
+    make_attack("rays")(oracle)
     # fast checks and binary-search steps of different images share one call: the batch stays full
     assert len(oracle.calls) == 200 and all(asked == live for asked, live in oracle.calls)
 
@@ -149,10 +157,10 @@ def test_eot_majority_counts_m_queries_per_logical_query(name):
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         y = model.model(x).argmax(1)
-    oracle, norm, eps = oracle_for(
+    oracle, _, _ = oracle_for(
         model, x, y, name, 90, eps=1e-3 if norm_of(name) == "linf" else 1e-2, eot=3, votes=0
     )
-    make_attack(name, norm=norm, eps=eps).run(oracle, x, y)
+    make_attack(name)(oracle)
     assert (oracle.queries % 3 == 0).all() and model.seen == int(oracle.queries.sum())
     assert (oracle.queries[~oracle.success] == 90).all()
 
@@ -173,7 +181,8 @@ def test_labels_under_eot_are_the_majority_of_the_m_samples():
             out[:, 1] = torch.where(rows == 0, 0.0, 1.0)
             return out
 
-    oracle = Oracle(Flaky(), torch.zeros(2, dtype=torch.long), budget=9, output="labels", eot=3, votes=0)
+    x, y, whole_cube = torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), ThreatModel("linf", 1.0)
+    oracle = Oracle(Flaky(), x, y, threat=whole_cube, budget=9, output="labels", eot=3, votes=0)
     assert oracle(torch.zeros(2, 1, 2, 2), torch.arange(2)).tolist() == [1, 1]
     assert oracle.queries.tolist() == [3, 3]
 
@@ -182,9 +191,8 @@ def test_success_counts_only_inside_the_eps_ball_and_checkpoints_record_norms():
     model = Linear3(seed=3, bias=(0.0, 100.0, 0.0))  # class 1 everywhere
     x = torch.full((1, 1, 8, 8), 0.5)
     y = torch.zeros(1, dtype=torch.long)
-    oracle = Oracle(
-        model, y, budget=10, output="labels", votes=0, x_orig=x, norm="linf", eps=0.1, checkpoints=(1, 2, 5)
-    )
+    threat = ThreatModel("linf", 0.1)
+    oracle = Oracle(model, x, y, threat=threat, budget=10, output="labels", votes=0, checkpoints=(1, 2, 5))
     oracle(x + 0.3, torch.tensor([0]))  # wrong label, outside the ball: no success
     assert not oracle.success.any()
     oracle(x + 0.2, torch.tensor([0]))
@@ -201,8 +209,8 @@ def test_p_mis_is_zero_on_a_deterministic_model_and_positive_under_noise(mnist_m
         right = model(x).argmax(1) == y
     x, y = x[right][:4], y[right][:4]
     for defended, positive in ((model, False), (protect(model, "RND:std=0.3", seed=0), True)):
-        oracle, norm, eps = oracle_for(defended, x, y, "hsja", 60, track_mismatch=True, votes=0, eps=0.1)
-        make_attack("hsja", norm=norm, eps=eps).run(oracle, x, y)
+        oracle, _, _ = oracle_for(defended, x, y, "hsja", 60, track_mismatch=True, votes=0, eps=0.1)
+        make_attack("hsja")(oracle)
         assert int(oracle.queries.sum()) > 0
         assert (int(oracle.mismatches.sum()) > 0) == positive
         if hasattr(defended, "remove"):
@@ -210,55 +218,60 @@ def test_p_mis_is_zero_on_a_deterministic_model_and_positive_under_noise(mnist_m
 
 
 @pytest.mark.parametrize(
-    ("build", "message"),
+    ("name", "norm", "eps", "message"),
     [
-        (lambda: make_attack("rays", norm="l2", eps=1.0), "rays is defined for linf only"),
-        (lambda: make_attack("boundary", norm="linf", eps=0.1), "boundary is defined for l2 only"),
-        (lambda: make_attack("geoda", norm="linf", eps=0.1), "defined for l2 only"),
-        (lambda: make_attack("signflip", norm="l2", eps=1.0), "defined for linf only"),
+        ("rays", "l2", 1.0, "rays is defined for linf only"),
+        ("boundary", "linf", 0.1, "boundary is defined for l2 only"),
+        ("geoda", "linf", 0.1, "defined for l2 only"),
+        ("signflip", "l2", 1.0, "defined for linf only"),
     ],
 )
-def test_wrong_norm_is_a_clear_error(build, message):
+def test_wrong_norm_is_a_clear_error(name, norm, eps, message):
+    x, y = torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    oracle = Oracle(Linear3(), x, y, threat=ThreatModel(norm, eps), budget=5, output="labels")
     with pytest.raises(ValueError, match=message):
-        build()
+        make_attack(name)(oracle)
+    assert int(oracle.queries.sum()) == 0
 
 
 def test_wrong_oracle_mode_or_missing_threat_model_is_a_clear_error():
     model = Linear3()
     x = torch.rand(2, 1, 8, 8)
     y = torch.zeros(2, dtype=torch.long)
-    scores = Oracle(model, y, budget=5, x_orig=x, norm="linf", eps=0.1)
+    threat = ThreatModel("linf", 0.1)
+    scores = Oracle(model, x, y, threat=threat, budget=5)
     with pytest.raises(ValueError, match="decision-based attack"):
-        make_attack("rays", eps=0.1).run(scores, x, y)
-    labels = Oracle(model, y, budget=5, output="labels", x_orig=x, norm="linf", eps=0.1)
+        make_attack("rays")(scores)
+    labels = Oracle(model, x, y, threat=threat, budget=5, output="labels")
     with pytest.raises(ValueError, match="score-based attack"):
-        make_attack("square", eps=0.1).run(labels, x, y)
-    with pytest.raises(ValueError, match="threat model"):
-        make_attack("rays", eps=0.1).run(Oracle(model, y, budget=5, output="labels"), x, y)
-    with pytest.raises(ValueError, match="differs"):
-        make_attack("rays", eps=0.2).run(labels, x, y)
+        make_attack("square")(labels)
+    with pytest.raises(TypeError, match="threat"):  # no oracle without the threat model
+        Oracle(model, x, y, budget=5, output="labels")
+    with pytest.raises(ValueError, match="rays has no parameter 'eps'"):  # one threat model: the oracle's
+        make_attack("rays", eps=0.2)
     with pytest.raises(ValueError, match="eot"):
-        Oracle(model, y, budget=5, output="labels", eot=0)
-    with pytest.raises(ValueError, match="all of x_orig, norm and eps"):
-        Oracle(model, y, budget=5, x_orig=x)
+        Oracle(model, x, y, threat=threat, budget=5, output="labels", eot=0)
+    with pytest.raises(ValueError, match="x must be"):
+        Oracle(model, x[:1], y, threat=threat, budget=5)
 
 
 def test_evaluate_runs_a_decision_attack_and_stores_the_snd_metrics(mnist_models, first8, tmp_path):
     x, y = first8
     model = mnist_models["mnist-cnn"]
-    args = dict(attack="rays", norm="linf", eps=0.3, budgets=(20, 100), shard_size=4, progress=False)
+    args = dict(attack="rays", threat=ThreatModel("linf", 0.3), budgets=(20, 100), shard_size=4)
     store = ResultStore(tmp_path / "r.sqlite")
-    result = evaluate(model, x, y, defense="RND:std=0.05", store=store, track_mismatch=True, **args)
+    config = EvalConfig(defense=parse_defense("RND:std=0.05"), track_mismatch=True, **args)
+    result = evaluate(model, x, y, config, store=store, progress=False)
     assert all(len(r.checkpoint_norms) == 2 for r in result.results)
     assert result.attack_success_rate(100) > 0.5 and result.robust_accuracy(100) < 0.5
     assert result.mean_norm(100) is not None and result.mean_norm(100) <= result.mean_norm(20)
     assert result.p_mis is not None and 0 <= result.p_mis <= 1
     again = store.results(store.runs()[0][0])  # read back from SQLite
     assert again == list(result.results)
-    plain = evaluate(model, x, y, **args)
+    plain = evaluate(model, x, y, EvalConfig(defense=Defense(name="none"), **args), progress=False)
     assert plain.p_mis is None and all(r.mismatches is None for r in plain.results)
     with pytest.raises(ValueError, match="eot"):
-        evaluate(model, x, y, eot=0, **args)
+        EvalConfig(eot=0, **args)
 
 
 @pytest.mark.slow

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from sinai.attacks.base import perturbation_norm, project
 from sinai.attacks.oracle import Oracle
 from sinai.attacks.signhunter import SignHunter
 from sinai.attacks.square import Square, meta_pattern, p_level
+from sinai.attacks.threat import ThreatModel, project
 
 EPS = {"linf": 0.3, "l2": 3.0}
 
@@ -46,11 +46,11 @@ def first50(mnist_images):
     return x[:50], y[:50]
 
 
-def check_run(attack, model, x, y, budget):
+def check_run(attack, threat, model, x, y, budget):
     """Run ``attack`` through a counting oracle; check counts, budget and the threat model; return it."""
     counted = Counting(model)
-    oracle = Oracle(counted, y, budget=budget, votes=0)
-    x_adv = attack.run(oracle, x, y)
+    oracle = Oracle(counted, x, y, threat=threat, budget=budget, votes=0)
+    x_adv = attack(oracle)
     assert x_adv.shape == x.shape
     assert counted.seen == int(oracle.queries.sum())  # every forward is a counted query (votes=0)
     assert int(oracle.queries.max()) <= budget
@@ -60,7 +60,7 @@ def check_run(attack, model, x, y, budget):
     if oracle.success.any():  # the oracle's own copies of the verified adversarial examples
         pairs.append((oracle.x_adv[oracle.success], x[oracle.success]))
     for xa, xs in pairs:
-        assert (perturbation_norm(xa, xs, attack.norm) <= attack.eps + 1e-6).all()
+        assert (threat.distance(xa, xs) <= threat.eps + 1e-6).all()
         assert xa.min() >= 0 and xa.max() <= 1
     return oracle
 
@@ -80,7 +80,7 @@ def test_breaks_undefended_models_within_1000_queries(cls, norm, rate, model_nam
     model = mnist_models[model_name].eval()
     with torch.no_grad():
         correct = model(x).argmax(1) == y
-    oracle = check_run(cls(norm=norm, eps=EPS[norm]), model, x, y, budget=1000)
+    oracle = check_run(cls(), ThreatModel(norm, EPS[norm]), model, x, y, budget=1000)
     assert oracle.success[correct].float().mean() >= rate
     assert oracle.success[~correct].all()  # misclassified images fall at their first query
 
@@ -88,7 +88,7 @@ def test_breaks_undefended_models_within_1000_queries(cls, norm, rate, model_nam
 @pytest.mark.parametrize(("cls", "norm"), [(Square, "linf"), (Square, "l2"), (SignHunter, "linf")])
 def test_tiny_budget_stops_exactly(cls, norm, mnist_models, first50):
     x, y = first50
-    oracle = check_run(cls(norm=norm, eps=0.05), mnist_models["mnist-cnn"].eval(), x, y, budget=20)
+    oracle = check_run(cls(), ThreatModel(norm, 0.05), mnist_models["mnist-cnn"].eval(), x, y, budget=20)
     assert int(oracle.queries.max()) == 20
 
 
@@ -98,8 +98,8 @@ def test_same_seed_same_run(cls, norm, mnist_models, first50):
     model = mnist_models["mnist-cnn"].eval()
     runs = []
     for seed in (0, 0, 1):
-        oracle = Oracle(model, y, budget=60, votes=0)
-        runs.append((cls(norm=norm, eps=EPS[norm] / 3, seed=seed).run(oracle, x, y), oracle))
+        oracle = Oracle(model, x, y, threat=ThreatModel(norm, EPS[norm] / 3), budget=60, votes=0)
+        runs.append((cls()(oracle, seed=seed), oracle))
     (xa, oa), (xb, ob), (xc, oc) = runs
     assert torch.equal(xa, xb) and torch.equal(oa.queries, ob.queries)
     assert torch.equal(oa.success_at, ob.success_at)
@@ -115,7 +115,7 @@ def test_square_candidates_follow_the_paper():
     y = torch.zeros(3, dtype=torch.long)
     for norm, eps in (("linf", 0.1), ("l2", 0.5)):
         model = Linear(x[0].numel())
-        Square(norm=norm, eps=eps).run(Oracle(model, y, budget=60, votes=0), x, y)
+        Square()(Oracle(model, x, y, threat=ThreatModel(norm, eps), budget=60, votes=0))
         cand = torch.cat(model.inputs)
         assert len(cand) == 3 * 60
         delta = cand - x.repeat(60, 1, 1, 1)
@@ -132,8 +132,8 @@ def test_square_schedule_and_patterns():
     it = torch.tensor([0, 10, 11, 50, 51, 200, 201, 8000, 8001, 9999])
     assert p_level(it, 10000).tolist() == [0, 0, 1, 1, 2, 2, 3, 8, 9, 9]
     assert p_level(torch.tensor([1, 2, 6, 100]), 1000).tolist() == [0, 1, 2, 4]
-    assert Square(norm="linf").side_lengths(28, 28) == [6, 4, 3, 2, 2, 1, 1, 1, 1, 1]
-    assert Square(norm="l2").side_lengths(28, 28) == [9, 7, 5, 3, 3, 3, 3, 3, 3, 3]
+    assert Square().side_lengths(28, 28, "linf") == [6, 4, 3, 2, 2, 1, 1, 1, 1, 1]
+    assert Square().side_lengths(28, 28, "l2") == [9, 7, 5, 3, 3, 3, 3, 3, 3, 3]
     pattern = meta_pattern(7)
     assert math.isclose(float(pattern.norm()), 1.0, rel_tol=1e-5)
     assert (pattern[:3] > 0).all() and (pattern[3:] < 0).all()
@@ -175,8 +175,8 @@ def test_signhunter_matches_a_per_image_reference(norm):
     x = 0.4 + 0.2 * torch.rand(3, 1, 2, 3, generator=torch.Generator().manual_seed(1))
     y = torch.zeros(3, dtype=torch.long)
     model, eps, budget = Linear(6, bias=20.0), {"linf": 0.1, "l2": 0.2}[norm], 40
-    oracle = Oracle(model, y, budget=budget, votes=0)
-    x_adv = SignHunter(norm=norm, eps=eps).run(oracle, x, y)
+    oracle = Oracle(model, x, y, threat=ThreatModel(norm, eps), budget=budget, votes=0)
+    x_adv = SignHunter()(oracle)
     assert oracle.queries.tolist() == [budget] * 3
     for k in range(3):
         expected = reference_signhunter(model, x[k], eps, norm, budget)
@@ -185,14 +185,15 @@ def test_signhunter_matches_a_per_image_reference(norm):
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown norm"):
-        Square(norm="l1")
+        ThreatModel("l1", 0.05)
     with pytest.raises(ValueError, match="unknown norm"):
-        SignHunter(norm="l0")
+        ThreatModel("l0", 0.05)
     with pytest.raises(ValueError, match="p_init"):
         Square(p_init=0.0)
-    oracle = Oracle(Linear(4), torch.zeros(1, dtype=torch.long), budget=5, output="labels")
+    x, y = torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long)
+    oracle = Oracle(Linear(4), x, y, threat=ThreatModel("linf", 0.05), budget=5, output="labels")
     with pytest.raises(ValueError, match="score"):
-        SignHunter().run(oracle, torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long))
+        SignHunter()(oracle)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -201,11 +202,11 @@ def test_square_linf_step_always_changes_the_image(channels):
     gen = torch.Generator().manual_seed(0)
     x = torch.zeros(64, channels, 8, 8)
     x[:, :, :4] = 1.0
-    attack = Square(norm="linf", eps=0.1)
-    best = attack.init_linf(x, gen)
+    attack = Square()
+    best = attack.init_linf(x, 0.1, gen)
     side = torch.full((64,), 3)
     for _ in range(20):
-        cand = attack.step_linf(x, best, side, gen)
+        cand = attack.step_linf(x, best, side, 0.1, gen)
         assert ((cand - best).abs() > 1e-7).flatten(1).any(1).all()
         assert (cand - x).abs().max() <= 0.1 + 1e-6 and cand.min() >= 0 and cand.max() <= 1
         best = cand

@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import images, tiny_cnn, tiny_vit
 from torch import nn
 
 from sinai.defenses import (
@@ -18,32 +19,6 @@ from sinai.defenses import (
     selected_count,
 )
 from sinai.models.classifier import ImageClassifier
-
-
-def tiny_vit(**kw) -> ImageClassifier:
-    net = timm.models.vision_transformer.VisionTransformer(
-        img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2, **kw
-    )
-    return ImageClassifier(net, input_shape=(1, 16, 16), num_classes=10, mean=(0.5,), std=(0.5,)).eval()
-
-
-def tiny_cnn() -> ImageClassifier:
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(8 * 16 * 16, 16),
-        nn.ReLU(),
-        nn.Linear(16, 10),
-    )
-    return ImageClassifier(net, input_shape=(1, 16, 16), num_classes=10, mean=(0.5,), std=(0.5,)).eval()
-
-
-def images(n=4, shape=(1, 16, 16), seed=0):
-    return torch.rand((n, *shape), generator=torch.Generator().manual_seed(seed))
-
 
 ALL_PRESETS_VIT = ["RND", "FND", "SINAI", "SINAI-Attn", "SINAI-FFN"]
 
@@ -136,7 +111,7 @@ def test_threshold_selection_noises_the_ratio_on_average():
     model, x = tiny_cnn(), images(64)
     spec = NoiseSpec(std=0.5, ratio=0.4, selection="threshold")
     defended = protect(model, Defense({"relu": spec}), seed=0)
-    with pytest.raises(RuntimeError, match="calibrate_thresholds"):
+    with pytest.raises(ValueError, match="calibrate_thresholds"):
         defended(x)
     defended.calibrate_thresholds(images(256, seed=1))
     relu = model.net[2]
@@ -326,13 +301,62 @@ def test_noise_is_drawn_on_the_cuda_device():
     x = images().cuda()
     a, b = defended(x), defended(x)
     assert a.is_cuda and not torch.allclose(a, b)
-    assert list(defended._generators) == [torch.device("cuda", 0)] or all(
-        d.type == "cuda" for d in defended._generators
-    )
+    devices = defended._generators.devices()
+    assert devices == [torch.device("cuda", 0)] or all(d.type == "cuda" for d in devices)
 
 
-def test_applicable_names_only_the_kinds_a_model_has():
-    from sinai.defenses import applicable
+def test_for_model_names_only_the_kinds_a_model_has():
+    assert set(preset("SINAI").for_model(tiny_cnn()).specs) == {"relu"}
+    assert set(preset("SINAI").for_model(tiny_vit()).specs) == {"attn", "gelu"}
+    with pytest.raises(ValueError, match=r"needs \['attn'\] sites"):
+        preset("SINAI-Attn").for_model(tiny_cnn())
 
-    assert set(applicable(preset("SINAI"), tiny_cnn()).specs) == {"relu"}
-    assert set(applicable(preset("SINAI"), tiny_vit()).specs) == {"attn", "gelu"}
+
+def test_defended_model_keeps_the_applicable_defense_and_finds_sites_once(monkeypatch):
+    from sinai.defenses import sites as sites_module
+
+    calls = []
+    real = sites_module.find_sites
+    monkeypatch.setattr(sites_module, "find_sites", lambda *a, **k: calls.append(1) or real(*a, **k))
+    defended = protect(tiny_cnn(), "SINAI", seed=0)
+    assert len(calls) == 1
+    assert defended.defense == preset("SINAI").restricted_to({"relu"})
+    assert {s.kind for s in defended.sites} == {"relu"}
+
+
+@pytest.mark.parametrize(
+    "text", ["RND", "SINAI:attn.std=1.0,gelu.std=0.1,gelu.ratio=0.7", "FND:std=0.1,layers=a.b|c", "none"]
+)
+def test_defense_dict_round_trips_through_json(text):
+    import json
+
+    defense = parse_defense(text)
+    data = json.loads(json.dumps(defense.to_dict()))
+    assert Defense.from_dict(data) == defense
+    assert data["specs"] == {k: {**vars(s), "layers": list(s.layers)} for k, s in defense.specs.items()}
+    assert Defense.from_dict(data) != parse_defense("RND:std=0.5")
+
+
+def test_a_new_preset_is_one_decorated_definition(monkeypatch):
+    from sinai.defenses import DEFAULT_SPECS, PRESETS, list_defenses, register_defense, spec
+
+    assert list_defenses() == ("none", "RND", "SND", "FND", "SINAI", "SINAI-Attn", "SINAI-FFN")
+    monkeypatch.setattr(spec, "_BUILDERS", dict(spec._BUILDERS))
+    before = dict(spec._PRESETS)
+    try:
+
+        @register_defense("Both")
+        def both(input, relu):
+            return Defense({"input": input, "relu": relu}, require="any")
+
+        assert list_defenses()[-1] == "Both" and PRESETS["Both"] == (("input", "relu"), "any")
+        made = parse_defense("both:relu.std=0.5")
+        assert made.name == "Both" and made.require == "any" and made.specs["relu"].std == 0.5
+        assert made.specs["input"] == DEFAULT_SPECS["input"]
+        with pytest.raises(ValueError, match="already registered"):
+            register_defense("rnd")(both)
+        with pytest.raises(ValueError, match="unknown site kind"):
+            register_defense("Bad")(lambda softmax: Defense({}))
+    finally:
+        spec._PRESETS.clear()
+        spec._PRESETS.update(before)

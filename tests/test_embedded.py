@@ -7,6 +7,7 @@ import inspect
 
 import pytest
 import torch
+from conftest import SHORT_RECIPES, use_recipes
 from timm.layers import Attention, Mlp
 from torch import nn
 
@@ -24,14 +25,8 @@ from sinai.models.embedded import (
 
 NAMES = ("mnist-cnn", "mnist-vit")
 
-# Short runs that learn reliably in seconds. Measured over seeds 0-4: CNN 96.7-97.5% (~1.2 s), ViT
-# 77-81% (~8 s). Chance is 10%; a model that does not learn (or is evaluated wrongly) stays far below.
-SHORT = {
-    "mnist-cnn": TrainConfig(
-        epochs=2, batch_size=64, lr=3e-3, weight_decay=5e-4, augment=0, train_images=2_000
-    ),
-    "mnist-vit": TrainConfig(epochs=6, batch_size=64, lr=3e-3, weight_decay=0.05, augment=0),
-}
+# The short recipes (conftest) learn reliably in seconds. Chance is 10%; a model that does not learn
+# (or is evaluated wrongly) stays far below these.
 SHORT_THRESHOLD = {"mnist-cnn": 0.9, "mnist-vit": 0.6}
 # A training run small enough to exercise the cache in about a second.
 TINY = TrainConfig(epochs=1, batch_size=64, lr=3e-3, weight_decay=5e-4, seed=0, augment=0, train_images=256)
@@ -40,7 +35,7 @@ TINY = TrainConfig(epochs=1, batch_size=64, lr=3e-3, weight_decay=5e-4, seed=0, 
 @pytest.fixture
 def tiny_cnn(monkeypatch: pytest.MonkeyPatch) -> str:
     """Point the ``mnist-cnn`` registry entry at a tiny recipe so that caching tests train in a second."""
-    monkeypatch.setitem(EMBEDDED, "mnist-cnn", dataclasses.replace(EMBEDDED["mnist-cnn"], train=TINY))
+    use_recipes(monkeypatch, {"mnist-cnn": TINY})
     return "mnist-cnn"
 
 
@@ -99,11 +94,11 @@ def test_unknown_name_lists_known(tmp_path) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_short_training_learns_and_leaves_global_rng_alone(name: str) -> None:
     before = torch.random.get_rng_state()
-    model, metrics = train_embedded(name, config=SHORT[name], progress=False)
+    model, metrics = train_embedded(name, config=SHORT_RECIPES[name], progress=False)
     assert torch.equal(torch.random.get_rng_state(), before)
     assert not model.training
     assert metrics["test_accuracy"] >= SHORT_THRESHOLD[name], metrics
-    assert metrics["epochs"] == SHORT[name].epochs and metrics["train_seconds"] > 0
+    assert metrics["epochs"] == SHORT_RECIPES[name].epochs and metrics["train_seconds"] > 0
     assert metrics["test_images"] == 1000
 
 

@@ -8,18 +8,15 @@ import pytest
 from click.testing import CliRunner
 
 from sinai.cli import cli
+from sinai.evaluation import EvalConfig
 from sinai.evaluation.store import ImageResult, ResultStore
 from sinai.reports.report import make_report
 
 
 def _add_run(store, *, model, method, level, attack, budget, clean, success_at, eot=1, stage=None) -> None:
-    settings = {
-        "model": model, "method": method, "level": level, "defense": f"{method}()",
-        "attack": f"{attack}(norm='linf', eps=0.1, seed=0)", "budget": budget, "eot": eot, "seed": 0,
-    }  # fmt: skip
-    if stage:
-        settings["stage"] = stage
-    run = store.run_id(settings)
+    describe = {"model": model, "method": method, "level": level, **({"stage": stage} if stage else {})}
+    config = EvalConfig(attack=attack, budgets=(budget,), eot=eot, describe=describe)
+    run = store.run_id(config.settings(images=len(success_at), dataset_indices=list(range(len(success_at)))))
     store.add_clean(run, clean)
     results = [
         ImageResult(i, i, 0, s != "wrong", None if s in (None, "wrong") else s, budget, 0, 0.1)

@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
-from sinai.defenses import protect
+from sinai.attacks.threat import ThreatModel
+from sinai.defenses import parse_defense, preset, protect
 from sinai.evaluation.clean import clean_accuracy
 from sinai.evaluation.store import ResultStore
 from sinai.tuning import calibrate as calibrate_module
 from sinai.tuning import tune as tune_module
-from sinai.tuning.calibrate import calibrate
+from sinai.tuning.calibrate import bisect_std, calibrate
+from sinai.tuning.pareto import dominates, pareto_front, pareto_mask
 from sinai.tuning.tune import Fidelity, check_space, defense_from_params, parse_ranges, search_space, tune
 
 
@@ -26,7 +28,7 @@ def val(mnist_images) -> tuple[torch.Tensor, torch.Tensor]:
 def test_calibration_hits_its_target(mnist_models, val, defense, target) -> None:
     model = mnist_models["mnist-cnn"]
     x, y = val
-    c = calibrate(model, x, y, defense, drop=target, tolerance=0.005, seed=3)
+    c = calibrate(model, x, y, preset(defense), drop=target, tolerance=0.005, seed=3)
     assert c.reached, c.steps
     assert abs(c.drop - target) <= 0.005
     assert c.std > 0 and c.defense.specs[c.kind].std == c.std
@@ -41,7 +43,7 @@ def test_calibration_hits_its_target(mnist_models, val, defense, target) -> None
 
 def test_calibration_says_when_the_range_is_too_small(mnist_models, val) -> None:
     x, y = val
-    c = calibrate(mnist_models["mnist-cnn"], x, y, "RND", drop=0.05, high=1e-4, tolerance=0.01)
+    c = calibrate(mnist_models["mnist-cnn"], x, y, preset("RND"), drop=0.05, high=1e-4, tolerance=0.01)
     assert not c.reached and c.std == 1e-4 and len(c.steps) == 1
 
 
@@ -55,15 +57,17 @@ def test_calibration_rejects_bad_input(mnist_models, val) -> None:
         ({"drop": 0.01, "tolerance": 0.02}, "tolerance"),
     ]:
         with pytest.raises(ValueError, match=message):
-            calibrate(model, x, y, "RND", **kwargs)
+            calibrate(model, x, y, preset("RND"), **kwargs)
     with pytest.raises(ValueError, match="one std"):
-        calibrate(model, x, y, "SINAI", drop=0.01)
+        calibrate(model, x, y, preset("SINAI"), drop=0.01)
+    with pytest.raises(ValueError, match=r"needs \['attn'\] sites"):
+        calibrate(mnist_models["mnist-cnn"], x, y, parse_defense("SINAI-Attn"), drop=0.01)
 
 
 def test_calibration_bisection_is_monotone_in_its_steps(mnist_models, val, monkeypatch) -> None:
     """Each bisection step halves the bracket: lows only rise, highs only fall."""
     x, y = val
-    c = calibrate(mnist_models["mnist-cnn"], x, y, "RND", drop=0.03, tolerance=0.001, max_steps=6)
+    c = calibrate(mnist_models["mnist-cnn"], x, y, preset("RND"), drop=0.03, tolerance=0.001, max_steps=6)
     assert len(c.steps) <= 6
     stds = [s for s, _ in c.steps]
     assert stds[0] == calibrate_module.DEFAULT_HIGH["input"]
@@ -71,10 +75,27 @@ def test_calibration_bisection_is_monotone_in_its_steps(mnist_models, val, monke
     assert all(g2 <= g1 / 2 + 1e-12 for g1, g2 in zip(gaps, gaps[1:], strict=False))
 
 
+def test_bisect_std_narrows_to_where_enough_starts() -> None:
+    lo, hi = bisect_std(lambda s: s >= 0.3, 0.0, 1.0, steps=20)
+    assert lo < 0.3 <= hi and hi - lo <= 2**-20
+    lo, hi = bisect_std(lambda s: s >= 0.3, 1e-3, 8.0, steps=30, log=True)
+    assert lo < 0.3 <= hi and hi / lo < 1.001
+    seen: list[float] = []
+    bisect_std(lambda s: seen.append(s) or s >= 0.3, 0.0, 1.0, steps=10, stop=lambda: len(seen) >= 2)
+    assert seen == [0.5, 0.25]
+
+
+def test_pareto_front_keeps_every_undominated_point() -> None:
+    points = [(0.9, 0.1), (0.8, 0.5), (0.8, 0.4), (0.7, 0.5), (0.9, 0.1)]
+    assert pareto_mask(points) == [True, True, False, False, True]
+    assert pareto_front(list(range(5)), key=lambda i: points[i]) == [0, 1, 4]
+    assert dominates((1, 1), (1, 0)) and not dominates((1, 0), (1, 0)) and not dominates((0, 2), (1, 0))
+
+
 # ----------------------------------------------------------------------------------------- tuning
 SMALL = dict(
-    trials=4, population=2, passes=2, screen=Fidelity(12, 15), full=Fidelity(15, 30), eps=0.1, seed=0,
-    progress=False,
+    trials=4, population=2, passes=2, screen=Fidelity(12, 15), full=Fidelity(15, 30),
+    threat=ThreatModel("linf", 0.1), seed=0, progress=False,
 )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import images
 from safetensors.torch import save_file
 
 from sinai.models.classifier import ImageClassifier
@@ -14,10 +15,6 @@ from sinai.models.zoo import default_dataset, load_checkpoint, load_model
 
 # timm's own test network: a real ViT with a Hugging Face weight id, 0.4M parameters, input (3, 160, 160)
 TINY_TIMM = "test_vit"
-
-
-def batch(shape, n=2, seed=0):
-    return torch.rand((n, *shape), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture
@@ -38,7 +35,7 @@ def test_timm_random_vit_takes_unit_images():
     assert (model.input_shape, model.num_classes) == ((3, 224, 224), 1000)
     assert model.name == "timm:vit_tiny_patch16_224"
     with torch.no_grad():
-        assert model(batch(model.input_shape, n=1)).shape == (1, 1000)
+        assert model(images(1, model.input_shape)).shape == (1, 1000)
 
 
 def test_classifier_normalizes_with_the_model_config():
@@ -47,7 +44,7 @@ def test_classifier_normalizes_with_the_model_config():
     assert model.input_shape == tuple(cfg["input_size"]) and model.num_classes == 10
     mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-    x = batch(model.input_shape)
+    x = images(2, model.input_shape)
     with torch.no_grad():
         assert torch.equal(model(x), model.net((x - mean) / std))
 
@@ -67,7 +64,7 @@ def test_timm_checkpoint_round_trip(tmp_path, wrap):
         torch.save({wrap: state, "epoch": 3}, path)
     model = load_model(f"timm:{TINY_TIMM}", checkpoint=path, num_classes=10)
     reference = ImageClassifier(net, input_shape=(3, 160, 160), num_classes=10, mean=[0.5] * 3, std=[0.5] * 3)
-    x = batch(model.input_shape)
+    x = images(2, model.input_shape)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
 
@@ -78,7 +75,7 @@ def test_checkpoint_of_an_image_classifier_loads(tmp_path):
     torch.save(model.state_dict(), tmp_path / "c.pt")
     assert set(load_checkpoint(tmp_path / "c.pt")) == set(model.net.state_dict())
     again = load_model(f"timm:{TINY_TIMM}", checkpoint=tmp_path / "c.pt", num_classes=10)
-    x = batch(model.input_shape)
+    x = images(2, model.input_shape)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
 
@@ -117,7 +114,7 @@ def test_torchvision_random_and_checkpoint_round_trip(tmp_path):
     model = load_model("torchvision:resnet18", weights="random")
     assert (model.input_shape, model.num_classes) == ((3, 224, 224), 1000)
     assert model.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
-    x = batch(model.input_shape)
+    x = images(2, model.input_shape)
     with torch.no_grad():
         assert model(x).shape == (2, 1000)
     torch.save({"state_dict": model.net.state_dict()}, tmp_path / "r18.pth")
@@ -187,3 +184,25 @@ def test_default_dataset():
     assert default_dataset("timm:resnet18", num_classes=10) == "cifar10"
     with pytest.raises(ValueError, match="accepted names"):
         default_dataset("bogus")
+
+
+def test_a_new_model_is_one_decorated_definition(monkeypatch):
+    from torch import nn
+
+    from sinai.models import zoo
+
+    assert zoo.list_models() == ("mnist-cnn", "mnist-vit", "timm:<name>", "torchvision:<name>")
+    monkeypatch.setattr(zoo, "_MODELS", dict(zoo._MODELS))
+
+    @zoo.register_model("toy", dataset="cifar10")
+    def toy(arch, **options):
+        net = nn.Sequential(nn.Flatten(), nn.Linear(4, 10))
+        return ImageClassifier(net, input_shape=(1, 2, 2), num_classes=10, mean=(0.5,), std=(0.5,), name=arch)
+
+    assert zoo.list_models()[:3] == ("mnist-cnn", "mnist-vit", "toy")
+    model = load_model("toy")
+    assert model.name == "toy" and not model.training and default_dataset("toy") == "cifar10"
+    with pytest.raises(ValueError, match="already registered"):
+        zoo.register_model("toy", dataset="mnist")(toy)
+    with pytest.raises(ValueError, match="accepted names: mnist-cnn, mnist-vit, toy, timm:"):
+        load_model("toy:x")

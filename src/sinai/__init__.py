@@ -6,15 +6,21 @@ models on [0, 1] images and labelled image sets; ``clean_accuracy`` measures the
 
 __version__ = "0.1.0"
 
+from .attacks.threat import ThreatModel  # noqa: E402
 from .defenses import DefendedModel, Defense, NoiseSpec, find_sites, parse_defense, preset, protect  # noqa: E402
 from .evaluation.clean import clean_accuracy  # noqa: E402
+from .evaluation.config import EvalConfig  # noqa: E402
+from .evaluation.protocol import evaluate  # noqa: E402
 
 __all__ = [
     "DefendedModel",
     "Defense",
+    "EvalConfig",
     "NoiseSpec",
+    "ThreatModel",
     "__version__",
     "clean_accuracy",
+    "evaluate",
     "find_sites",
     "parse_defense",
     "preset",

@@ -8,7 +8,7 @@
 5. Evaluate the undefended model and every calibrated / tuned defense under Square, SignHunter, NES
    and the decision-based RayS and SignFlip (``attacks`` picks others) with the papers' protocol; a
    defense that appears twice (one tuned configuration for both drops) is attacked once.
-6. Print the Table-1-style table and write the report folder (tables as Markdown/CSV/JSON, plots).
+6. Write the report folder (tables as Markdown/CSV/JSON, plots); ``sinai demo`` prints its tables.
 
 Every stage resumes: calibrations are saved as they finish, the Optuna study and all evaluations live in
 SQLite files, so a killed demo picks up where it stopped and a finished one only re-prints its report.
@@ -18,22 +18,21 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import torch
 
-from .attacks import ATTACKS
+from .attacks import ATTACKS, ThreatModel
 from .defenses import Defense, preset
+from .evaluation.config import EvalConfig
 from .evaluation.defaults import MNIST_EPS, default_attack_args
 from .evaluation.protocol import EvalResult, evaluate
 from .evaluation.store import ResultStore
 from .models.data import mnist, select_images
 from .models.zoo import load_model
-from .reports.report import make_report, write_tuning
+from .reports.report import Report, make_report, write_tuning
 from .tuning.calibrate import calibrate
 from .tuning.tune import Fidelity, tune
 
@@ -75,15 +74,11 @@ def demo_attacks() -> tuple[str, ...]:
     return SCORE_ATTACKS + tuple(a for a in DECISION_ATTACKS if a in ATTACKS)
 
 
-def check_names(names: Sequence[str], known: Sequence[str], what: str, option: str) -> tuple[str, ...]:
-    """A comma-option's names from user input, duplicates dropped; unknown ones are an error listing
-    the known ones."""
+def check_names(names: Sequence[str], known: Sequence[str], what: str) -> tuple[str, ...]:
+    """``names`` with duplicates dropped; unknown ones are a ``ValueError`` listing the known ones."""
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise click.BadParameter(
-            f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}",
-            param_hint=option,
-        )
+        raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     return tuple(dict.fromkeys(names))
 
 
@@ -111,6 +106,21 @@ def _level(drop: float) -> str:
     return f"≈{100 * drop:g}%"
 
 
+@dataclass(frozen=True)
+class DemoResult:
+    """What a demo wrote: the report (its tables and files), on ``images`` evaluation images per model
+    under ``threat``."""
+
+    report: Report
+    images: int
+    threat: ThreatModel
+
+
+def _positive(what: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value}")
+
+
 def run_demo(
     *,
     out: Path,
@@ -123,28 +133,29 @@ def run_demo(
     seed: int = 0,
     device: torch.device | str = "cpu",
     cache_dir: str | None = None,
-) -> list:
-    """Run the demo (see the module docstring); return the report's tables."""
+    log: Callable[[str], None] | None = None,
+) -> DemoResult:
+    """Run the demo (see the module docstring); ``log`` is told every step. Bad sizes or names raise
+    ``ValueError``."""
     cfg = DemoConfig.preset(quick)
-    for name, value in (("--images", eval_images), ("--budget", budget), ("--trials", trials)):
-        if value is not None and value < 1:
-            raise click.BadParameter(f"must be a positive integer, got {value}", param_hint=name)
+    _positive("the number of evaluation images", eval_images)
+    _positive("the query budget", budget)
+    _positive("the number of trials", trials)
     n_eval = eval_images or cfg.eval_images
     budget = budget or cfg.budget
     trials = trials or cfg.trials
-    attacks = check_names(attacks, ATTACKS, "attack", "--attacks") if attacks else demo_attacks()
-    models = check_names(models, MODELS, "model", "--models") if models else MODELS
+    attacks = check_names(attacks, ATTACKS, "attack") if attacks else demo_attacks()
+    models = check_names(models, MODELS, "model") if models else MODELS
+    say = log or (lambda _msg: None)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     data = mnist("test")
     val_idx, eval_idx = split(cfg.val_images, n_eval, seed)
     xv, yv = data.load(val_idx).to(device), data.labels[val_idx].to(device)
     xe, ye = data.load(eval_idx), data.labels[eval_idx]
-    eps, norm = MNIST_EPS["linf"], "linf"
-    say = lambda msg: click.echo(f"[{time.perf_counter() - start:6.0f} s] {msg}", err=True)
+    threat = ThreatModel("linf", MNIST_EPS["linf"])
     say(
         f"sinai demo{' --quick' if quick else ''}: {len(val_idx)} validation / {n_eval} evaluation MNIST "
-        f"images, linf eps {eps}, {budget} queries, models {', '.join(models)}, "
+        f"images, linf eps {threat.eps}, {budget} queries, models {', '.join(models)}, "
         f"attacks {', '.join(attacks)}; output {out}"
     )
     calib_path = out / "calibration.json"
@@ -164,7 +175,7 @@ def run_demo(
                 for drop in cfg.drops:
                     key = f"{model_name}|{method}|{drop:g}|{len(val_idx)}|{seed}"
                     if key not in calibrations:
-                        c = calibrate(model, xv, yv, method, drop=drop, passes=cfg.passes, seed=seed)
+                        c = calibrate(model, xv, yv, preset(method), drop=drop, passes=cfg.passes, seed=seed)
                         calibrations[key] = c.as_dict()
                         save_calibration(calib_path, key, calibrations[key])
                     c = calibrations[key]
@@ -183,7 +194,7 @@ def run_demo(
                 result = tune(
                     model, xv, yv, deltas=cfg.drops, model_name=model_name, trials=trials,
                     population=cfg.population, passes=cfg.passes, screen=cfg.screen, full=cfg.full,
-                    eps=eps, norm=norm, storage=f"sqlite:///{(folder / 'study.sqlite').resolve()}",
+                    threat=threat, storage=f"sqlite:///{(folder / 'study.sqlite').resolve()}",
                     study_name=f"{model_name}-sinai", store=tune_store, seed=seed, log=say,
                 )  # fmt: skip
             write_tuning(result, folder, model_name)
@@ -205,16 +216,12 @@ def run_demo(
                         store.copy_run({**same.settings, **describe}, same.clean, same.results)
                         continue
                     say(f"{model_name}: {method} {level} under {attack}")
-                    evaluated[defense.describe(), attack] = evaluate(
-                        model, xe, ye, attack=attack, defense=defense, norm=norm, eps=eps,
-                        budgets=(budget,), attack_kwargs=default_attack_args(attack, "mnist", norm),
-                        seed=seed, passes=cfg.passes, dataset_indices=eval_idx.tolist(), store=store,
+                    config = EvalConfig(
+                        attack=attack, attack_args=default_attack_args(attack, "mnist", threat.norm),
+                        defense=defense, threat=threat, budgets=(budget,), seed=seed, passes=cfg.passes,
                         describe=describe,
                     )  # fmt: skip
-
-    report = make_report(out)
-    for table in report.tables:
-        click.echo(f"\n{table.name} (robust accuracy %, {n_eval} images, linf eps {eps}):")
-        click.echo(table.markdown())
-    say(f"done; report in {out / 'report'} ({len(report.files)} files)")
-    return report.tables
+                    evaluated[defense.describe(), attack] = evaluate(
+                        model, xe, ye, config, dataset_indices=eval_idx.tolist(), store=store
+                    )
+    return DemoResult(make_report(out), n_eval, threat)

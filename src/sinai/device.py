@@ -14,5 +14,5 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     except RuntimeError as err:
         raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
+        raise ValueError(f"device {device!r} asked for but CUDA is not available here; use 'cpu'")
     return dev

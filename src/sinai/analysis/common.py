@@ -1,71 +1,75 @@
-"""Helpers the analyses share: robust accuracy through the protocol, std calibration, checks, CSV."""
+"""Helpers the analyses share: rows, the robust-accuracy check, std calibration, checks, CSV."""
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..attacks.threat import ThreatModel
 from ..defenses import Defense
+from ..defenses.spec import check_ratio, check_std
 from ..evaluation.clean import clean_accuracy
+from ..evaluation.config import EvalConfig
 from ..evaluation.protocol import evaluate
+from ..tuning.calibrate import bisect_std
+
+
+def _checked(values: Iterable[float], what: str, check: Callable[[float], object]) -> tuple[float, ...]:
+    out = tuple(float(v) for v in values)
+    if not out:
+        raise ValueError(f"give at least one {what}")
+    for value in out:
+        check(value)
+    return out
 
 
 def check_stds(stds: Iterable[float]) -> tuple[float, ...]:
     """The stds as floats, or a ``ValueError`` naming the first one that is not a finite number >= 0."""
-    out = tuple(float(s) for s in stds)
-    if not out:
-        raise ValueError("give at least one std")
-    for std in out:
-        if not math.isfinite(std) or std < 0:
-            raise ValueError(f"std must be a finite number >= 0 (a standard deviation), got {std!r}")
-    return out
+    return _checked(stds, "std", check_std)
 
 
 def check_ratios(ratios: Iterable[float]) -> tuple[float, ...]:
     """The ratios as floats, or a ``ValueError`` naming the first one outside [0, 1]."""
-    out = tuple(float(r) for r in ratios)
-    if not out:
-        raise ValueError("give at least one ratio")
-    for ratio in out:
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError(
-                f"ratio must be in [0, 1] (the fraction of logits that get noise), got {ratio!r}"
-            )
-    return out
+    return _checked(ratios, "ratio", check_ratio)
 
 
-def robust_accuracy(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    defense: Defense | None,
-    budget: int,
-    eps: float,
-    norm: str = "linf",
-    seed: int = 0,
-) -> float:
-    """Robust accuracy under Square at ``budget`` queries, through :func:`evaluate` (oracle, votes)."""
-    result = evaluate(
-        model,
-        x,
-        y,
-        attack="square",
-        defense=defense,
-        norm=norm,
-        eps=eps,
-        budgets=(budget,),
-        seed=seed,
-        passes=1,
-        batch_size=256,
-        progress=False,
-    )
-    return result.robust_accuracy(budget)
+@dataclass(frozen=True)
+class Row:
+    """Base of the analyses' rows: a frozen dataclass whose fields are its CSV columns."""
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RobustCheck:
+    """The robust-accuracy check the sweeps share: Square at ``budget`` queries on the images ``x, y``
+    within ``threat``, through :func:`~sinai.evaluation.protocol.evaluate` (the Oracle, its votes)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    threat: ThreatModel
+    budget: int = 100
+
+    def __call__(self, model: nn.Module, defense: Defense | None = None, *, seed: int = 0) -> float:
+        """Robust accuracy of ``model`` protected by ``defense`` (``None``: as it is), noise and attack
+        seeded by ``seed``."""
+        config = EvalConfig(
+            attack="square",
+            defense=defense if defense is not None else Defense(name="none"),
+            threat=self.threat,
+            budgets=(self.budget,),
+            seed=seed,
+            passes=1,
+        )
+        result = evaluate(model, self.x, self.y, config, batch_size=256, progress=False)
+        return result.robust_accuracy(self.budget)
 
 
 def calibrate_std(
@@ -83,14 +87,13 @@ def calibrate_std(
     """
     if not 0 < drop < 1:
         raise ValueError(f"drop must be in (0, 1), got {drop!r}")
-    if accuracy_at(hi) > base - drop:
+
+    def enough(std: float) -> bool:
+        return not accuracy_at(std) > base - drop
+
+    if not enough(hi):
         return hi
-    for _ in range(steps):
-        mid = math.sqrt(lo * hi)
-        if accuracy_at(mid) > base - drop:
-            lo = mid
-        else:
-            hi = mid
+    lo, hi = bisect_std(enough, lo, hi, steps=steps, log=True)
     return math.sqrt(lo * hi)
 
 
@@ -114,15 +117,17 @@ def std_at_drop(stds: Sequence[float], accs: Sequence[float], base: float, drop:
     return None
 
 
-def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> Path:
-    """Write ``rows`` (dicts with the same keys) as CSV; floats with 6 significant digits."""
+def write_csv(path: Path, rows: Sequence[Row]) -> Path:
+    """Write ``rows`` (of one type) as CSV under their ``as_dict()`` keys; floats with 6 significant
+    digits, ``None`` (not measured) as an empty cell."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not rows:
         path.write_text("")
         return path
+    dicts = [row.as_dict() for row in rows]
     with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(dicts[0]))
         writer.writeheader()
-        for row in rows:
+        for row in dicts:
             writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
     return path

@@ -14,16 +14,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..defenses import Defense, NoiseSpec, find_sites, protect, selected_count, smallest_mask
+from ..defenses import Defense, NoiseSpec, Site, find_sites, protect, selected_count, smallest_mask
+from ..defenses.hooks import Generators, SiteHook
 from ..defenses.spec import SELECTIVE_KINDS, check_kind
 from ..evaluation.clean import clean_accuracy
-from .common import calibrate_std, check_ratios, check_stds, noisy_accuracy, robust_accuracy
+from .common import RobustCheck, Row, calibrate_std, check_ratios, check_stds, noisy_accuracy
 from .probes import LOSSES, Capture, capture_gradients
 
 RULES: tuple[str, ...] = ("noncritical-value", "critical-value", "noncritical-grad", "critical-grad")
@@ -39,7 +40,7 @@ RULE_LABELS = {
 DEFAULT_RATIOS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def selective_sites(model: nn.Module, kind: str) -> list:
+def selective_sites(model: nn.Module, kind: str) -> list[Site]:
     """The ``kind`` sites of ``model``; ``ValueError`` unless ``kind`` is gelu/relu and the model has it."""
     check_kind(kind)
     if kind not in SELECTIVE_KINDS:
@@ -63,6 +64,28 @@ def select_mask(score: torch.Tensor, ratio: float, *, largest: bool) -> torch.Te
     if k > 0:
         mask.scatter_(1, flat.topk(k, dim=1, largest=largest, sorted=False).indices, True)
     return mask.view_as(score)
+
+
+class _Selective(SiteHook):
+    """The hook of :class:`SelectiveNoise` at one site: noise on the logits its rule selects."""
+
+    def __init__(self, owner: SelectiveNoise, site: Site) -> None:
+        super().__init__(site)
+        self.owner = owner
+
+    def enabled(self) -> bool:
+        return self.owner._active
+
+    def tensor(self, z: torch.Tensor) -> torch.Tensor:
+        owner, name = self.owner, self.site.name
+        call = owner._calls[name] = owner._calls.get(name, -1) + 1
+        gen = owner.generator(z.device)
+        noise = torch.empty(z.shape, dtype=z.dtype, device=z.device).normal_(0.0, owner.std, generator=gen)
+        critical = owner.rule.startswith("critical")
+        score = z if owner.rule.endswith("value") else owner._scores[(name, call)]
+        mask = select_mask(score, owner.ratio, largest=critical)
+        owner.last_masks[(name, call)] = mask
+        return torch.addcmul(z, noise, mask)
 
 
 class SelectiveNoise(nn.Module):
@@ -107,33 +130,11 @@ class SelectiveNoise(nn.Module):
         self.input_shape = getattr(model, "input_shape", None)
         self.seed = seed
         self.last_masks: dict[tuple[str, int], torch.Tensor] = {}
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.generator = Generators(seed)
         self._scores: dict[tuple[str, int], torch.Tensor] = {}
         self._calls: dict[str, int] = {}
         self._active = False
-        self._handles = [site.module.register_forward_pre_hook(self._hook(site)) for site in self.sites]
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return gen
-
-    def _hook(self, site) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> tuple | None:
-            if not self._active:
-                return None
-            call = self._calls[site.name] = self._calls.get(site.name, -1) + 1
-            z = args[0]
-            gen = self.generator(z.device)
-            noise = torch.empty(z.shape, dtype=z.dtype, device=z.device).normal_(0.0, self.std, generator=gen)
-            critical = self.rule.startswith("critical")
-            score = z if self.rule.endswith("value") else self._scores[(site.name, call)]
-            mask = select_mask(score, self.ratio, largest=critical)
-            self.last_masks[(site.name, call)] = mask
-            return (torch.addcmul(z, noise, mask), *args[1:])
-
-        return hook
+        self._handles = [_Selective(self, site).attach() for site in self.sites]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rule.endswith("grad") and 0 < self.ratio < 1:
@@ -166,7 +167,7 @@ def _captures(model, x, y, sites, loss, batch_size) -> list[list[Capture]]:
 
 
 @dataclass(frozen=True)
-class GradStats:
+class GradStats(Row):
     """Per-logit gradient norms ``|dL/dz|`` at one site (``site="all"``: pooled over the kind)."""
 
     model: str
@@ -178,9 +179,6 @@ class GradStats:
     mean: float
     max: float
     zero_share: float
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def gradient_norms(
@@ -229,7 +227,19 @@ def gradient_norms(
     return stats, pooled
 
 
-def histogram(values: np.ndarray, bins: int = 60) -> list[dict[str, float]]:
+@dataclass(frozen=True)
+class HistogramBin(Row):
+    """One bin of a log-spaced histogram of ``|dL/dz|``: ``share`` of all values (zeros included)."""
+
+    model: str
+    kind: str
+    bin_lo: float
+    bin_hi: float
+    count: int
+    share: float
+
+
+def histogram(values: np.ndarray, bins: int = 60, *, model: str = "", kind: str = "") -> list[HistogramBin]:
     """Log-spaced histogram of the non-zero values (zeros are reported by ``zero_share``)."""
     nonzero = values[values > 0]
     if nonzero.size == 0:
@@ -238,12 +248,34 @@ def histogram(values: np.ndarray, bins: int = 60) -> list[dict[str, float]]:
     edges = np.logspace(lo, hi if hi > lo else lo + 1, bins + 1)
     counts, _ = np.histogram(nonzero, bins=edges)
     return [
-        {"bin_lo": float(a), "bin_hi": float(b), "count": int(c), "share": float(c / values.size)}
+        HistogramBin(model, kind, float(a), float(b), int(c), float(c / values.size))
         for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)
     ]
 
 
 # ----------------------------------------------------------------------------------- rank agreement
+
+
+@dataclass(frozen=True)
+class AgreementRow(Row):
+    """How well the value proxy ranks one site's logits like ``|dL/dz|``: the mean per-sample Spearman
+    correlation, and the proxy's ``precision`` at ``ratio`` (CSV column ``precision_at_<ratio>``)."""
+
+    model: str
+    kind: str
+    site: str
+    spearman: float
+    precision: float
+    ratio: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "kind": self.kind,
+            "site": self.site,
+            "spearman": self.spearman,
+            f"precision_at_{self.ratio:g}": self.precision,
+        }
 
 
 def _ranks(a: np.ndarray) -> np.ndarray:
@@ -262,7 +294,7 @@ def rank_agreement(
     loss: str = "margin",
     batch_size: int = 100,
     name: str | None = None,
-) -> list[dict[str, object]]:
+) -> list[AgreementRow]:
     """Per site: the Spearman correlation between the pre-activation value (the proxy) and ``|dL/dz|``
     per sample, averaged over samples, and the *precision* of the proxy at ``ratio``: the share of the
     logits the proxy selects (the smallest values) that are also among the ``ratio`` share with the
@@ -292,17 +324,14 @@ def rank_agreement(
             acc[0] += float(rho.sum())
             acc[1] += float(hit.sum())
             acc[2] += len(z)
-    return [
-        {"model": name, "kind": kind, "site": label, "spearman": s / n, f"precision_at_{ratio:g}": h / n}
-        for (kind, label), (s, h, n) in sums.items()
-    ]
+    return [AgreementRow(name, kind, label, s / n, h / n, ratio) for (kind, label), (s, h, n) in sums.items()]
 
 
 # ------------------------------------------------------------------------------------- ratio sweep
 
 
 @dataclass(frozen=True)
-class RatioRow:
+class RatioRow(Row):
     """Clean (M passes) and robust accuracy of one selection rule at one ratio."""
 
     model: str
@@ -314,9 +343,6 @@ class RatioRow:
     clean_std: float
     base: float
     robust: float | None
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def uniform_std(
@@ -345,14 +371,11 @@ def ratio_sweep(
     passes: int = 3,
     seed: int = 0,
     loss: str = "margin",
-    robust: tuple[torch.Tensor, torch.Tensor] | None = None,
-    budget: int = 100,
-    eps: float = 0.1,
-    norm: str = "linf",
+    robust: RobustCheck | None = None,
     name: str | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> list[RatioRow]:
-    """Clean and (with ``robust=(x, y)``) Square robust accuracy of every rule at every ratio.
+    """Clean and (with ``robust``) Square robust accuracy of every rule at every ratio.
 
     Ratios 0 and 1 select nothing / everything whatever the rule, so they are measured once (through
     ``protect``) and reported for every rule.
@@ -370,30 +393,18 @@ def ratio_sweep(
         shared = ratio in (0.0, 1.0)
         for i, rule in enumerate(rules):
             if shared and i > 0:
-                rows.append(RatioRow(**{**rows[-1].as_dict(), "rule": rule}))
+                rows.append(replace(rows[-1], rule=rule))
                 continue
             if shared or rule == "noncritical-value":
                 defense = Defense({kind: NoiseSpec(std=std, ratio=ratio)}, name=f"{kind}-noise")
                 with protect(model, defense, seed=seed) as defended:
                     acc = clean_accuracy(defended, x, y, passes=passes)
-                rob = (
-                    robust_accuracy(
-                        model, *robust, defense=defense, budget=budget, eps=eps, norm=norm, seed=seed
-                    )
-                    if robust is not None
-                    else None
-                )
+                rob = robust(model, defense, seed=seed) if robust is not None else None
             else:
                 wrapper = SelectiveNoise(model, kind, std=std, ratio=ratio, rule=rule, seed=seed, loss=loss)
                 try:
                     acc = clean_accuracy(wrapper, x, y, passes=passes)
-                    rob = (
-                        robust_accuracy(
-                            wrapper, *robust, defense=None, budget=budget, eps=eps, norm=norm, seed=seed
-                        )
-                        if robust is not None
-                        else None
-                    )
+                    rob = robust(wrapper, seed=seed) if robust is not None else None
                 finally:
                     wrapper.remove()
             rows.append(RatioRow(name, kind, std, ratio, rule, acc.mean, acc.std, base, rob))

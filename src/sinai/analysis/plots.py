@@ -1,15 +1,22 @@
-"""PNG figures for the analyses (matplotlib, Agg backend): one function per figure, data in, path out."""
+"""PNG figures for the analyses (matplotlib, Agg backend): one function per figure, rows in, path out."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from .common import Row
+    from .gradnorm import AgreementRow, RatioRow
+    from .sensitivity import SensitivityRow
+    from .theory import FlipRate, GradientRatio, LayerRow
 
 KIND_LABELS = {
     "attn": "attention logits (pre-softmax)",
@@ -20,8 +27,8 @@ KIND_LABELS = {
 }
 
 
-def _models(rows: Sequence[Mapping]) -> list[str]:
-    return list(dict.fromkeys(r["model"] for r in rows))
+def _models(rows: Sequence[Row]) -> list[str]:
+    return list(dict.fromkeys(r.model for r in rows))
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -40,18 +47,18 @@ def _symlog_std(ax: plt.Axes, stds: Sequence[float]) -> None:
     ax.set_xlabel("noise std")
 
 
-def sensitivity_clean(rows: Sequence[Mapping], path: Path) -> Path:
+def sensitivity_clean(rows: Sequence[SensitivityRow], path: Path) -> Path:
     """SINAI Fig. 1(a)(b): clean accuracy vs std, one line per site kind, one panel per model."""
     models = _models(rows)
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        sel = [r for r in rows if r["model"] == model]
-        for kind in dict.fromkeys(r["kind"] for r in sel):
-            pts = sorted((r["std"], 100 * r["clean"]) for r in sel if r["kind"] == kind)
+        sel = [r for r in rows if r.model == model]
+        for kind in dict.fromkeys(r.kind for r in sel):
+            pts = sorted((r.std, 100 * r.clean) for r in sel if r.kind == kind)
             ax.plot(*zip(*pts, strict=True), marker="o", label=KIND_LABELS.get(kind, kind))
-        base = 100 * sel[0]["base"]
+        base = 100 * sel[0].base
         ax.axhline(base - 1, color="grey", ls=":", lw=1, label="1% below undefended")
-        _symlog_std(ax, [r["std"] for r in sel])
+        _symlog_std(ax, [r.std for r in sel])
         ax.set_ylabel("clean accuracy (%)")
         ax.set_title(f"{model}: noise at one site kind")
         ax.legend(fontsize=8)
@@ -59,16 +66,14 @@ def sensitivity_clean(rows: Sequence[Mapping], path: Path) -> Path:
     return _save(fig, path)
 
 
-def sensitivity_mse(rows: Sequence[Mapping], path: Path) -> Path:
+def sensitivity_mse(rows: Sequence[SensitivityRow], path: Path) -> Path:
     """SINAI Fig. 1(c): MSE at a middle layer's output (solid) and at the logits (dashed) vs std."""
     models = _models(rows)
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 5.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        sel = [r for r in rows if r["model"] == model]
-        for i, kind in enumerate(dict.fromkeys(r["kind"] for r in sel)):
-            pts = sorted(
-                (r["std"], r["mse_mid"], r["mse_logits"]) for r in sel if r["kind"] == kind and r["std"] > 0
-            )
+        sel = [r for r in rows if r.model == model]
+        for i, kind in enumerate(dict.fromkeys(r.kind for r in sel)):
+            pts = sorted((r.std, r.mse_mid, r.mse_logits) for r in sel if r.kind == kind and r.std > 0)
             if not pts:
                 continue
             s, mid, logit = zip(*pts, strict=True)
@@ -79,7 +84,7 @@ def sensitivity_mse(rows: Sequence[Mapping], path: Path) -> Path:
                     mid,
                     marker="o",
                     color=color,
-                    label=f"{KIND_LABELS.get(kind, kind)} @ {sel[0]['layer']}",
+                    label=f"{KIND_LABELS.get(kind, kind)} @ {sel[0].layer}",
                 )
             ax.plot(
                 s, logit, ls="--", marker="x", color=color, label=f"{KIND_LABELS.get(kind, kind)} @ logits"
@@ -94,24 +99,24 @@ def sensitivity_mse(rows: Sequence[Mapping], path: Path) -> Path:
     return _save(fig, path)
 
 
-def sensitivity_robust(rows: Sequence[Mapping], path: Path, budget: int) -> Path:
+def sensitivity_robust(rows: Sequence[SensitivityRow], path: Path, budget: int) -> Path:
     """SINAI Fig. 3: clean and Square robust accuracy vs std per site kind (a row of panels per model)."""
     models = _models(rows)
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
     for row_axes, model in zip(axes, models, strict=True):
-        sel = [r for r in rows if r["model"] == model]
-        for kind in dict.fromkeys(r["kind"] for r in sel):
-            pts = sorted((r["std"], 100 * r["clean"], r["robust"]) for r in sel if r["kind"] == kind)
+        sel = [r for r in rows if r.model == model]
+        for kind in dict.fromkeys(r.kind for r in sel):
+            pts = sorted((r.std, 100 * r.clean, r.robust) for r in sel if r.kind == kind)
             s, clean, rob = zip(*pts, strict=True)
             label = KIND_LABELS.get(kind, kind)
             row_axes[0].plot(s, clean, marker="o", label=label)
-            ok = [(a, 100 * b) for a, b in zip(s, rob, strict=True) if b is not None and b != ""]
+            ok = [(a, 100 * b) for a, b in zip(s, rob, strict=True) if b is not None]
             if ok:
                 row_axes[1].plot(*zip(*ok, strict=True), marker="o", label=label)
         for ax, what in zip(
             row_axes, ("clean accuracy (%)", f"robust accuracy, Square @{budget} (%)"), strict=True
         ):
-            _symlog_std(ax, [r["std"] for r in sel])
+            _symlog_std(ax, [r.std for r in sel])
             ax.set_ylabel(what)
             ax.set_title(f"{model}: {what.split(' (')[0]}")
             ax.legend(fontsize=8)
@@ -151,17 +156,17 @@ RULE_STYLE = {
 }
 
 
-def ratio_sweep(rows: Sequence[Mapping], path: Path, budget: int) -> Path:
+def ratio_sweep(rows: Sequence[RatioRow], path: Path, budget: int) -> Path:
     """SINAI Fig. 2(b)(c) and 4: clean and robust accuracy vs injection ratio, per selection rule."""
-    groups = list(dict.fromkeys((r["model"], r["kind"]) for r in rows))
-    has_robust = any(r["robust"] not in (None, "") for r in rows)
+    groups = list(dict.fromkeys((r.model, r.kind) for r in rows))
+    has_robust = any(r.robust is not None for r in rows)
     cols = 2 if has_robust else 1
     fig, axes = plt.subplots(len(groups), cols, figsize=(5.5 * cols, 4 * len(groups)), squeeze=False)
     for row_axes, (model, kind) in zip(axes, groups, strict=True):
-        sel = [r for r in rows if (r["model"], r["kind"]) == (model, kind)]
-        for rule in dict.fromkeys(r["rule"] for r in sel):
+        sel = [r for r in rows if (r.model, r.kind) == (model, kind)]
+        for rule in dict.fromkeys(r.rule for r in sel):
             color, ls, label = RULE_STYLE.get(rule, ("k", "-", rule))
-            pts = sorted((r["ratio"], 100 * r["clean"], r["robust"]) for r in sel if r["rule"] == rule)
+            pts = sorted((r.ratio, 100 * r.clean, r.robust) for r in sel if r.rule == rule)
             ratio, clean, rob = zip(*pts, strict=True)
             row_axes[0].plot(ratio, clean, color=color, ls=ls, marker="o", label=label)
             if has_robust:
@@ -171,24 +176,23 @@ def ratio_sweep(rows: Sequence[Mapping], path: Path, budget: int) -> Path:
         for ax, what in zip(row_axes, titles, strict=True):
             ax.set_xlabel("injection ratio (share of logits with noise)")
             ax.set_ylabel(what)
-            ax.set_title(f"{model} {name}, std {sel[0]['std']:.3g}")
+            ax.set_title(f"{model} {name}, std {sel[0].std:.3g}")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def rank_agreement(rows: Sequence[Mapping], path: Path) -> Path:
+def rank_agreement(rows: Sequence[AgreementRow], path: Path) -> Path:
     """Spearman correlation between the value proxy and ``|dL/dz|`` per site, and the proxy's precision."""
-    precision_key = next(k for k in rows[0] if k.startswith("precision_at_"))
-    labels = [f"{r['model']}\n{r['site']}" for r in rows]
+    labels = [f"{r.model}\n{r.site}" for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
-    ax.bar(x - 0.2, [r["spearman"] for r in rows], 0.4, label="Spearman(value, |dL/dz|) per sample")
+    ax.bar(x - 0.2, [r.spearman for r in rows], 0.4, label="Spearman(value, |dL/dz|) per sample")
     ax.bar(
         x + 0.2,
-        [r[precision_key] for r in rows],
+        [r.precision for r in rows],
         0.4,
-        label=f"precision of the proxy @ ratio {precision_key[13:]}",
+        label=f"precision of the proxy @ ratio {rows[0].ratio:g}",
     )
     ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
     ax.axhline(0, color="k", lw=0.8)
@@ -199,19 +203,22 @@ def rank_agreement(rows: Sequence[Mapping], path: Path) -> Path:
     return _save(fig, path)
 
 
-def theory_ratios(rows: Sequence[Mapping], path: Path) -> Path:
+def theory_ratios(rows: Sequence[GradientRatio], path: Path) -> Path:
     """RFD Fig. 1: ``||grad_h L||^2 / ||grad_x L||^2`` per layer, clean vs after one adversarial step."""
     models = _models(rows)
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        sel = [r for r in rows if r["model"] == model and r["layer"] != "input"]
-        layers = list(dict.fromkeys(r["layer"] for r in sel))
+        sel = [r for r in rows if r.model == model and r.layer != "input"]
+        layers = list(dict.fromkeys(r.layer for r in sel))
         pos = np.arange(len(layers))
         for offset, key, color, label in (
             (-0.2, "ratio_clean", "C0", "clean"),
             (0.2, "ratio_adv", "C3", "after one step"),
         ):
-            data = [[r[key] for r in sel if r["layer"] == layer and 0 < r[key] < np.inf] for layer in layers]
+            data = [
+                [getattr(r, key) for r in sel if r.layer == layer and 0 < getattr(r, key) < np.inf]
+                for layer in layers
+            ]
             parts = ax.boxplot(data, positions=pos + offset, widths=0.35, patch_artist=True, showfliers=False)
             for box in parts["boxes"]:
                 box.set_facecolor(color)
@@ -228,14 +235,14 @@ def theory_ratios(rows: Sequence[Mapping], path: Path) -> Path:
     return _save(fig, path)
 
 
-def theory_flips(rows: Sequence[Mapping], path: Path) -> Path:
+def theory_flips(rows: Sequence[FlipRate], path: Path) -> Path:
     """Theorem 1's predicted probability of a wrong decision vs the measured flip rate, per layer."""
-    groups = list(dict.fromkeys((r["model"], r["probe_std"]) for r in rows))
+    groups = list(dict.fromkeys((r.model, r.probe_std) for r in rows))
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.5), squeeze=False)
     for ax, (model, probe) in zip(axes[0], groups, strict=True):
-        sel = [r for r in rows if (r["model"], r["probe_std"]) == (model, probe)]
-        for i, layer in enumerate(dict.fromkeys(r["layer"] for r in sel)):
-            pts = [(r["predicted"], r["measured"]) for r in sel if r["layer"] == layer]
+        sel = [r for r in rows if (r.model, r.probe_std) == (model, probe)]
+        for i, layer in enumerate(dict.fromkeys(r.layer for r in sel)):
+            pts = [(r.predicted, r.measured) for r in sel if r.layer == layer]
             p, m = np.array(pts).T
             ax.scatter(p, m, s=8, alpha=0.35, color=f"C{i % 10}")
             ax.scatter([p.mean()], [m.mean()], s=90, marker="*", edgecolor="k", color=f"C{i % 10}",
@@ -245,34 +252,33 @@ def theory_flips(rows: Sequence[Mapping], path: Path) -> Path:
         ax.set_ylim(0, 0.75)
         ax.set_xlabel("predicted P(wrong decision), Theorem 1")
         ax.set_ylabel("measured flip rate")
-        ax.set_title(f"{model}: std {sel[0]['std']:g}, probe std {probe:g}")
+        ax.set_title(f"{model}: std {sel[0].std:g}, probe std {probe:g}")
         ax.legend(fontsize=7, title="per image; star = mean", title_fontsize=7)
         ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def theory_layers(rows: Sequence[Mapping], path: Path, budget: int) -> Path:
+def theory_layers(rows: Sequence[LayerRow], path: Path, budget: int) -> Path:
     """RFD Tables 6 / 14 as a figure: robust accuracy per noised layer (fixed and calibrated std) and the
     mean gradient norm at that layer."""
     models = _models(rows)
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        sel = [r for r in rows if r["model"] == model]
+        sel = [r for r in rows if r.model == model]
         pos = np.arange(len(sel))
         for offset, key, label in (
             (-0.2, "fixed", "fixed std"),
             (0.2, "calibrated", "std for the clean drop"),
         ):
-            vals = [100 * r[f"robust_{key}"] if r[f"robust_{key}"] != "" else np.nan for r in sel]
+            vals = [getattr(r, f"robust_{key}") for r in sel]
+            vals = [np.nan if v is None else 100 * v for v in vals]
             ax.bar(pos + offset, vals, 0.4, label=f"robust @{budget}, {label}")
-        ax.set_xticks(
-            pos, [r["layer"].removeprefix("net.") for r in sel], rotation=30, ha="right", fontsize=8
-        )
+        ax.set_xticks(pos, [r.layer.removeprefix("net.") for r in sel], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("robust accuracy (%)")
         ax.set_ylim(0, 135)  # room for the legend above the bars
         ax.set_yticks(range(0, 101, 20))
         twin = ax.twinx()
-        twin.plot(pos, [r["grad_norm_mean"] for r in sel], color="k", marker="o", label="mean ||grad_h L||")
+        twin.plot(pos, [r.grad_norm_mean for r in sel], color="k", marker="o", label="mean ||grad_h L||")
         twin.set_ylabel("mean ||grad_h L|| (clean)")
         twin.set_yscale("log")
         ax.set_title(f"{model}: noise at one layer")

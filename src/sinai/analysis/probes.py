@@ -11,7 +11,6 @@ gradient is the one with respect to the attention logits before softmax.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..attacks.base import score_loss
+from ..defenses.hooks import SiteHook
 from ..defenses.sites import Site, classifier_head, find_sites
 
 LOSSES = ("margin", "ce")
@@ -51,6 +51,30 @@ def attacker_loss(logits: torch.Tensor, y: torch.Tensor, loss: str = "margin") -
     return score_loss(logits.float(), y, "margin") if loss == "margin" else -score_loss(logits, y, "ce")
 
 
+class _Probe(SiteHook):
+    """Adds a zero tensor that requires grad to what one site exposes, and records it."""
+
+    def __init__(self, site: Site, records: list, calls: dict[int, int]) -> None:
+        super().__init__(site)
+        self.records = records
+        self.calls = calls  # shared by the probes of one capture: call number per site
+
+    def _record(self, value: torch.Tensor | None, probe: torch.Tensor) -> None:
+        key = id(self.site)
+        self.calls[key] = self.calls.get(key, -1) + 1
+        self.records.append((self.site, self.calls[key], value, probe))
+
+    def tensor(self, z: torch.Tensor) -> torch.Tensor:
+        probe = torch.zeros_like(z, requires_grad=True)
+        self._record(z.detach(), probe)
+        return z + probe
+
+    def attn_logits(self, shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor:
+        probe = torch.zeros(shape, dtype=like.dtype, device=like.device, requires_grad=True)
+        self._record(None, probe)
+        return probe
+
+
 def capture_gradients(
     model: nn.Module,
     x: torch.Tensor,
@@ -68,50 +92,7 @@ def capture_gradients(
     """
     records: list[tuple[Site, int, torch.Tensor | None, torch.Tensor]] = []
     calls: dict[int, int] = {}
-    handles = []
-
-    def next_call(site: Site) -> int:
-        key = id(site)
-        calls[key] = calls.get(key, -1) + 1
-        return calls[key]
-
-    def pre(site: Site):
-        def hook(module: nn.Module, args: tuple) -> tuple:
-            z = args[0]
-            probe = torch.zeros_like(z, requires_grad=True)
-            records.append((site, next_call(site), z.detach(), probe))
-            return (z + probe, *args[1:])
-
-        return hook
-
-    def post(site: Site):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            probe = torch.zeros_like(output, requires_grad=True)
-            records.append((site, next_call(site), output.detach(), probe))
-            return output + probe
-
-        return hook
-
-    def attn(site: Site):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
-            h = args[0] if args else kwargs["x"]
-            shape = (h.shape[0], module.num_heads, h.shape[1], h.shape[1])
-            probe = torch.zeros(shape, dtype=h.dtype, device=h.device, requires_grad=True)
-            records.append((site, next_call(site), None, probe))
-            mask = kwargs.get("attn_mask")
-            if mask is not None and mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, device=h.device, dtype=h.dtype).masked_fill(~mask, -math.inf)
-            return args, {**kwargs, "attn_mask": probe if mask is None else probe + mask}
-
-        return hook
-
-    for site in sites:
-        if site.hook == "pre":
-            handles.append(site.module.register_forward_pre_hook(pre(site)))
-        elif site.hook == "post":
-            handles.append(site.module.register_forward_hook(post(site)))
-        else:
-            handles.append(site.module.register_forward_pre_hook(attn(site), with_kwargs=True))
+    handles = [_Probe(site, records, calls).attach() for site in sites]
     try:
         with torch.enable_grad():
             x_in = x.detach().clone().requires_grad_(input_grad)
@@ -188,5 +169,5 @@ def middle_layer(model: nn.Module) -> str:
     """The hidden layer in the middle of :func:`default_layers` (where SINAI Fig. 1(c) measures MSE)."""
     layers = [name for name in default_layers(model) if name != "penultimate"]
     if not layers:
-        raise ValueError("found no hidden layer to measure at; name one with --layer")
+        raise ValueError("found no hidden layer to measure at; name one (layer=..., --layer)")
     return layers[(len(layers) - 1) // 2]

@@ -9,7 +9,7 @@ at the logits, and optionally robust accuracy under Square at a small budget thr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from ..defenses import Defense, NoiseSpec, find_sites, protect
 from ..defenses.spec import check_kind
 from ..evaluation.clean import clean_accuracy
-from .common import check_stds, robust_accuracy, std_at_drop
+from .common import RobustCheck, Row, check_stds, std_at_drop
 from .probes import middle_layer
 
 SWEEP_KINDS: tuple[str, ...] = ("attn", "gelu", "relu", "input", "feature")
@@ -25,7 +25,7 @@ DEFAULT_STDS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 
 @dataclass(frozen=True)
-class SensitivityRow:
+class SensitivityRow(Row):
     """One point of the sweep. ``mse_mid`` is measured at ``layer``; ``robust`` is ``None`` if not run."""
 
     model: str
@@ -39,8 +39,26 @@ class SensitivityRow:
     robust: float | None
     layer: str
 
+
+@dataclass(frozen=True)
+class SensitivitySummary(Row):
+    """Per (model, kind): the std at which clean accuracy has dropped by each drop (``None``: the sweep
+    never got there), and the robust accuracy at the largest std still within the first drop."""
+
+    model: str
+    kind: str
+    base_clean: float
+    std_at_drop: tuple[tuple[float, float | None], ...]  # (drop, std)
+    std_within_drop: float | None
+    robust_within_drop: float | None
+
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        row: dict[str, object] = {"model": self.model, "kind": self.kind, "base_clean": self.base_clean}
+        for drop, std in self.std_at_drop:
+            row[f"std_at_{round(100 * drop)}pct_drop"] = std
+        row["std_within_drop"] = self.std_within_drop
+        row["robust_within_drop"] = self.robust_within_drop
+        return row
 
 
 def site_kinds(model: nn.Module, kinds: Sequence[str] | None = None) -> list[str]:
@@ -84,16 +102,13 @@ def sweep_sensitivity(
     passes: int = 3,
     seed: int = 0,
     layer: str | None = None,
-    robust: tuple[torch.Tensor, torch.Tensor] | None = None,
-    budget: int = 100,
-    eps: float = 0.1,
+    robust: RobustCheck | None = None,
     robust_max_drop: float = 0.1,
-    norm: str = "linf",
     batch_size: int = 256,
     name: str | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> list[SensitivityRow]:
-    """Clean accuracy, mid-layer / logit MSE and (with ``robust=(x, y)``) Square robust accuracy for
+    """Clean accuracy, mid-layer / logit MSE and (with ``robust``) Square robust accuracy for
     noise at one site kind at a time, for every std of ``stds``. ``layer`` defaults to
     :func:`~sinai.analysis.probes.middle_layer`. Robust accuracy is skipped (``None``) where clean
     accuracy is already more than ``robust_max_drop`` below the undefended model's: the model is broken
@@ -109,9 +124,7 @@ def sweep_sensitivity(
     clean_logits, clean_mid = _outputs(model, x, modules[layer], batch_size)
     base_robust: float | None = None
     if robust is not None and 0.0 in stds:
-        base_robust = robust_accuracy(
-            model, *robust, defense=None, budget=budget, eps=eps, norm=norm, seed=seed
-        )
+        base_robust = robust(model, seed=seed)
     rows = []
     for kind in kinds:
         for std in stds:
@@ -129,9 +142,7 @@ def sweep_sensitivity(
                 defended.remove()
             rob = None
             if robust is not None and acc.mean >= base - robust_max_drop:
-                rob = robust_accuracy(
-                    model, *robust, defense=defense, budget=budget, eps=eps, norm=norm, seed=seed
-                )
+                rob = robust(model, defense, seed=seed)
             rows.append(
                 SensitivityRow(
                     name,
@@ -151,21 +162,28 @@ def sweep_sensitivity(
     return rows
 
 
-def sensitivity_summary(rows: Sequence[SensitivityRow], drops: Sequence[float] = (0.01, 0.02)) -> list[dict]:
+def sensitivity_summary(
+    rows: Sequence[SensitivityRow], drops: Sequence[float] = (0.01, 0.02)
+) -> list[SensitivitySummary]:
     """Per (model, kind): the std at which clean accuracy has dropped by each of ``drops`` (interpolated
-    on the sweep; empty when the sweep never got there) and the robust accuracy at the largest std
+    on the sweep; ``None`` when the sweep never got there) and the robust accuracy at the largest std
     still within the first drop."""
     out = []
     for key in dict.fromkeys((r.model, r.kind) for r in rows):
         sel = [r for r in rows if (r.model, r.kind) == key]
         base = sel[0].base
-        row: dict[str, object] = {"model": key[0], "kind": key[1], "base_clean": base}
-        for drop in drops:
-            std = std_at_drop([r.std for r in sel], [r.clean for r in sel], base, drop)
-            row[f"std_at_{round(100 * drop)}pct_drop"] = "" if std is None else std
+        stds, cleans = [r.std for r in sel], [r.clean for r in sel]
+        at_drop = tuple((d, std_at_drop(stds, cleans, base, d)) for d in drops)
         within = [r for r in sel if r.clean >= base - drops[0] and r.robust is not None]
         best = max(within, key=lambda r: r.std, default=None)
-        row["std_within_drop"] = "" if best is None else best.std
-        row["robust_within_drop"] = "" if best is None else best.robust
-        out.append(row)
+        out.append(
+            SensitivitySummary(
+                key[0],
+                key[1],
+                base,
+                at_drop,
+                None if best is None else best.std,
+                None if best is None else best.robust,
+            )
+        )
     return out

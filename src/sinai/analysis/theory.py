@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..defenses import Defense, NoiseSpec, protect
 from ..evaluation.clean import clean_accuracy
-from .common import calibrate_std, check_stds, noisy_accuracy, robust_accuracy
+from .common import RobustCheck, Row, calibrate_std, check_stds, noisy_accuracy
 from .probes import attacker_loss, capture_gradients, layer_sites
 
 
@@ -36,6 +37,57 @@ def layer_defense(layer: str, std: float) -> Defense:
     if layer == "penultimate":
         return Defense({"feature": NoiseSpec(std=std)}, name="FND")
     return Defense({"feature": NoiseSpec(std=std, layers=(layer,))}, name="FND")
+
+
+@dataclass(frozen=True)
+class GradientRatio(Row):
+    """One image at one layer: ``||grad_h L||``, ``||grad_x L||`` and the squared ratio, on the clean
+    image and after one adversarial step (``inf`` where ``||grad_x L||`` is zero)."""
+
+    model: str
+    layer: str
+    image: int
+    grad_h: float
+    grad_x: float
+    ratio_clean: float
+    grad_h_adv: float
+    grad_x_adv: float
+    ratio_adv: float
+
+
+@dataclass(frozen=True)
+class FlipRate(Row):
+    """One image: Theorem 1's ratio and predicted probability of a wrong decision, the measured rate, and
+    the mean / std of the clean loss differences (a shift the theorem assumes away)."""
+
+    model: str
+    layer: str
+    image: int
+    std: float
+    probe_std: float
+    theorem_ratio: float
+    predicted: float
+    measured: float
+    clean_diff_shift: float
+
+
+@dataclass(frozen=True)
+class LayerRow(Row):
+    """Noise at one layer (RFD Tables 6 / 14): clean and robust accuracy with the fixed std and with the
+    std calibrated to the clean drop (``robust_*`` is ``None`` when no attack was run), the mean gradient
+    norm at the layer and the median gradient-ratio change (``None`` when no ratio was finite)."""
+
+    model: str
+    layer: str
+    base_clean: float
+    std_fixed: float
+    clean_fixed: float
+    robust_fixed: float | None
+    std_calibrated: float
+    clean_calibrated: float
+    robust_calibrated: float | None
+    grad_norm_mean: float
+    ratio_change_median: float | None
 
 
 def predicted_flip(ratio: torch.Tensor | float) -> torch.Tensor:
@@ -70,7 +122,7 @@ def gradient_ratios(
     loss: str = "margin",
     batch_size: int = 100,
     name: str | None = None,
-) -> list[dict[str, object]]:
+) -> list[GradientRatio]:
     """Per layer and image: ``||grad_h L||``, ``||grad_x L||`` and their squared ratio on the clean image
     and after one signed gradient step of size ``step`` (linf) that lowers the margin (RFD Figure 1)."""
     if step < 0:
@@ -90,17 +142,17 @@ def gradient_ratios(
     for j, layer in enumerate(layers):
         for i in range(len(x)):
             rows.append(
-                {
-                    "model": name,
-                    "layer": layer,
-                    "image": i,
-                    "grad_h": math.sqrt(gh[j, i]),
-                    "grad_x": math.sqrt(gx[i]),
-                    "ratio_clean": float(gh[j, i] / gx[i]) if gx[i] > 0 else math.inf,
-                    "grad_h_adv": math.sqrt(gh_adv[j, i]),
-                    "grad_x_adv": math.sqrt(gx_adv[i]),
-                    "ratio_adv": float(gh_adv[j, i] / gx_adv[i]) if gx_adv[i] > 0 else math.inf,
-                }
+                GradientRatio(
+                    name,
+                    layer,
+                    i,
+                    math.sqrt(gh[j, i]),
+                    math.sqrt(gx[i]),
+                    float(gh[j, i] / gx[i]) if gx[i] > 0 else math.inf,
+                    math.sqrt(gh_adv[j, i]),
+                    math.sqrt(gx_adv[i]),
+                    float(gh_adv[j, i] / gx_adv[i]) if gx_adv[i] > 0 else math.inf,
+                )
             )
     return rows
 
@@ -127,7 +179,7 @@ def flip_rates(
     loss: str = "margin",
     batch_size: int = 512,
     name: str | None = None,
-) -> list[dict[str, object]]:
+) -> list[FlipRate]:
     """Per image: Theorem 1's predicted probability of a wrong decision and the measured rate.
 
     Measured: for ``directions`` random ``u ~ N(0, probe_std^2 I)`` (not clipped to the pixel box, as in
@@ -164,17 +216,17 @@ def flip_rates(
     diffs = clean_diff.view(len(x), directions)
     shift = diffs.mean(1) / diffs.std(1).clamp_min(1e-300) if directions > 1 else torch.zeros(len(x))
     return [
-        {
-            "model": name,
-            "layer": layer,
-            "image": i,
-            "std": std,
-            "probe_std": probe_std,
-            "theorem_ratio": float(theorem[i]),
-            "predicted": float(predicted[i]),
-            "measured": float(flips[i].mean()),
-            "clean_diff_shift": float(shift[i]),
-        }
+        FlipRate(
+            name,
+            layer,
+            i,
+            std,
+            probe_std,
+            float(theorem[i]),
+            float(predicted[i]),
+            float(flips[i].mean()),
+            float(shift[i]),
+        )
         for i in range(len(x))
     ]
 
@@ -189,14 +241,11 @@ def layer_sweep(
     drop: float = 0.04,
     passes: int = 3,
     seed: int = 0,
-    ratios: Sequence[dict[str, object]] | None = None,
-    robust: tuple[torch.Tensor, torch.Tensor] | None = None,
-    budget: int = 100,
-    eps: float = 0.1,
-    norm: str = "linf",
+    ratios: Sequence[GradientRatio] | None = None,
+    robust: RobustCheck | None = None,
     name: str | None = None,
     on_step: Callable[[], None] | None = None,
-) -> list[dict[str, object]]:
+) -> list[LayerRow]:
     """Noise at one layer at a time (RFD Tables 6 and 14): with the fixed ``std`` (clean and robust
     accuracy, mean ``||grad_h L||``) and with the std calibrated to a ``drop`` in clean accuracy (robust
     accuracy and the median change of the gradient ratio after one adversarial step, from ``ratios``,
@@ -208,10 +257,9 @@ def layer_sweep(
     base = clean_accuracy(model, x, y, passes=1).mean
     rows = []
     for layer in layers:
-        sel = [r for r in ratios if r["layer"] == layer]
+        sel = [r for r in ratios if r.layer == layer]
         changes = torch.tensor(
-            [r["ratio_adv"] / r["ratio_clean"] for r in sel if 0 < r["ratio_clean"] < math.inf],
-            dtype=torch.float64,
+            [r.ratio_adv / r.ratio_clean for r in sel if 0 < r.ratio_clean < math.inf], dtype=torch.float64
         )
 
         def acc(s: float, layer: str = layer) -> float:
@@ -219,28 +267,23 @@ def layer_sweep(
                 return noisy_accuracy(defended, x, y, passes=1)
 
         calibrated = calibrate_std(acc, base, drop)
-        row: dict[str, object] = {"model": name, "layer": layer, "base_clean": base}
+        measured = {}
         for tag, s in (("fixed", std), ("calibrated", calibrated)):
             with protect(model, layer_defense(layer, s), seed=seed) as defended:
                 clean = clean_accuracy(defended, x, y, passes=passes).mean
-            row[f"std_{tag}"] = s
-            row[f"clean_{tag}"] = clean
-            row[f"robust_{tag}"] = (
-                robust_accuracy(
-                    model,
-                    *robust,
-                    defense=layer_defense(layer, s),
-                    budget=budget,
-                    eps=eps,
-                    norm=norm,
-                    seed=seed,
-                )
-                if robust is not None
-                else ""
+            rob = robust(model, layer_defense(layer, s), seed=seed) if robust is not None else None
+            measured[tag] = (s, clean, rob)
+        rows.append(
+            LayerRow(
+                name,
+                layer,
+                base,
+                *measured["fixed"],
+                *measured["calibrated"],
+                sum(r.grad_h for r in sel) / max(len(sel), 1),
+                float(changes.median()) if len(changes) else None,
             )
-        row["grad_norm_mean"] = sum(r["grad_h"] for r in sel) / max(len(sel), 1)
-        row["ratio_change_median"] = float(changes.median()) if len(changes) else ""
-        rows.append(row)
+        )
         if on_step:
             on_step()
     return rows

@@ -24,13 +24,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Attack, check_loss, l2_normalize, project, score_loss, with_verified
+from .base import Attack, check_loss, generator, l2_normalize, register_attack, score_loss
 from .oracle import Oracle
 
 #: delta (exploration), online_lr (prior lr), image_lr, fd_eta per norm: the paper's Bandits-TD settings.
 BANDITS_DEFAULTS = {"linf": (1.0, 100.0, 0.01, 0.1), "l2": (0.01, 0.1, 0.5, 0.01)}
 
 
+@register_attack("bandits")
 class Bandits(Attack):
     """Bandits-TD (Ilyas et al. 2019), untargeted, linf or l2: two queries per iteration.
 
@@ -39,14 +40,9 @@ class Bandits(Attack):
     ``None`` takes the paper's default for the norm. ``loss``: margin/ce/prob (minimized).
     """
 
-    name = "bandits"
-
     def __init__(
         self,
         *,
-        norm: str = "linf",
-        eps: float = 0.05,
-        seed: int = 0,
         tile: int = 6,
         exploration: float | None = None,
         online_lr: float | None = None,
@@ -54,34 +50,38 @@ class Bandits(Attack):
         fd_eta: float | None = None,
         loss: str = "margin",
     ) -> None:
-        super().__init__(norm=norm, eps=eps, seed=seed)
-        d_delta, d_online, d_image, d_fd = BANDITS_DEFAULTS[self.norm]
         self.tile = int(tile)
-        self.exploration = d_delta if exploration is None else float(exploration)
-        self.online_lr = d_online if online_lr is None else float(online_lr)
-        self.image_lr = d_image if image_lr is None else float(image_lr)
-        self.fd_eta = d_fd if fd_eta is None else float(fd_eta)
+        self.exploration = None if exploration is None else float(exploration)
+        self.online_lr = None if online_lr is None else float(online_lr)
+        self.image_lr = None if image_lr is None else float(image_lr)
+        self.fd_eta = None if fd_eta is None else float(fd_eta)
         if self.tile < 1:
             raise ValueError(f"tile must be a positive number of pixels, got {tile}")
-        if min(self.exploration, self.online_lr, self.image_lr, self.fd_eta) <= 0:
+        given = [v for v in (self.exploration, self.online_lr, self.image_lr, self.fd_eta) if v is not None]
+        if given and min(given) <= 0:
             raise ValueError("exploration, online_lr, image_lr and fd_eta must be positive")
         self.loss = check_loss(loss)
 
-    def _prior_step(self, prior: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def settings(self, norm: str) -> tuple[float, float, float, float]:
+        """(exploration, online_lr, image_lr, fd_eta) for ``norm``: the given values, else the paper's."""
+        given = (self.exploration, self.online_lr, self.image_lr, self.fd_eta)
+        return tuple(d if v is None else v for v, d in zip(given, BANDITS_DEFAULTS[norm], strict=True))
+
+    @staticmethod
+    def _prior_step(prior: torch.Tensor, grad: torch.Tensor, norm: str, online_lr: float) -> torch.Tensor:
         """One online step on the prior: exponentiated gradients in [-1, 1] (linf) or gradient ascent (l2)."""
-        if self.norm == "l2":
-            return prior + self.online_lr * grad
+        if norm == "l2":
+            return prior + online_lr * grad
         # The paper's EG step on r = (v + 1) / 2, r * e^a / (r * e^a + (1 - r) * e^-a) with a = lr * g,
         # is exactly v <- tanh(atanh(v) + a): the same update without overflow (v is kept 1e-6 inside
         # (-1, 1), where float32 would otherwise freeze a saturated coordinate for good).
-        return torch.tanh(torch.atanh(prior.clamp(-1 + 1e-6, 1 - 1e-6)) + self.online_lr * grad)
+        return torch.tanh(torch.atanh(prior.clamp(-1 + 1e-6, 1 - 1e-6)) + online_lr * grad)
 
-    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Attack all images of ``x`` until each succeeds or spends its budget; return x_adv."""
-        self.check(oracle, x, y)
-        home, device = x.device, oracle.device
-        x, y = x.to(device).float(), y.to(device).long()
-        gen = self.generator(device)
+        threat, device = oracle.threat, oracle.device
+        gen = generator(device, seed)
+        exploration, online_lr, image_lr, fd_eta = self.settings(threat.norm)
         channels, height, width = x.shape[1:]
         prior_hw = (math.ceil(height / self.tile), math.ceil(width / self.tile))
         prior = torch.zeros((len(x), channels, *prior_hw), device=device)
@@ -92,18 +92,15 @@ class Bandits(Attack):
 
         x_adv = x.clone()
         while True:
-            idx = torch.nonzero(~oracle.done).flatten()
+            idx = oracle.live()
             if not len(idx):
                 break
             b = len(idx)
-            noise = self.exploration * torch.randn((b, *prior.shape[1:]), generator=gen, device=device)
+            noise = exploration * torch.randn((b, *prior.shape[1:]), generator=gen, device=device)
             noise = noise / math.sqrt(dim)
             q = up(torch.stack([prior[idx] + noise, prior[idx] - noise], dim=1).flatten(0, 1))
-            probes = project(
-                x_adv[idx].repeat_interleave(2, 0) + self.fd_eta * l2_normalize(q),
-                x[idx].repeat_interleave(2, 0),
-                self.norm,
-                self.eps,
+            probes = threat.project(
+                x_adv[idx].repeat_interleave(2, 0) + fd_eta * l2_normalize(q), x[idx].repeat_interleave(2, 0)
             )
             logits = oracle(probes, idx.repeat_interleave(2))  # [q1, q2] of each image, in order
             keep = ~oracle.done[idx]  # both probes answered and not yet broken
@@ -113,9 +110,9 @@ class Bandits(Attack):
             # The paper ascends its loss: use the objective -L (L = loss minimized here).
             answered = logits.view(b, 2, -1)[keep].flatten(0, 1)
             gain = -score_loss(answered, y[idx].repeat_interleave(2), self.loss).view(-1, 2)
-            deriv = (gain[:, 0] - gain[:, 1]) / (self.fd_eta * self.exploration)
-            prior[idx] = self._prior_step(prior[idx], deriv.view(-1, 1, 1, 1) * noise)
+            deriv = (gain[:, 0] - gain[:, 1]) / (fd_eta * exploration)
+            prior[idx] = self._prior_step(prior[idx], deriv.view(-1, 1, 1, 1) * noise, threat.norm, online_lr)
             direction = up(prior[idx])
-            step = direction.sign() if self.norm == "linf" else l2_normalize(direction)
-            x_adv[idx] = project(x_adv[idx] + self.image_lr * step, x[idx], self.norm, self.eps)
-        return with_verified(oracle, x_adv).to(home)
+            step = direction.sign() if threat.norm == "linf" else l2_normalize(direction)
+            x_adv[idx] = threat.project(x_adv[idx] + image_lr * step, x[idx])
+        return x_adv

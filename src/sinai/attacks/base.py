@@ -1,68 +1,135 @@
-"""What every attack shares: the threat model (norm, eps), a private generator, and small helpers.
+"""What every attack shares: the registry, the final ``__call__`` around ``run``, and small helpers.
 
-An attack is a class with keyword-only hyper-parameters (the papers' defaults) and one method,
-``run(oracle, x, y) -> x_adv``, batched over all images that are still live: each iteration makes
-one oracle call for the live set, and images leave as soon as the oracle says they are done.
+An attack is a class registered with ``@register_attack("name")``, with keyword-only hyper-parameters
+(the papers' defaults; ``None`` where the default depends on the norm, resolved at run time from the
+oracle's threat model) and one method, ``run(oracle, x, y, *, seed) -> x_adv``, batched over all images
+that are still live: each iteration makes one oracle call for the live set (``oracle.live()``), and
+images leave as soon as the oracle says they are done. ``attack(oracle, seed=...)`` checks the oracle
+against the attack, runs it on the oracle's images and returns the final images with the oracle's
+verified adversarial examples in the rows of the images it broke (as foolbox 3's ``Attack.__call__``).
 """
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar
+import inspect
+from collections.abc import Callable
+from typing import ClassVar, TypeVar, final
 
 import torch
 import torch.nn.functional as F
 
 from .oracle import Oracle
+from .threat import NORMS
 
-NORMS = ("linf", "l2")
 LOSSES = ("margin", "ce", "prob")
+
+_REGISTRY: dict[str, type[Attack]] = {}
+AttackT = TypeVar("AttackT", bound="Attack")
+
+
+def register_attack(name: str) -> Callable[[type[AttackT]], type[AttackT]]:
+    """Class decorator: register an :class:`Attack` under ``name`` (its ``name`` attribute)."""
+    key = name.lower()
+
+    def register(cls: type[AttackT]) -> type[AttackT]:
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            raise ValueError(
+                f"attack {key!r} is registered twice ({_REGISTRY[key].__name__}, {cls.__name__})"
+            )
+        cls.name = key
+        _REGISTRY[key] = cls
+        return cls
+
+    return register
+
+
+def list_attacks() -> tuple[str, ...]:
+    """Names of the registered attacks, in the order they were registered."""
+    return tuple(_REGISTRY)
+
+
+def is_attack(name: object) -> bool:
+    """Whether ``name`` is a registered attack (case-insensitive)."""
+    return isinstance(name, str) and name.lower() in _REGISTRY
+
+
+def attack_class(name: str) -> type[Attack]:
+    """The class registered under ``name`` (case-insensitive)."""
+    if not is_attack(name):
+        raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(_REGISTRY)} (or 'none')")
+    return _REGISTRY[name.lower()]
+
+
+def make_attack(name: str, **kwargs: object) -> Attack:
+    """Build the attack ``name`` with its keyword hyper-parameters; an unknown keyword is a ValueError."""
+    cls = attack_class(name)
+    params = cls.parameters()
+    for key in kwargs:
+        if key not in params:
+            listed = ", ".join(params) if params else "none"
+            raise ValueError(f"{cls.name} has no parameter {key!r}; its parameters: {listed}")
+    return cls(**kwargs)
+
+
+def generator(device: torch.device, seed: int) -> torch.Generator:
+    """A fresh generator seeded with ``seed`` (make one per run, so runs are reproducible)."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class Attack:
-    """Base of the query-based attacks: validates the threat model and owns a seeded generator."""
+    """Base of the query-based attacks. Subclasses implement ``run``; ``__call__`` is the entry point."""
 
     name: ClassVar[str] = "attack"
     norms: ClassVar[tuple[str, ...]] = NORMS
     output: ClassVar[str] = "scores"  # what the attack needs from the oracle: "scores" or "labels"
 
-    def __init__(self, *, norm: str = "linf", eps: float = 0.05, seed: int = 0) -> None:
-        if norm not in NORMS:
-            raise ValueError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
-        if norm not in self.norms:
-            raise ValueError(f"{self.name} is defined for {', '.join(self.norms)} only, not {norm}")
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
-        if norm == "linf" and eps > 1:
-            raise ValueError(
-                f"linf eps {eps} is larger than the pixel range [0, 1]; pixels are in [0, 1] units"
-            )
-        self.norm, self.eps, self.seed = norm, float(eps), seed
+    def __new__(cls, *args: object, **kwargs: object) -> Attack:
+        self = super().__new__(cls)
+        self._given = dict(kwargs)  # the hyper-parameters as given, for kwargs()
+        return self
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """A fresh generator seeded with ``seed`` (call once per ``run``, so runs are reproducible)."""
-        return torch.Generator(device=device).manual_seed(self.seed)
+    @classmethod
+    def parameters(cls) -> tuple[str, ...]:
+        """Names of the attack's hyper-parameters (its constructor's keyword-only arguments)."""
+        signature = inspect.signature(cls.__init__)
+        return tuple(p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY)
 
-    def check(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Raise a clear error when the oracle, images and labels do not fit this attack."""
+    @classmethod
+    def check_norm(cls, norm: str) -> None:
+        """Raise a ValueError when the attack is not defined for ``norm``."""
+        if norm not in cls.norms:
+            raise ValueError(f"{cls.name} is defined for {', '.join(cls.norms)} only, not {norm}")
+
+    def kwargs(self) -> dict[str, object]:
+        """The hyper-parameters given to the constructor (``make_attack(name, **kwargs())`` rebuilds it)."""
+        return dict(self._given)
+
+    @final
+    def __call__(self, oracle: Oracle, *, seed: int = 0) -> torch.Tensor:
+        """Attack every image of ``oracle`` (seeded by ``seed``); return the final images on its device.
+
+        Rows of the images the oracle verified as broken hold its adversarial example.
+        """
         if oracle.output != self.output:
             raise ValueError(
                 f"{self.name} is a {'score' if self.output == 'scores' else 'decision'}-based attack: "
                 f"it needs an oracle with output={self.output!r}, got {oracle.output!r}"
             )
-        if len(x) != len(oracle.labels) or len(y) != len(x):
-            raise ValueError(
-                f"{len(x)} images, {len(y)} labels and an oracle for {len(oracle.labels)} images"
-            )
-        if self.norm == "l2" and self.eps > math.sqrt(x[0].numel()):
-            raise ValueError(f"l2 eps {self.eps} is larger than the diameter of the image cube")
+        self.check_norm(oracle.threat.norm)
+        with torch.no_grad():
+            x_adv = self.run(oracle, oracle.x, oracle.labels, seed=seed)
+        return with_verified(oracle, x_adv.to(oracle.device))
 
-    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Attack every image of ``x`` (labels ``y``, image i is oracle index i); return the final x_adv."""
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
+        """Attack every image of ``x`` (labels ``y``, image i is oracle index i); return the final x_adv.
+
+        ``x`` and ``y`` are the oracle's images and labels (on its device); the threat model is
+        ``oracle.threat``. Called by ``__call__``, which has checked the oracle against the attack.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        params = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.parameters())
         return f"{type(self).__name__}({params})"
 
 
@@ -71,23 +138,6 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
     return true - other
-
-
-def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """Project ``x_adv`` onto the eps-ball around ``x`` (linf or l2) intersected with [0, 1]."""
-    delta = x_adv - x
-    if norm == "linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-        delta = delta * (eps / norms).clamp(max=1.0)
-    return (x + delta).clamp(0.0, 1.0)
-
-
-def perturbation_norm(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-image linf or l2 norm of ``x_adv - x``."""
-    delta = (x_adv - x).flatten(1)
-    return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
 
 
 def score_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "margin") -> torch.Tensor:

@@ -16,22 +16,21 @@ from __future__ import annotations
 
 import torch
 
-from .decision import DecisionAttack, ask, bisect, blend, live_indices, random_start, view4
+from .base import register_attack
+from .decision import DecisionAttack, ask, bisect, blend, random_start, view4
 from .oracle import Oracle
+from .streams import ImageStreams
 
 
+@register_attack("boundary")
 class Boundary(DecisionAttack):
     """Boundary Attack (l2): orthogonal + source steps with adaptive sizes."""
 
-    name = "boundary"
     norms = ("l2",)
 
     def __init__(
         self,
         *,
-        norm: str = "l2",
-        eps: float = 1.0,
-        seed: int = 0,
         spherical_step: float = 1e-2,
         source_step: float = 1e-2,
         step_adaptation: float = 1.5,
@@ -39,7 +38,6 @@ class Boundary(DecisionAttack):
         start_tries: int = 100,
         start_tol: float = 1e-3,
     ) -> None:
-        super().__init__(norm=norm, eps=eps, seed=seed)
         if not (spherical_step > 0 and 0 < source_step < 1 and step_adaptation > 1 and adapt_every >= 1):
             raise ValueError(
                 "need spherical_step > 0, 0 < source_step < 1, step_adaptation > 1, adapt_every >= 1"
@@ -50,16 +48,13 @@ class Boundary(DecisionAttack):
         self.step_adaptation, self.adapt_every = float(step_adaptation), int(adapt_every)
         self.start_tries, self.start_tol = int(start_tries), float(start_tol)
 
-    @torch.no_grad()
-    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Attack all live images together; return the current adversarial point (x where none)."""
-        out_device = x.device
-        x, y = self.setup(oracle, x, y)
-        streams = self.streams(x)
+        streams = ImageStreams(x, seed)
         num, shape = len(x), tuple(x.shape[1:])
         x_adv = x.clone()
         has = torch.zeros(num, dtype=torch.bool, device=x.device)
-        idx = live_indices(oracle)
+        idx = oracle.live()
         start, found = random_start(oracle, x, y, idx, streams, tries=self.start_tries)
         if found.any():
             idx, start = idx[found], start[found]
@@ -75,8 +70,7 @@ class Boundary(DecisionAttack):
         steps = torch.zeros(num, dtype=torch.long, device=x.device)
         sph_wins, src_wins = torch.zeros_like(steps), torch.zeros_like(steps)
         while True:
-            idx = live_indices(oracle)
-            idx = idx[has[idx]]
+            idx = oracle.live(among=has)
             if not len(idx):
                 break
             xi, xa = x[idx], x_adv[idx]
@@ -111,4 +105,4 @@ class Boundary(DecisionAttack):
                     size[idx[down]] /= self.step_adaptation
                     rate_wins[idx[due]] = 0
                 source.clamp_(max=0.5)
-        return x_adv.to(out_device)
+        return x_adv

@@ -31,34 +31,6 @@ class DecisionAttack(Attack):
 
     output: ClassVar[str] = "labels"
 
-    def check(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Besides the base checks, warn off an oracle without the threat model."""
-        super().check(oracle, x, y)
-        if oracle.x_orig is None:
-            raise ValueError(
-                f"{self.name} queries points outside the eps-ball: give the Oracle the threat model "
-                "(x_orig=x, norm=..., eps=...) so that only candidates inside it count as successes"
-            )
-        if oracle.norm != self.norm or abs(oracle.eps - self.eps) > 1e-12 * max(1.0, self.eps):
-            raise ValueError(
-                f"the oracle's threat model ({oracle.norm}, eps={oracle.eps}) differs from the attack's "
-                f"({self.norm}, eps={self.eps})"
-            )
-
-    def setup(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate, move to the oracle's device; return (x, y)."""
-        self.check(oracle, x, y)
-        return x.to(oracle.device).float(), y.to(oracle.device).long()
-
-    def streams(self, x: torch.Tensor) -> ImageStreams:
-        """Per-image random streams seeded by ``seed`` and each image's pixels."""
-        return ImageStreams(x, self.seed)
-
-
-def live_indices(oracle: Oracle) -> torch.Tensor:
-    """Indices of the images the oracle still answers."""
-    return torch.nonzero(~oracle.done).flatten()
-
 
 def ask(
     oracle: Oracle, cand: torch.Tensor, idx: torch.Tensor, y: torch.Tensor

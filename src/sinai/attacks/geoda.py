@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from .decision import DecisionAttack, ask, bisect, blend, live_indices, random_start, view4
+from .base import register_attack
+from .decision import DecisionAttack, ask, bisect, blend, random_start, view4
 from .oracle import Oracle
+from .streams import ImageStreams
 
 #: Queries set aside per iteration for the step-out and binary search.
 SEARCH_QUERIES = 15
@@ -40,18 +42,15 @@ def allocation(total: int, lam: float, min_samples: int) -> list[int]:
     return best
 
 
+@register_attack("geoda")
 class GeoDA(DecisionAttack):
     """GeoDA (l2): boundary-normal estimates at x_B with the paper's growing query allocation."""
 
-    name = "geoda"
     norms = ("l2",)
 
     def __init__(
         self,
         *,
-        norm: str = "l2",
-        eps: float = 1.0,
-        seed: int = 0,
         sigma: float = 0.0002,
         lam: float = 0.6,
         min_samples: int = 20,
@@ -60,7 +59,6 @@ class GeoDA(DecisionAttack):
         start_tries: int = 100,
         tol: float = 0.1,
     ) -> None:
-        super().__init__(norm=norm, eps=eps, seed=seed)
         if not (sigma > 0 and 0 < lam < 1 and min_samples >= 1 and grow > 1 and max_grows >= 0):
             raise ValueError("need sigma > 0, 0 < lam < 1, min_samples >= 1, grow > 1 and max_grows >= 0")
         if start_tries < 1 or not tol > 0:
@@ -86,17 +84,14 @@ class GeoDA(DecisionAttack):
         _, hi, _ = bisect(oracle, idx, y, lambda p, t: blend(xi[p], outer[p], t), 0 * one, one, tol)
         return blend(xi, outer, hi)
 
-    @torch.no_grad()
-    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Attack all live images together; return the best boundary point (x where none was found)."""
-        out_device = x.device
-        x, y = self.setup(oracle, x, y)
-        streams = self.streams(x)
+        streams = ImageStreams(x, seed)
         num, shape = len(x), tuple(x.shape[1:])
         x_b, best = x.clone(), x.clone()
         best_norm = torch.full((num,), float("inf"), device=x.device)
         has = torch.zeros(num, dtype=torch.bool, device=x.device)
-        idx = live_indices(oracle)
+        idx = oracle.live()
         start, found = random_start(oracle, x, y, idx, streams, tries=self.start_tries)
         if found.any():
             idx = idx[found]
@@ -107,8 +102,7 @@ class GeoDA(DecisionAttack):
         plan = allocation(oracle.budget // oracle.eot - 2 * SEARCH_QUERIES, self.lam, self.min_samples)
         t = 0
         while True:
-            idx = live_indices(oracle)
-            idx = idx[has[idx]]
+            idx = oracle.live(among=has)
             if not len(idx):
                 break
             samples = plan[min(t, len(plan) - 1)]
@@ -146,4 +140,4 @@ class GeoDA(DecisionAttack):
             norms = (x_b[idx] - x[idx]).flatten(1).norm(dim=1)
             better = norms < best_norm[idx]
             best[idx[better]], best_norm[idx[better]] = x_b[idx[better]], norms[better]
-        return best.to(out_device)
+        return best

@@ -25,33 +25,28 @@ import math
 
 import torch
 
-from .decision import DecisionAttack, ask, bisect, blend, box, live_indices, random_start, view4
+from .base import register_attack
+from .decision import DecisionAttack, ask, bisect, blend, box, random_start, view4
 from .oracle import Oracle
+from .streams import ImageStreams
+from .threat import distance
 
 #: Largest number of probe elements (images x samples x pixels) built at once.
 CHUNK_ELEMENTS = 1 << 24
 
 
-def distance(a: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
-    delta = (a - b).flatten(1)
-    return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
-
-
+@register_attack("hsja")
 class HopSkipJump(DecisionAttack):
     """HopSkipJumpAttack (l2, linf), untargeted; ``gamma`` sets theta, ``init_samples`` is B0.
 
     ``max_iter``: stop after that many iterations (None: run until the oracle's budget is spent).
     """
 
-    name = "hsja"
     norms = ("l2", "linf")
 
     def __init__(
         self,
         *,
-        norm: str = "l2",
-        eps: float = 1.0,
-        seed: int = 0,
         gamma: float = 1.0,
         init_samples: int = 100,
         max_samples: int = 10_000,
@@ -59,7 +54,6 @@ class HopSkipJump(DecisionAttack):
         start_tries: int = 100,
         max_iter: int | None = None,
     ) -> None:
-        super().__init__(norm=norm, eps=eps, seed=seed)
         if max_iter is not None and max_iter < 0:
             raise ValueError(f"max_iter must be >= 0 or None (until the budget is spent), got {max_iter!r}")
         self.max_iter = max_iter
@@ -70,24 +64,30 @@ class HopSkipJump(DecisionAttack):
         self.gamma, self.init_samples, self.max_samples = float(gamma), int(init_samples), int(max_samples)
         self.max_halvings, self.start_tries = int(max_halvings), int(start_tries)
 
-    def theta(self, d: int) -> float:
+    def theta(self, d: int, norm: str) -> float:
         """Binary-search threshold: gamma d^(-3/2) for l2, gamma d^(-2) for linf."""
-        return self.gamma / (d * math.sqrt(d)) if self.norm == "l2" else self.gamma / d**2
+        return self.gamma / (d * math.sqrt(d)) if norm == "l2" else self.gamma / d**2
 
     def to_boundary(
         self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, outer: torch.Tensor
     ) -> torch.Tensor:
         """Binary search between x[idx] (clean side) and the adversarial ``outer``: the boundary point."""
-        xi, d = x[idx], x[0].numel()
-        if self.norm == "l2":
+        xi, d, norm = x[idx], x[0].numel(), oracle.threat.norm
+        if norm == "l2":
             one = torch.ones(len(idx), device=x.device)
             _, hi, _ = bisect(
-                oracle, idx, y, lambda p, t: blend(xi[p], outer[p], t), 0 * one, one, self.theta(d)
+                oracle, idx, y, lambda p, t: blend(xi[p], outer[p], t), 0 * one, one, self.theta(d, norm)
             )
             return blend(xi, outer, hi)
         r0 = distance(outer, xi, "linf")
         _, hi, _ = bisect(
-            oracle, idx, y, lambda p, r: box(xi[p], outer[p], r), torch.zeros_like(r0), r0, self.theta(d) * r0
+            oracle,
+            idx,
+            y,
+            lambda p, r: box(xi[p], outer[p], r),
+            torch.zeros_like(r0),
+            r0,
+            self.theta(d, norm) * r0,
         )
         return box(xi, outer, hi)
 
@@ -99,7 +99,7 @@ class HopSkipJump(DecisionAttack):
         idx: torch.Tensor,
         delta: torch.Tensor,
         samples: int,
-        streams,
+        streams: ImageStreams,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Baseline-corrected Monte-Carlo direction at the boundary points ``x_b``: (v, answered)."""
         shape, d = tuple(x_b.shape[1:]), x_b[0].numel()
@@ -123,21 +123,18 @@ class HopSkipJump(DecisionAttack):
         baseline = torch.where(mean.abs() < 1, mean, torch.zeros_like(mean))  # eq. 16 (plain if all agree)
         for u, phi in zip(probes_u, probes_phi, strict=True):
             total += ((phi - baseline[:, None])[..., None] * u).sum(1).view_as(x_b)
-        if self.norm == "l2":
+        if oracle.threat.norm == "l2":
             return total / total.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1), answered
         return total.sign(), answered
 
-    @torch.no_grad()
-    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Attack all live images together; return the last boundary point (x where none was found)."""
-        out_device = x.device
-        x, y = self.setup(oracle, x, y)
-        streams = self.streams(x)
-        num, d = len(x), x[0].numel()
-        theta = self.theta(d)
+        streams = ImageStreams(x, seed)
+        num, d, norm = len(x), x[0].numel(), oracle.threat.norm
+        theta = self.theta(d, norm)
         x_adv = x.clone()
         has = torch.zeros(num, dtype=torch.bool, device=x.device)
-        idx = live_indices(oracle)
+        idx = oracle.live()
         start, found = random_start(oracle, x, y, idx, streams, tries=self.start_tries)
         if found.any():
             idx = idx[found]
@@ -145,15 +142,14 @@ class HopSkipJump(DecisionAttack):
             has[idx] = True
         t = torch.ones(num, dtype=torch.long, device=x.device)  # iteration per image
         while True:
-            idx = live_indices(oracle)
-            idx = idx[has[idx]]
+            idx = oracle.live(among=has)
             if self.max_iter is not None:
                 idx = idx[t[idx] <= self.max_iter]
             if not len(idx):
                 break
             xb, xi = x_adv[idx], x[idx]
-            dist = distance(xb, xi, self.norm)
-            scale = math.sqrt(d) * theta if self.norm == "l2" else d * theta
+            dist = oracle.threat.distance(xb, xi)
+            scale = math.sqrt(d) * theta if norm == "l2" else d * theta
             delta = scale * dist
             ti = int(t[idx].max())  # all images start together, so t is shared; max() for safety
             samples = min(int(self.init_samples * math.sqrt(ti)), self.max_samples)
@@ -179,4 +175,4 @@ class HopSkipJump(DecisionAttack):
             if len(idx):
                 x_adv[idx] = self.to_boundary(oracle, x, y, idx, outer)
             t[idx] += 1
-        return x_adv.to(out_device)
+        return x_adv

@@ -7,12 +7,13 @@ the papers do on a randomized model: when a counted query sees a wrong label, 9 
 of that candidate, not counted in the budget, must mostly agree (RFD Appendix D.4). ``lucky=True``
 decides by the single query instead (RFD Table 15).
 
-Decision-based attacks query points outside the threat model (they start far away and shrink), so the
-oracle can be given the threat model (``x_orig``, ``norm``, ``eps``): a wrong label then counts as a
-success only for a candidate inside the eps-ball. The same threat model lets the oracle record, per
-image, the smallest perturbation norm of a candidate its query labelled adversarial by each budget
-checkpoint (SND Table 3) and, opt-in, how many queries were labelled differently from the noise-free
-model on the same input (``P_mis``, SND Table 5; one uncounted noise-free forward per query).
+Every query is judged against the threat model (``threat``, a :class:`~sinai.attacks.threat.ThreatModel`
+around the clean images ``x``): a wrong label counts as a success only for a candidate inside the
+eps-ball (decision-based attacks query points outside it: they start far away and shrink). The oracle
+also records, per image, the smallest perturbation norm of a candidate its query labelled adversarial
+by each budget checkpoint (SND Table 3) and, opt-in, how many queries were labelled differently from
+the noise-free model on the same input (``P_mis``, SND Table 5; one uncounted noise-free forward per
+query).
 
 Under EOT with M samples (``eot=M``) score mode returns the mean logits and label mode the majority
 label of the M samples: the T-query adaptive attack of SND section 3.4 (Tables 4 and 6).
@@ -21,21 +22,15 @@ label of the M samples: the T-query adaptive attack of SND section 3.4 (Tables 4
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from .threat import ThreatModel
+
 OUTPUTS = ("scores", "labels")
-NORMS = ("linf", "l2")
-#: Slack of the eps-ball check, relative and absolute (float32 rounding of x + delta is ~6e-8).
-EPS_TOLERANCE = 1e-6
-
-
-def candidate_norms(x: torch.Tensor, x_orig: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-row linf or l2 norm of ``x - x_orig``."""
-    delta = (x - x_orig).flatten(1)
-    return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
 
 
 def group_rank(idx: torch.Tensor) -> torch.Tensor:
@@ -52,15 +47,13 @@ def group_rank(idx: torch.Tensor) -> torch.Tensor:
 
 
 class Oracle:
-    """Query access to ``model`` for the images whose true labels are ``labels`` (one per image).
+    """Query access to ``model`` for the clean images ``x`` (N, C, H, W) with true labels ``y``.
 
-    ``budget``: counted queries allowed per image. ``eot``: samples per candidate (each counts as a
-    query; the mean logits are returned). ``votes``: uncounted extra passes that confirm a wrong label
-    (0 = a deterministic model, the query itself decides). ``batch_size``: forward chunk size.
-
-    Threat model (all three or none): ``x_orig`` (the clean images), ``norm`` and ``eps``: only
-    candidates with ``||x - x_orig|| <= eps`` (slack 1e-6, relative and absolute) can be successes.
-    ``checkpoints`` (needs the threat model): budgets at which to record the smallest norm labelled
+    ``threat``: the threat model; only candidates with ``||x' - x|| <= eps`` (slack 1e-6, relative and
+    absolute) can be successes. ``budget``: counted queries allowed per image. ``eot``: samples per
+    candidate (each counts as a query; the mean logits are returned). ``votes``: uncounted extra passes
+    that confirm a wrong label (0 = a deterministic model, the query itself decides). ``batch_size``:
+    forward chunk size. ``checkpoints``: budgets at which to record the smallest norm labelled
     adversarial, read from ``checkpoint_norms`` (images x checkpoints, inf = none yet).
     ``track_mismatch``: count in ``mismatches`` the counted queries whose label differs from the
     noise-free label (the model's ``clean()`` context; a model without one counts as deterministic).
@@ -69,17 +62,16 @@ class Oracle:
     def __init__(
         self,
         model: nn.Module,
-        labels: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
         *,
+        threat: ThreatModel,
         budget: int,
         output: str = "scores",
         eot: int = 1,
         votes: int = 9,
         lucky: bool = False,
         batch_size: int = 128,
-        x_orig: torch.Tensor | None = None,
-        norm: str | None = None,
-        eps: float | None = None,
         checkpoints: Sequence[int] = (),
         track_mismatch: bool = False,
     ) -> None:
@@ -91,15 +83,26 @@ class Oracle:
             raise ValueError(f"eot (samples per query, M) must be >= 1, got {eot}")
         if votes < 0 or batch_size < 1:
             raise ValueError("votes must be >= 0 and batch_size >= 1")
+        if not isinstance(threat, ThreatModel):
+            raise TypeError(f"threat must be a ThreatModel, got {threat!r}")
         self.model = model
         self.device = next(model.parameters()).device
-        self.labels = labels.to(self.device).long()
+        self.labels = y.to(self.device).long()
         n = len(self.labels)
         num_classes = getattr(model, "num_classes", None)
         if not num_classes:
             raise ValueError("the model needs a num_classes attribute: wrap it in sinai's ImageClassifier")
         if n and (self.labels.min() < 0 or self.labels.max() >= num_classes):
             raise ValueError(f"labels must be in [0, {num_classes - 1}] for this model")
+        if x.dim() != 4 or len(x) != n:
+            raise ValueError(f"x must be (N, C, H, W) with N = {n} images, got {tuple(x.shape)}")
+        if threat.norm == "l2" and threat.eps > math.sqrt(x[0].numel()):
+            raise ValueError(f"l2 eps {threat.eps} is larger than the diameter of the image cube")
+        checkpoints = tuple(sorted({int(c) for c in checkpoints}))
+        if checkpoints and checkpoints[0] < 1:
+            raise ValueError(f"checkpoints must be positive numbers of queries, got {checkpoints}")
+        self.x, self.threat = x.to(self.device).float(), threat
+        self._order = torch.arange(n, device=self.device)  # idx of a query of every image
         self.num_classes = int(num_classes)
         self.budget, self.output, self.eot = budget, output, eot
         self.votes, self.lucky, self.batch_size = votes, lucky, batch_size
@@ -109,38 +112,10 @@ class Oracle:
         self.success = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.x_adv: torch.Tensor | None = None  # the verified adversarial example of each image
         self.on_query: Callable[[int], None] | None = None  # told how many queries each call counted
-        self._set_threat_model(x_orig, norm, eps, checkpoints)
+        self.checkpoints = torch.tensor(checkpoints, dtype=torch.long, device=self.device)
+        self.checkpoint_norms = torch.full((n, len(checkpoints)), float("inf"), device=self.device)
         self.track_mismatch = bool(track_mismatch)
         self.mismatches = torch.zeros(n, dtype=torch.long, device=self.device)
-
-    def _set_threat_model(
-        self, x_orig: torch.Tensor | None, norm: str | None, eps: float | None, checkpoints: Sequence[int]
-    ) -> None:
-        given = [v is not None for v in (x_orig, norm, eps)]
-        if any(given) and not all(given):
-            raise ValueError("the threat model needs all of x_orig, norm and eps (or none of them)")
-        checkpoints = tuple(sorted({int(c) for c in checkpoints}))
-        if checkpoints and x_orig is None:
-            raise ValueError("checkpoints need the threat model (x_orig, norm, eps)")
-        if checkpoints and checkpoints[0] < 1:
-            raise ValueError(f"checkpoints must be positive numbers of queries, got {checkpoints}")
-        self.x_orig = self.norm = self.eps = None
-        if x_orig is not None:
-            if norm not in NORMS:
-                raise ValueError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
-            if not isinstance(eps, (int, float)) or not eps > 0:
-                raise ValueError(f"eps must be a positive number, got {eps!r}")
-            if x_orig.dim() != 4 or len(x_orig) != len(self.labels):
-                raise ValueError(
-                    f"x_orig must be (N, C, H, W) with N = {len(self.labels)} images, "
-                    f"got {tuple(x_orig.shape)}"
-                )
-            self.x_orig, self.norm, self.eps = x_orig.to(self.device).float(), norm, float(eps)
-            self._order = torch.arange(len(x_orig), device=self.device)  # idx of a query of every image
-        self.checkpoints = torch.tensor(checkpoints, dtype=torch.long, device=self.device)
-        self.checkpoint_norms = torch.full(
-            (len(self.labels), len(checkpoints)), float("inf"), device=self.device
-        )
 
     # ----------------------------------------------------------------------------------------- state
     @property
@@ -148,9 +123,15 @@ class Oracle:
         """Images that need no more queries: verified success, or not even one more query left."""
         return self.success | (self.queries + self.eot > self.budget)
 
-    def live(self, idx: torch.Tensor) -> torch.Tensor:
-        """Mask of the entries of ``idx`` whose image is still being attacked."""
-        return ~self.done[idx.to(self.device)]
+    def live(self, among: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices of the images still being attacked (the ones the oracle still answers), ascending.
+
+        ``among``: a mask over the images; only those where it is True are listed.
+        """
+        live = ~self.done
+        if among is not None:
+            live &= among.to(self.device)
+        return torch.nonzero(live).flatten()
 
     def mark_broken(self, mask: torch.Tensor) -> None:
         """Record images as not robust before any query (misclassified clean by the vote)."""
@@ -227,17 +208,15 @@ class Oracle:
         pred: torch.Tensor,
         samples: torch.Tensor,
         spent: torch.Tensor,
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor:
         """Record checkpoint norms and mismatches of answered candidates; return their in-ball mask."""
         if self.track_mismatch:
             clean = getattr(self.model, "clean", None)
             with clean() if clean is not None else contextlib.nullcontext():
                 clean_pred = self._forward(x).argmax(1)
             self.mismatches.index_add_(0, idx, (samples != clean_pred[None]).sum(0))
-        if self.x_orig is None:
-            return None
-        every = len(idx) == len(self.x_orig) and bool((idx == self._order).all())
-        norms = candidate_norms(x, self.x_orig if every else self.x_orig[idx], self.norm)
+        every = len(idx) == len(self.x) and bool((idx == self._order).all())
+        norms = self.threat.distance(x, self.x if every else self.x[idx])
         if len(self.checkpoints):
             adversarial = pred != self.labels[idx]
             reached = spent[:, None] <= self.checkpoints[None, :]
@@ -245,19 +224,7 @@ class Oracle:
             self.checkpoint_norms.scatter_reduce_(
                 0, idx[:, None].expand_as(values), values, "amin", include_self=True
             )
-        return norms <= self.radius
-
-    @property
-    def radius(self) -> float:
-        """The eps of the threat model with its float slack (inf without a threat model)."""
-        return float("inf") if self.eps is None else self.eps * (1 + EPS_TOLERANCE) + EPS_TOLERANCE
-
-    def within(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Mask of candidates inside the eps-ball of their image (all True without a threat model)."""
-        if self.x_orig is None:
-            return torch.ones(len(x), dtype=torch.bool, device=self.device)
-        x, idx = x.to(self.device), idx.to(self.device)
-        return candidate_norms(x, self.x_orig[idx], self.norm) <= self.radius
+        return norms <= self.threat.radius
 
     def _check_success(
         self,

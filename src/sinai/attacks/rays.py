@@ -22,27 +22,24 @@ import math
 
 import torch
 
-from .decision import DecisionAttack, ask, live_indices, view4
+from .base import register_attack
+from .decision import DecisionAttack, ask, view4
 from .oracle import Oracle
 
 
+@register_attack("rays")
 class RayS(DecisionAttack):
     """RayS (linf): hierarchical sign-block search of the ray with the nearest boundary."""
 
-    name = "rays"
     norms = ("linf",)
 
-    def __init__(self, *, norm: str = "linf", eps: float = 0.05, seed: int = 0, tol: float = 1e-3) -> None:
-        super().__init__(norm=norm, eps=eps, seed=seed)
+    def __init__(self, *, tol: float = 1e-3) -> None:
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol!r}")
         self.tol = float(tol)
 
-    @torch.no_grad()
-    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Attack all live images together; return the best adversarial point found (x where none)."""
-        out_device = x.device
-        x, y = self.setup(oracle, x, y)
         num, n = len(x), x[0].numel()
         tol = self.tol / math.sqrt(n)
         direction = torch.ones((num, n), device=x.device)  # d, as +-1
@@ -56,7 +53,7 @@ class RayS(DecisionAttack):
         searching = torch.zeros(num, dtype=torch.bool, device=x.device)
         lo, hi = torch.zeros(num, device=x.device), torch.zeros(num, device=x.device)
         while True:
-            idx = live_indices(oracle)
+            idx = oracle.live()
             if not len(idx):
                 break
             check = idx[~searching[idx]]
@@ -78,7 +75,7 @@ class RayS(DecisionAttack):
         self.settle(torch.nonzero(searching).flatten(), searching, hi, radius, trial, direction)
         found = torch.isfinite(radius)
         x_adv = (x + view4(torch.where(found, radius, 0.0)) * direction.view_as(x)).clamp(0.0, 1.0)
-        return x_adv.to(out_device)
+        return x_adv
 
     @staticmethod
     def settle(

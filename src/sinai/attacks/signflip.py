@@ -22,22 +22,21 @@ from __future__ import annotations
 
 import torch
 
-from .decision import DecisionAttack, ask, bisect, box, live_indices, random_start, view4
+from .base import register_attack
+from .decision import DecisionAttack, ask, bisect, box, random_start, view4
 from .oracle import Oracle
+from .streams import ImageStreams
 
 
+@register_attack("signflip")
 class SignFlip(DecisionAttack):
     """Sign Flip Attack (linf): adaptive projection towards eps + random sign flips of delta."""
 
-    name = "signflip"
     norms = ("linf",)
 
     def __init__(
         self,
         *,
-        norm: str = "linf",
-        eps: float = 0.05,
-        seed: int = 0,
         eta: float = 0.5,
         p: float = 0.001,
         grow: float = 1.5,
@@ -46,7 +45,6 @@ class SignFlip(DecisionAttack):
         start_tries: int = 100,
         tol: float = 1e-3,
     ) -> None:
-        super().__init__(norm=norm, eps=eps, seed=seed)
         if not (0 < eta <= 1 and 0 < p <= 0.5 and grow >= 1 and 0 < shrink < 1 and window >= 1):
             raise ValueError("need 0 < eta <= 1, 0 < p <= 0.5, grow >= 1, 0 < shrink < 1 and window >= 1")
         if start_tries < 1 or not tol > 0:
@@ -54,17 +52,15 @@ class SignFlip(DecisionAttack):
         self.eta, self.p, self.grow, self.shrink = float(eta), float(p), float(grow), float(shrink)
         self.window, self.start_tries, self.tol = int(window), int(start_tries), float(tol)
 
-    @torch.no_grad()
-    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Attack all live images together; return the current adversarial point (x where none)."""
-        out_device = x.device
-        x, y = self.setup(oracle, x, y)
-        streams = self.streams(x)
+        eps = oracle.threat.eps
+        streams = ImageStreams(x, seed)
         num, n = len(x), x[0].numel()
         shape = tuple(x.shape[1:])
 
         # Start: uniform noise, then the smallest linf box around x that keeps it adversarial.
-        idx = live_indices(oracle)
+        idx = oracle.live()
         delta = torch.zeros_like(x)
         has = torch.zeros(num, dtype=torch.bool, device=x.device)
         start, found = random_start(oracle, x, y, idx, streams, tries=self.start_tries)
@@ -88,14 +84,13 @@ class SignFlip(DecisionAttack):
         flips = torch.zeros(num, dtype=torch.long, device=x.device)
         flip_wins = torch.zeros_like(flips)
         while True:
-            idx = live_indices(oracle)
-            idx = idx[has[idx]]
+            idx = oracle.live(among=has)
             if not len(idx):
                 break
             # 1. projection towards eps
             xi, di = x[idx], delta[idx]
             r = di.flatten(1).abs().amax(1)
-            target = torch.where(r > self.eps, self.eps, 0.9 * r)
+            target = torch.where(r > eps, eps, 0.9 * r)
             r_new = r - eta[idx] * (r - target)
             cand = (xi + di.clamp(-view4(r_new), view4(r_new))).clamp(0.0, 1.0)
             ok, adv = ask(oracle, cand, idx, y)
@@ -119,4 +114,4 @@ class SignFlip(DecisionAttack):
             p[idx[up]] = (p[idx[up]] * 1.5).clamp(max=0.5)
             p[idx[down]] = (p[idx[down]] / 1.5).clamp(min=1.0 / n)
             flip_wins[idx[due]] = 0
-        return (x + delta).to(out_device)
+        return x + delta

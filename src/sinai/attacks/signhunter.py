@@ -8,7 +8,7 @@ time, one query each, keeping a flip when the loss does not get worse (the paper
 a loss it maximizes; here the margin loss is minimized). After the last level (chunks of one coordinate)
 the search restarts as in the paper: x_o becomes the current adversarial point, s = 1 again and h = 0.
 
-The search is deterministic: ``seed`` is accepted for a uniform interface but nothing is drawn.
+The search is deterministic: the run's ``seed`` is accepted for a uniform interface but nothing is drawn.
 """
 
 from __future__ import annotations
@@ -17,27 +17,21 @@ import math
 
 import torch
 
-from .base import Attack, margin_loss, project
+from .base import Attack, margin_loss, register_attack
 from .oracle import Oracle
 
 
+@register_attack("signhunter")
 class SignHunter(Attack):
     """SignHunter (linf, l2): hierarchical sign flipping of x_o + delta * s, untargeted margin loss."""
 
-    name = "signhunter"
     norms = ("linf", "l2")
 
-    def __init__(self, *, norm: str = "linf", eps: float = 0.05, seed: int = 0) -> None:
-        super().__init__(norm=norm, eps=eps, seed=seed)
-
-    @torch.no_grad()
-    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Attack all live images together, one oracle call per iteration; return the final x_adv."""
-        self.check(oracle, x, y)
-        out_device = x.device
-        x, y = x.to(oracle.device).float(), y.to(oracle.device).long()
+        threat = oracle.threat
         num, n = len(x), x[0].numel()
-        step = self.eps if self.norm == "linf" else self.eps / math.sqrt(n)
+        step = threat.eps if threat.norm == "linf" else threat.eps / math.sqrt(n)
         last_level = math.ceil(math.log2(n)) if n > 1 else 0
         coords = torch.arange(n, device=x.device)
 
@@ -51,7 +45,7 @@ class SignHunter(Attack):
         fresh = torch.ones(num, dtype=torch.bool, device=x.device)
         x_adv = x.clone()
         while True:
-            idx = torch.nonzero(~oracle.done).flatten()
+            idx = oracle.live()
             if not len(idx):
                 break
             h, i, new = level[idx], chunk[idx], fresh[idx]
@@ -62,7 +56,7 @@ class SignHunter(Attack):
             xi, oi, ni = (x, origin, negative) if every else (x[idx], origin[idx], negative[idx])
             neg = (ni ^ flip) & ~new[:, None]  # a fresh search starts from s = 1
             s = 1.0 - 2.0 * neg.float()
-            cand = project(oi + step * s.view_as(xi), xi, self.norm, self.eps)
+            cand = threat.project(oi + step * s.view_as(xi), xi)
             logits = oracle(cand, idx)
             ok = ~torch.isnan(logits).any(1)
             if not bool(ok.all()):
@@ -82,4 +76,4 @@ class SignHunter(Attack):
             origin[idx[restart]] = x_adv[idx[restart]]
             level[idx], chunk[idx] = torch.where(restart, 0, h), i
             fresh[idx] = restart
-        return x_adv.to(out_device)
+        return x_adv

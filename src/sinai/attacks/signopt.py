@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from .decision import DecisionAttack, ask, bisect, live_indices, on_ray, view4
+from .base import register_attack
+from .decision import DecisionAttack, ask, bisect, on_ray, view4
 from .oracle import Oracle
+from .streams import ImageStreams
 
 
 def unit(t: torch.Tensor) -> torch.Tensor:
@@ -27,18 +29,15 @@ def unit(t: torch.Tensor) -> torch.Tensor:
     return t / view4(t.flatten(1).norm(dim=1).clamp_min(1e-12))
 
 
+@register_attack("signopt")
 class SignOPT(DecisionAttack):
     """Sign-OPT (l2): single-query sign estimates of the directional derivative of g(theta)."""
 
-    name = "signopt"
     norms = ("l2",)
 
     def __init__(
         self,
         *,
-        norm: str = "l2",
-        eps: float = 1.0,
-        seed: int = 0,
         k: int = 200,
         alpha: float = 0.2,
         beta: float = 0.001,
@@ -46,7 +45,6 @@ class SignOPT(DecisionAttack):
         start_directions: int = 100,
         tol: float = 1e-4,
     ) -> None:
-        super().__init__(norm=norm, eps=eps, seed=seed)
         if k < 1 or not alpha > 0 or not beta > 0 or max_halvings < 0 or start_directions < 1 or not tol > 0:
             raise ValueError(
                 "need k >= 1, alpha > 0, beta > 0, max_halvings >= 0, start_directions >= 1, tol > 0"
@@ -71,18 +69,15 @@ class SignOPT(DecisionAttack):
         _, g, _ = bisect(oracle, idx, y, on_ray(x[idx], theta), torch.zeros_like(hi), hi, self.tol * hi)
         return g
 
-    @torch.no_grad()
-    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Attack all live images together; return x + g(theta) theta (x where no start was found)."""
-        out_device = x.device
-        x, y = self.setup(oracle, x, y)
-        streams = self.streams(x)
+        streams = ImageStreams(x, seed)
         num, shape, n = len(x), tuple(x.shape[1:]), x[0].numel()
         theta = torch.zeros_like(x)
         g = torch.full((num,), float("inf"), device=x.device)
 
         # Start: the first of `start_directions` random directions that is adversarial far out.
-        idx = live_indices(oracle)
+        idx = oracle.live()
         m = self.start_directions
         dirs = streams.normal(idx, (m, *shape))
         cand = (x[idx][:, None] + dirs).clamp(0.0, 1.0)
@@ -100,8 +95,7 @@ class SignOPT(DecisionAttack):
 
         alpha = torch.full((num,), self.alpha, device=x.device)
         while True:
-            idx = live_indices(oracle)
-            idx = idx[torch.isfinite(g[idx])]
+            idx = oracle.live(among=torch.isfinite(g))
             if not len(idx):
                 break
             # Sign gradient estimate: one query per random direction u_k.
@@ -134,4 +128,4 @@ class SignOPT(DecisionAttack):
             alpha[idx[pending]] = self.alpha  # no step found: start the next search afresh
         found = torch.isfinite(g)
         x_adv = (x + view4(torch.where(found, g, 0.0)) * theta).clamp(0.0, 1.0)
-        return x_adv.to(out_device)
+        return x_adv

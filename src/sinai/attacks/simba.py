@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from .base import Attack, check_loss, project, score_loss, with_verified
+from .base import Attack, check_loss, generator, register_attack, score_loss
 from .oracle import Oracle
 
 ORDERS = ("strided", "rand")
@@ -42,6 +42,7 @@ def dct_matrix(n: int, device: torch.device | None = None) -> torch.Tensor:
     return d.float()
 
 
+@register_attack("simba")
 class SimBA(Attack):
     """SimBA with the pixel basis (Guo et al. 2019), untargeted, l2 (the paper's) or linf.
 
@@ -49,18 +50,7 @@ class SimBA(Attack):
     prob (the paper's p(y|x)) or ce (log p(y|x)).
     """
 
-    name = "simba"
-
-    def __init__(
-        self,
-        *,
-        norm: str = "l2",
-        eps: float = 5.0,
-        seed: int = 0,
-        step: float = 0.2,
-        loss: str = "margin",
-    ) -> None:
-        super().__init__(norm=norm, eps=eps, seed=seed)
+    def __init__(self, *, step: float = 0.2, loss: str = "margin") -> None:
         if step <= 0:
             raise ValueError(f"step must be positive, got {step}")
         self.step = float(step)
@@ -103,19 +93,17 @@ class SimBA(Attack):
         return directions
 
     # --------------------------------------------------------------------------------------- run
-    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Attack all images of ``x`` until each succeeds or spends its budget; return x_adv."""
-        self.check(oracle, x, y)
-        home, device = x.device, oracle.device
-        x, y = x.to(device).float(), y.to(device).long()
-        gen = self.generator(device)
+        threat, device = oracle.threat, oracle.device
+        gen = generator(device, seed)
         shape = x.shape[1:]
         order = self._order(len(x), shape, gen, device, limit=oracle.budget // oracle.eot)
         directions = self._basis(shape, device)
         x_adv = x.clone()
         loss = torch.full((len(x),), float("inf"), device=device)
 
-        idx = torch.nonzero(~oracle.done).flatten()
+        idx = oracle.live()
         if len(idx):  # the loss at the start: one query per image
             logits = oracle(x[idx], idx)
             ok = ~torch.isnan(logits).any(1)
@@ -123,13 +111,13 @@ class SimBA(Attack):
 
         t = 0
         while True:
-            idx = torch.nonzero(~oracle.done).flatten()
+            idx = oracle.live()
             if not len(idx):
                 break
             q = directions(order[idx, t % order.shape[1]])
             t += 1
             for sign in (1.0, -1.0):
-                cand = project(x_adv[idx] + sign * self.step * q, x[idx], self.norm, self.eps)
+                cand = threat.project(x_adv[idx] + sign * self.step * q, x[idx])
                 logits = oracle(cand, idx)
                 ok = ~torch.isnan(logits).any(1)
                 new = torch.full((len(idx),), float("inf"), device=device)
@@ -142,9 +130,10 @@ class SimBA(Attack):
                 idx, q = idx[rest], q[rest]
                 if not len(idx):
                     break
-        return with_verified(oracle, x_adv).to(home)
+        return x_adv
 
 
+@register_attack("simba-dct")
 class SimBADCT(SimBA):
     """SimBA in the low-frequency DCT basis (Guo et al. 2019, SimBA-DCT).
 
@@ -153,21 +142,16 @@ class SimBADCT(SimBA):
     ``order``: "strided" (the authors' block order) or "rand" (low-frequency block only).
     """
 
-    name = "simba-dct"
-
     def __init__(
         self,
         *,
-        norm: str = "l2",
-        eps: float = 5.0,
-        seed: int = 0,
         step: float = 0.2,
         loss: str = "margin",
         freq_dims: int | None = None,
         stride: int | None = None,
         order: str = "strided",
     ) -> None:
-        super().__init__(norm=norm, eps=eps, seed=seed, step=step, loss=loss)
+        super().__init__(step=step, loss=loss)
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
         if (freq_dims is not None and freq_dims < 1) or (stride is not None and stride < 1):

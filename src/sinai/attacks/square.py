@@ -17,11 +17,14 @@ import math
 
 import torch
 
-from .base import Attack, margin_loss, project
+from .base import Attack, generator, margin_loss, register_attack
 from .oracle import Oracle
+from .threat import project
 
 #: Iterations of a 10000-query run after which p halves (the authors' schedule; rescaled to the budget).
 P_BOUNDARIES = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+#: The paper's p_init per norm.
+P_INIT = {"linf": 0.05, "l2": 0.1}
 
 
 def p_level(it: torch.Tensor, n_iters: int) -> torch.Tensor:
@@ -75,42 +78,33 @@ def random_sign(shape: tuple[int, ...], gen: torch.Generator, device: torch.devi
     return torch.randint(0, 2, shape, generator=gen, device=device).float() * 2 - 1
 
 
+@register_attack("square")
 class Square(Attack):
     """Square Attack (linf, l2): accept a random square update when the margin loss drops.
 
-    ``p_init``: initial fraction of pixels changed per step (the paper's 0.05 for linf, 0.1 for l2 when
-    left as None). ``max_redraws``: linf re-draws the colour of a square that would not change the image
+    ``p_init``: initial fraction of pixels changed per step (None: the paper's 0.05 for linf, 0.1 for
+    l2). ``max_redraws``: linf re-draws the colour of a square that would not change the image
     (the authors' code loops until it does; bounded here; with one channel the other sign is the
     only such colour, so it is taken directly).
     """
 
-    name = "square"
     norms = ("linf", "l2")
 
-    def __init__(
-        self,
-        *,
-        norm: str = "linf",
-        eps: float = 0.05,
-        seed: int = 0,
-        p_init: float | None = None,
-        max_redraws: int = 32,
-    ) -> None:
-        super().__init__(norm=norm, eps=eps, seed=seed)
-        if p_init is None:
-            p_init = 0.05 if norm == "linf" else 0.1
-        if not 0 < p_init <= 1:
+    def __init__(self, *, p_init: float | None = None, max_redraws: int = 32) -> None:
+        if p_init is not None and not 0 < p_init <= 1:
             raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
         if max_redraws < 0:
             raise ValueError(f"max_redraws must be >= 0, got {max_redraws!r}")
-        self.p_init, self.max_redraws = float(p_init), int(max_redraws)
+        self.p_init = None if p_init is None else float(p_init)
+        self.max_redraws = int(max_redraws)
 
-    def side_lengths(self, height: int, width: int) -> list[int]:
+    def side_lengths(self, height: int, width: int, norm: str) -> list[int]:
         """Square side for each level of the p schedule (index = number of halvings of p)."""
+        p_init = self.p_init if self.p_init is not None else P_INIT[norm]
         sides = []
         for level in range(len(P_BOUNDARIES) + 1):
-            s = int(round(math.sqrt(self.p_init / 2**level * height * width)))
-            if self.norm == "linf":
+            s = int(round(math.sqrt(p_init / 2**level * height * width)))
+            if norm == "linf":
                 s = min(max(s, 1), min(height, width) - 1) if min(height, width) > 1 else 1
             else:
                 s = max(s, 3)
@@ -119,12 +113,12 @@ class Square(Attack):
         return sides
 
     # ------------------------------------------------------------------------------------------ init
-    def init_linf(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def init_linf(self, x: torch.Tensor, eps: float, gen: torch.Generator) -> torch.Tensor:
         """Vertical stripes: one +-eps per column and channel."""
         b, c, _, w = x.shape
-        return project(x + self.eps * random_sign((b, c, 1, w), gen, x.device), x, "linf", self.eps)
+        return project(x + eps * random_sign((b, c, 1, w), gen, x.device), x, "linf", eps)
 
-    def init_l2(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def init_l2(self, x: torch.Tensor, eps: float, gen: torch.Generator) -> torch.Tensor:
         """A grid of meta-patterns of side H // 5 with random orientation and per-channel sign."""
         b, c, h, w = x.shape
         s = max(h // 5, 1)
@@ -138,18 +132,18 @@ class Square(Attack):
         delta = torch.zeros_like(x)
         rows, cols = min(gh * s, h - start), min(gw * s, w - start)
         delta[:, :, start : start + rows, start : start + cols] = grid[:, :, :rows, :cols]
-        delta = delta * self.eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
-        return project(x + delta, x, "l2", self.eps)
+        delta = delta * eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
+        return project(x + delta, x, "l2", eps)
 
     # ---------------------------------------------------------------------------------------- update
     def step_linf(
-        self, x: torch.Tensor, best: torch.Tensor, side: torch.Tensor, gen: torch.Generator
+        self, x: torch.Tensor, best: torch.Tensor, side: torch.Tensor, eps: float, gen: torch.Generator
     ) -> torch.Tensor:
         """Give one random square per image a new +-eps per channel (Algorithm 2)."""
         b, c, h, w = x.shape
         top, left = random_corner(side, h, w, gen)
         win = window_mask(top, left, side, h, w)
-        colour = self.eps * random_sign((b, c, 1, 1), gen, x.device)
+        colour = eps * random_sign((b, c, 1, 1), gen, x.device)
         # x +- eps is inside the ball and ``best`` already is: only [0, 1] needs enforcing.
         cand = torch.where(win, (x + colour).clamp(0.0, 1.0), best)
         rows = torch.nonzero(((cand - best).abs() < 1e-7).flatten(1).all(1)).flatten()
@@ -159,7 +153,7 @@ class Square(Attack):
             if c == 1:  # the other sign always changes the square: what redrawing until it does gives
                 colour[rows] = -colour[rows]
             else:
-                colour[rows] = self.eps * random_sign((len(rows), c, 1, 1), gen, x.device)
+                colour[rows] = eps * random_sign((len(rows), c, 1, 1), gen, x.device)
             cand[rows] = torch.where(win[rows], (x[rows] + colour[rows]).clamp(0.0, 1.0), best[rows])
             if c == 1:
                 break
@@ -173,6 +167,7 @@ class Square(Attack):
         level: torch.Tensor,
         side: torch.Tensor,
         bank: torch.Tensor,
+        eps: float,
         gen: torch.Generator,
     ) -> torch.Tensor:
         """Move the mass of window 2 and of window 1 into a new bump in window 1 (Algorithm 3)."""
@@ -192,25 +187,22 @@ class Square(Attack):
         rho = random_sign((b, c, 1, 1), gen, x.device)
         nu_w1 = nu * w1
         nu_temp = rho * eta + nu_w1 / (nu_w1.flatten(2).norm(dim=2)[..., None, None] + 1e-10)
-        unused = (self.eps**2 - nu.flatten(1).pow(2).sum(1)).clamp_min(0)[:, None, None, None]
+        unused = (eps**2 - nu.flatten(1).pow(2).sum(1)).clamp_min(0)[:, None, None, None]
         avail = ((nu * union).flatten(2).pow(2).sum(2)[..., None, None] + unused / c).sqrt()
         new_w1 = nu_temp / nu_temp.flatten(2).norm(dim=2).clamp_min(1e-12)[..., None, None] * avail
         nu = torch.where(union, 0.0, nu) + new_w1  # window 2 emptied, window 1 rewritten (new_w1 lives on it)
-        return project(x + nu, x, "l2", self.eps)
+        return project(x + nu, x, "l2", eps)
 
     # ------------------------------------------------------------------------------------------- run
-    @torch.no_grad()
-    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Attack all live images together, one oracle call per iteration; return the final x_adv."""
-        self.check(oracle, x, y)
-        out_device = x.device
-        x, y = x.to(oracle.device).float(), y.to(oracle.device).long()
-        gen = self.generator(x.device)
+        norm, eps = oracle.threat.norm, oracle.threat.eps
+        gen = generator(x.device, seed)
         _, _, h, w = x.shape
         n_iters = max(oracle.budget // oracle.eot, 1)  # the schedule spans the budget of the run
-        sides = torch.tensor(self.side_lengths(h, w), device=x.device)
+        sides = torch.tensor(self.side_lengths(h, w, norm), device=x.device)
         bank = None
-        if self.norm == "l2":
+        if norm == "l2":
             size = int(sides.max())
             bank = torch.zeros(len(sides), size, size, device=x.device)
             for k, s in enumerate(sides.tolist()):
@@ -221,19 +213,19 @@ class Square(Attack):
         it = torch.zeros(len(x), dtype=torch.long, device=x.device)  # update steps answered, per image
         first = True  # the first query of every image is its init point
         while True:
-            idx = torch.nonzero(~oracle.done).flatten()
+            idx = oracle.live()
             if not len(idx):
                 break
             every = len(idx) == len(x)  # all images live (the common case): no gathers
             xi, best = (x, x_adv) if every else (x[idx], x_adv[idx])
             if first:
-                cand = self.init_linf(xi, gen) if self.norm == "linf" else self.init_l2(xi, gen)
+                cand = self.init_linf(xi, eps, gen) if norm == "linf" else self.init_l2(xi, eps, gen)
             else:
                 level = p_level(it[idx], n_iters)
-                if self.norm == "linf":
-                    cand = self.step_linf(xi, best, sides[level], gen)
+                if norm == "linf":
+                    cand = self.step_linf(xi, best, sides[level], eps, gen)
                 else:
-                    cand = self.step_l2(xi, best, level, sides[level], bank, gen)
+                    cand = self.step_l2(xi, best, level, sides[level], bank, eps, gen)
             logits = oracle(cand, idx)
             ok = ~torch.isnan(logits).any(1)  # rows of images that were done before this query
             if not bool(ok.all()):
@@ -244,4 +236,4 @@ class Square(Attack):
             loss[idx[better]] = new_loss[better]
             it[idx] += 0 if first else 1
             first = False
-        return x_adv.to(out_device)
+        return x_adv

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..attacks import ATTACKS, Oracle, attack_class, make_attack
+from ..attacks import ATTACKS, Oracle, ThreatModel, attack_class, make_attack
 from ..evaluation.clean import predict
 
 
@@ -93,17 +93,16 @@ def measure_attacks(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     rows = []
     for name in attacks:
-        norm = "linf" if "linf" in attack_class(name).norms else "l2"
-        radius = eps if norm == "linf" else l2_eps
+        threat = ThreatModel("linf", eps) if "linf" in attack_class(name).norms else ThreatModel("l2", l2_eps)
+        attack = make_attack(name)
         rates, seconds, shares, queries = [], [], [], 0
         for _ in range(rounds):
             rates.append(forward_rate(model, x, batch_size))
             timed = Stopwatch(model)
-            attack = make_attack(name, norm=norm, eps=radius, seed=seed)
-            oracle = Oracle(timed, y, budget=budget, output=attack.output, votes=0, batch_size=batch_size,
-                            x_orig=x, norm=norm, eps=radius)  # fmt: skip
+            oracle = Oracle(timed, x, y, threat=threat, budget=budget, output=attack.output, votes=0,
+                            batch_size=batch_size)  # fmt: skip
             start = time.perf_counter()
-            attack.run(oracle, x, y)
+            attack(oracle, seed=seed)
             seconds.append(time.perf_counter() - start)
             shares.append(timed.seconds / seconds[-1])
             queries = int(oracle.queries.sum())
@@ -148,8 +147,10 @@ def compare_square(
     tools: list[tuple[str, Callable[[], float]]] = []
 
     def ours() -> float:
-        oracle = Oracle(model, y, budget=budget, votes=0, batch_size=batch_size)
-        make_attack("square", norm="linf", eps=eps, p_init=p_init, seed=seed).run(oracle, x, y)
+        oracle = Oracle(
+            model, x, y, threat=ThreatModel("linf", eps), budget=budget, votes=0, batch_size=batch_size
+        )
+        make_attack("square", p_init=p_init)(oracle, seed=seed)
         return oracle.success.float().mean().item()
 
     tools.append(("sinai Square", ours))
@@ -226,9 +227,16 @@ def compare_hsja(
     rows = []
     start = time.perf_counter()
     oracle = Oracle(
-        model, y, budget=10**6, output="labels", votes=0, batch_size=batch_size, x_orig=x, norm="l2", eps=1e-6
+        model,
+        x,
+        y,
+        threat=ThreatModel("l2", 1e-6),
+        budget=10**6,
+        output="labels",
+        votes=0,
+        batch_size=batch_size,
     )
-    adv = make_attack("hsja", norm="l2", eps=1e-6, seed=seed, max_iter=iterations).run(oracle, x, y)
+    adv = make_attack("hsja", max_iter=iterations)(oracle, seed=seed)
     rows.append(_min_norm_row("sinai HopSkipJump", model, x, adv, y, time.perf_counter() - start))
     try:
         from art.attacks.evasion import HopSkipJump

@@ -10,7 +10,6 @@ for every image of a batch on every forward.
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -18,7 +17,8 @@ import torch
 from torch import nn
 
 from ..models.classifier import check_images
-from .sites import Site, find_sites
+from .hooks import Generators, SiteHook
+from .sites import Site, settle
 from .spec import Defense, NoiseSpec, parse_defense
 
 
@@ -43,16 +43,19 @@ def smallest_mask(z: torch.Tensor, ratio: float) -> torch.Tensor | None:
     return mask.view_as(z)
 
 
-class _Injector:
+class _Injector(SiteHook):
     """The hook for one site: adds ``spec.std`` Gaussian noise to the tensor the site exposes."""
 
     def __init__(self, owner: DefendedModel, site: Site, spec: NoiseSpec) -> None:
+        super().__init__(site)
         self.owner = owner
-        self.site = site
         self.spec = spec
         self.calls = 0  # calls within the current forward (torchvision reuses one ReLU 2-3 times)
 
-    def perturb(self, z: torch.Tensor) -> torch.Tensor:
+    def enabled(self) -> bool:
+        return self.owner.active
+
+    def tensor(self, z: torch.Tensor) -> torch.Tensor:
         call, self.calls = self.calls, self.calls + 1
         if self.owner.recording is not None:  # calibrating thresholds on clean activations
             if self.spec.ratio < 1.0:
@@ -71,33 +74,10 @@ class _Injector:
                 return z + noise
         return torch.addcmul(z, noise, mask)
 
-    def pre(self, module: nn.Module, args: tuple) -> tuple | None:
-        if not self.owner.active:
+    def attn_logits(self, shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor | None:
+        if self.owner.recording is not None:
             return None
-        return (self.perturb(args[0]), *args[1:])
-
-    def post(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if not self.owner.active:
-            return None
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(
-                f"feature noise needs a tensor output, but layer {self.site.name!r} returns "
-                f"{type(output).__name__}; choose a layer that returns a single tensor"
-            )
-        return self.perturb(output)
-
-    def attn_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if not self.owner.active or self.owner.recording is not None:
-            return None
-        x = args[0] if args else kwargs["x"]
-        batch, tokens = x.shape[0], x.shape[1]
-        noise = self.owner.noise((batch, module.num_heads, tokens, tokens), x, self.spec.std)
-        mask = kwargs.get("attn_mask")
-        if mask is not None:
-            if mask.dtype == torch.bool:  # True = attend, as in SDPA
-                mask = torch.zeros(mask.shape, device=x.device, dtype=x.dtype).masked_fill(~mask, -math.inf)
-            noise = noise + mask
-        return args, {**kwargs, "attn_mask": noise}
+        return self.owner.noise(shape, like, self.spec.std)
 
 
 def smallest_threshold(z: torch.Tensor, ratio: float) -> float:
@@ -111,7 +91,9 @@ class DefendedModel(nn.Module):
     """A model with a noise defense: an ``nn.Module`` whose forward injects noise at its sites.
 
     ``seed``: an int makes the noise reproducible (evaluation); ``None`` seeds from OS entropy
-    (serving: an attacker must never be able to replay the noise).
+    (serving: an attacker must never be able to replay the noise). The sites are found once, here:
+    ``defense`` is then the given defense restricted to the kinds the model has
+    (:meth:`Defense.for_model`) and ``sites`` the sites that get noise.
     """
 
     def __init__(
@@ -119,7 +101,7 @@ class DefendedModel(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        self.defense = defense
+        self.defense = defense  # _attach replaces it by the defense restricted to the model's sites
         self.validate = validate
         self.input_shape = getattr(model, "input_shape", None)
         self.num_classes = getattr(model, "num_classes", None)
@@ -127,39 +109,21 @@ class DefendedModel(nn.Module):
         self.recording: dict[tuple[str, int], list[float]] | None = None
         self._noise_on = True
         self._thresholds: dict[tuple[str, int], float] = {}
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators = Generators(seed)
         self._buffers: dict[tuple, torch.Tensor] = {}  # CPU noise buffers by (shape, dtype)
-        self._seed: int | None = None
-        self.reseed(seed)
         self.sites: list[Site] = []
         self._injectors: list[_Injector] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._attach()
+        self._attach(defense)
 
-    def _attach(self) -> None:
-        specs = {k: s for k, s in self.defense.specs.items() if s.std > 0}
-        feature_layers = specs["feature"].layers if "feature" in specs else ()
-        found = find_sites(self.model, specs, feature_layers=feature_layers)
-        present = {k for k, sites in found.items() if sites}
-        missing = set(specs) - present
-        if missing and (self.defense.require == "all" or not present):
-            have = sorted(k for k, v in find_sites(self.model).items() if v)
-            raise ValueError(
-                f"defense {self.defense.name} needs {sorted(missing)} sites, but the model has none "
-                f"(e.g. attention noise on a CNN); this model has: {', '.join(have)}"
-            )
+    def _attach(self, defense: Defense) -> None:
+        self.defense, found = settle(defense, self.model)
         for kind, sites in found.items():
             for site in sites:
-                injector = _Injector(self, site, specs[kind])
-                if site.hook == "pre":
-                    handle = site.module.register_forward_pre_hook(injector.pre)
-                elif site.hook == "post":
-                    handle = site.module.register_forward_hook(injector.post)
-                else:
-                    handle = site.module.register_forward_pre_hook(injector.attn_mask, with_kwargs=True)
+                injector = _Injector(self, site, self.defense.specs[kind])
+                self._handles.append(injector.attach())
                 self.sites.append(site)
                 self._injectors.append(injector)
-                self._handles.append(handle)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.validate:
@@ -167,7 +131,7 @@ class DefendedModel(nn.Module):
         if not self._noise_on or not self._injectors:
             return self.model(x)
         if self._needs_thresholds and self.recording is None:
-            raise RuntimeError(
+            raise ValueError(
                 "this defense uses selection='threshold': call calibrate_thresholds(clean_images) once "
                 "before the first forward"
             )
@@ -197,17 +161,11 @@ class DefendedModel(nn.Module):
 
     def reseed(self, seed: int | None = None) -> None:
         """Restart the noise stream from ``seed`` (``None``: fresh OS entropy)."""
-        self._seed = seed
-        self._generators.clear()
+        self._generators.reseed(seed)
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This model's generator on ``device``, created on first use (noise is drawn where the tensor is)."""
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self._seed if self._seed is not None else secrets.randbits(63))
-            self._generators[device] = gen
-        return gen
+        return self._generators(device)
 
     def noise(self, shape: torch.Size | tuple[int, ...], like: torch.Tensor, std: float) -> torch.Tensor:
         """Fresh N(0, std^2) noise of ``shape`` on ``like``'s device, from this model's generator.
@@ -230,7 +188,7 @@ class DefendedModel(nn.Module):
         try:
             return self._thresholds[(site_name, call)]
         except KeyError:
-            raise RuntimeError(
+            raise ValueError(
                 f"no calibrated threshold for site {site_name!r} call {call}; "
                 "re-run calibrate_thresholds on images of the same shape"
             ) from None

@@ -65,7 +65,7 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
     if not linears:
         raise ValueError(
             "found no classifier head (no get_classifier() and no nn.Linear) for 'feature' noise; "
-            "name the layers explicitly, e.g. --defense 'FND:std=0.1,layers=<module name>'"
+            "name the layers explicitly, e.g. the defense 'FND:std=0.1,layers=<module name>'"
         )
     return linears[-1]
 
@@ -85,10 +85,8 @@ def find_sites(
             for name in layers:
                 if name not in modules:
                     close = [n for n in modules if name.split(".")[-1] in n][:5]
-                    raise ValueError(
-                        f"no layer named {name!r} in the model for feature noise"
-                        + (f"; similar names: {close}" if close else "; list them with `sinai sites`")
-                    )
+                    hint = f"similar names: {close}" if close else "list them with describe_sites(model)"
+                    raise ValueError(f"no layer named {name!r} in the model for feature noise; {hint}")
                 found[kind].append(Site("feature", name, modules[name], "post"))
             if not layers:
                 name, head = classifier_head(model)
@@ -105,8 +103,22 @@ def describe_sites(model: nn.Module) -> dict[str, list[str]]:
     return {kind: [s.name or "<input>" for s in sites] for kind, sites in find_sites(model).items()}
 
 
-def applicable(defense: Defense, model: nn.Module) -> Defense:
-    """``defense`` restricted to the site kinds ``model`` has (SINAI on a CNN is its ReLU part)."""
+def settle(defense: Defense, model: nn.Module) -> tuple[Defense, dict[str, list[Site]]]:
+    """``defense`` restricted to the kinds ``model`` has, and its sites: one :func:`find_sites` walk.
+
+    The kinds checked are those with noise (``std > 0``): a missing one raises ``ValueError`` when the
+    defense requires all its kinds, or when none of them is present. The sites returned are those of
+    the kinds with noise, in the defense's kind order.
+    """
     feature = defense.specs.get("feature")
     found = find_sites(model, defense.specs, feature_layers=feature.layers if feature else ())
-    return defense.restricted_to({kind for kind, sites in found.items() if sites})
+    present = {kind for kind, sites in found.items() if sites}
+    noisy = [kind for kind, spec in defense.specs.items() if spec.std > 0]
+    missing = set(noisy) - present
+    if missing and (defense.require == "all" or not present.intersection(noisy)):
+        have = sorted(k for k, v in find_sites(model).items() if v)
+        raise ValueError(
+            f"defense {defense.name} needs {sorted(missing)} sites, but the model has none "
+            f"(e.g. attention noise on a CNN); this model has: {', '.join(have)}"
+        )
+    return defense.restricted_to(present), {kind: found[kind] for kind in noisy if found[kind]}

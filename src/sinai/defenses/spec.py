@@ -7,10 +7,15 @@ it and sometimes mean a variance; SINAI's tables only make sense as a std, so th
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 SITE_KINDS: tuple[str, ...] = ("input", "feature", "attn", "gelu", "relu")
 """Where noise can go: the image, a layer's output, attention logits, pre-GeLU and pre-ReLU logits."""
@@ -19,6 +24,20 @@ SELECTIVE_KINDS: tuple[str, ...] = ("gelu", "relu")
 """Kinds whose spec may have ``ratio`` < 1 (noise on the smallest pre-activation logits only)."""
 
 SELECTIONS: tuple[str, ...] = ("exact", "threshold")
+
+
+def check_std(std: object) -> float:
+    """``std`` if it is a finite number >= 0, else a ``ValueError`` saying what a std is."""
+    if not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
+        raise ValueError(f"std must be a finite number >= 0 (a standard deviation), got {std!r}")
+    return std
+
+
+def check_ratio(ratio: object) -> float:
+    """``ratio`` if it is a number in [0, 1], else a ``ValueError`` saying what a ratio is."""
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1] (the fraction of logits that get noise), got {ratio!r}")
+    return ratio
 
 
 @dataclass(frozen=True)
@@ -41,12 +60,8 @@ class NoiseSpec:
     layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.std, (int, float)) or not math.isfinite(self.std) or self.std < 0:
-            raise ValueError(f"std must be a finite number >= 0 (a standard deviation), got {self.std!r}")
-        if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(
-                f"ratio must be in [0, 1] (the fraction of logits that get noise), got {self.ratio!r}"
-            )
+        check_std(self.std)
+        check_ratio(self.ratio)
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         object.__setattr__(self, "std", float(self.std))
@@ -86,6 +101,39 @@ class Defense:
         specs = {k: s for k, s in self.specs.items() if k in kinds}
         return Defense(specs, name=self.name, require=self.require)
 
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able form (what the result store keeps); :meth:`from_dict` gives the same defense back."""
+        return {
+            "name": self.name,
+            "require": self.require,
+            "specs": {
+                kind: {"std": s.std, "ratio": s.ratio, "selection": s.selection, "layers": list(s.layers)}
+                for kind, s in self.specs.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> Defense:
+        """The defense :meth:`to_dict` wrote (``Defense.from_dict(d.to_dict()) == d``)."""
+        specs = data.get("specs", {})
+        if not isinstance(specs, Mapping):
+            raise ValueError(f"defense specs must be a mapping of site kind to spec, got {specs!r}")
+        return cls(
+            {kind: NoiseSpec(**spec) for kind, spec in specs.items()},
+            name=data.get("name", "custom"),
+            require=data.get("require", "all"),
+        )
+
+    def for_model(self, model: nn.Module) -> Defense:
+        """This defense restricted to the site kinds ``model`` has (SINAI on a CNN is its ReLU part).
+
+        Raises ``ValueError`` when a kind with noise is missing and ``require="all"``, or when none of
+        them exists (e.g. attention noise on a CNN).
+        """
+        from .sites import settle
+
+        return settle(self, model)[0]
+
     def describe(self) -> str:
         """Short human-readable form, e.g. ``SINAI(attn std=1, gelu std=0.1 ratio=0.7)``."""
         parts = []
@@ -117,19 +165,83 @@ DEFAULT_SPECS: Mapping[str, NoiseSpec] = MappingProxyType(
     }
 )
 
-PRESETS: Mapping[str, tuple[tuple[str, ...], str]] = MappingProxyType(
-    {
-        "none": ((), "all"),
-        "RND": (("input",), "all"),
-        "SND": (("input",), "all"),
-        "FND": (("feature",), "all"),
-        "SINAI": (("attn", "gelu", "relu"), "any"),
-        "SINAI-Attn": (("attn",), "all"),
-        "SINAI-FFN": (("gelu",), "all"),
-    }
-)
-"""Named defenses: RND/SND = input noise (Byun et al.; Qin et al.), FND = randomized feature defense
-(Nguyen et al., penultimate layer), SINAI = attention + logit-selective GeLU/ReLU noise."""
+_PRESETS: dict[str, tuple[tuple[str, ...], str]] = {}
+_BUILDERS: dict[str, Callable[..., Defense]] = {}
+
+PRESETS: Mapping[str, tuple[tuple[str, ...], str]] = MappingProxyType(_PRESETS)
+"""Named defenses, in registration order: name -> (site kinds, require). Filled by
+:func:`register_defense`; read it, do not write it."""
+
+
+def register_defense(*names: str) -> Callable[[Callable[..., Defense]], Callable[..., Defense]]:
+    """Register a preset under each of ``names``: the decorated function takes one :class:`NoiseSpec`
+    per site kind (its parameter names are the kinds) and returns the :class:`Defense` (the registry
+    names it); :func:`preset` and :func:`parse_defense` then know it::
+
+        @register_defense("RND")
+        def rnd(input: NoiseSpec) -> Defense:
+            return Defense({"input": input})
+    """
+
+    def decorator(build: Callable[..., Defense]) -> Callable[..., Defense]:
+        kinds = tuple(check_kind(k) for k in inspect.signature(build).parameters)
+        defense = build(**{kind: DEFAULT_SPECS[kind] for kind in kinds})
+        if tuple(defense.specs) != kinds:
+            raise ValueError(f"preset {names}: its builder must return exactly the kinds {kinds}")
+        for name in names:
+            if name.lower() in {k.lower() for k in _PRESETS}:
+                raise ValueError(f"defense preset {name!r} is already registered")
+            _PRESETS[name] = (kinds, defense.require)
+            _BUILDERS[name] = build
+        return build
+
+    return decorator
+
+
+def list_defenses() -> tuple[str, ...]:
+    """The preset names, in registration order."""
+    return tuple(_PRESETS)
+
+
+# Named defenses: RND/SND = input noise (Byun et al.; Qin et al.), FND = randomized feature defense
+# (Nguyen et al., penultimate layer), SINAI = attention + logit-selective GeLU/ReLU noise.
+
+
+@register_defense("none")
+def _none() -> Defense:
+    """No noise: the undefended model through the same protocol."""
+    return Defense({})
+
+
+@register_defense("RND", "SND")
+def _input_noise(input: NoiseSpec) -> Defense:
+    """RND (Byun et al.) and SND (Qin et al.): Gaussian noise on the input image."""
+    return Defense({"input": input})
+
+
+@register_defense("FND")
+def _fnd(feature: NoiseSpec) -> Defense:
+    """Randomized feature defense (Nguyen et al.): noise on the penultimate features."""
+    return Defense({"feature": feature})
+
+
+@register_defense("SINAI")
+def _sinai(attn: NoiseSpec, gelu: NoiseSpec, relu: NoiseSpec) -> Defense:
+    """SINAI: attention-logit noise plus logit-selective pre-GeLU / pre-ReLU noise, on the kinds a
+    model has (a CNN gets its ReLU part)."""
+    return Defense({"attn": attn, "gelu": gelu, "relu": relu}, require="any")
+
+
+@register_defense("SINAI-Attn")
+def _sinai_attn(attn: NoiseSpec) -> Defense:
+    """SINAI's attention part alone."""
+    return Defense({"attn": attn})
+
+
+@register_defense("SINAI-FFN")
+def _sinai_ffn(gelu: NoiseSpec) -> Defense:
+    """SINAI's logit-selective pre-GeLU part alone."""
+    return Defense({"gelu": gelu})
 
 
 def preset(name: str, **specs: NoiseSpec | Mapping[str, object] | float) -> Defense:
@@ -141,12 +253,12 @@ def preset(name: str, **specs: NoiseSpec | Mapping[str, object] | float) -> Defe
         preset("SINAI", attn=1.0, gelu={"std": 0.1, "ratio": 0.7})
     """
     key = _preset_key(name)
-    kinds, require = PRESETS[key]
+    kinds, _ = PRESETS[key]
     unknown = set(specs) - set(kinds)
     if unknown:
         raise ValueError(f"preset {key} has site kinds {kinds}; cannot set {sorted(unknown)}")
     resolved = {kind: _as_spec(specs.get(kind), DEFAULT_SPECS[kind]) for kind in kinds}
-    return Defense(resolved, name=key, require=require)
+    return replace(_BUILDERS[key](**resolved), name=key)
 
 
 def _preset_key(name: str) -> str:

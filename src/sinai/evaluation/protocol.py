@@ -22,24 +22,25 @@ import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attacks import make_attack
-from ..attacks.base import perturbation_norm, with_verified
 from ..attacks.oracle import Oracle
-from ..defenses import DefendedModel, Defense, parse_defense, protect
+from ..defenses import DefendedModel
 from .clean import clean_accuracy
+from .config import EvalConfig
 from .store import ImageResult, ResultStore
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Clean accuracy over M passes and per-image results of one run."""
+    """Clean accuracy over M passes and per-image results of one run (``config`` with the defense
+    applicable to the model; ``settings`` its key in the store)."""
 
+    config: EvalConfig
     settings: Mapping[str, object]
     clean: tuple[float, ...]
     results: tuple[ImageResult, ...]
@@ -87,159 +88,119 @@ def evaluate(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
+    config: EvalConfig,
     *,
-    attack: str = "square",
-    defense: Defense | str | None = None,
-    norm: str = "linf",
-    eps: float = 0.05,
-    budgets: Sequence[int] = (1000,),
-    attack_kwargs: Mapping[str, object] | None = None,
-    seed: int = 0,
-    passes: int = 3,
-    eot: int = 1,
-    votes: int = 9,
-    lucky: bool = False,
-    batch_size: int = 128,
-    shard_size: int = 100,
     dataset_indices: Sequence[int] | None = None,
     store: ResultStore | None = None,
-    describe: Mapping[str, object] | None = None,
+    batch_size: int = 128,
     progress: bool = True,
-    track_mismatch: bool = False,
 ) -> EvalResult:
-    """Run ``attack`` on every image against ``model`` protected by ``defense``; see the module docstring.
+    """Run ``config`` on every image against ``model``; see the module docstring.
 
-    ``describe`` adds identifying settings (model and dataset names) to the run's key in ``store``.
-    ``track_mismatch`` records P_mis (one extra noise-free forward per query, not counted).
+    ``dataset_indices`` (the images' indices in their dataset) become part of the run's key in
+    ``store``; ``batch_size`` is the forward chunk size.
     """
-    budgets = tuple(sorted({int(b) for b in budgets}))
-    if not budgets or budgets[0] < 1:
-        raise ValueError(f"budgets must be positive numbers of queries, got {budgets}")
-    if shard_size < 1 or passes < 1:
-        raise ValueError("shard_size and passes must be >= 1")
-    if not isinstance(eot, int) or eot < 1:
-        raise ValueError(f"eot (samples per query, M) must be an integer >= 1, got {eot!r}")
-    defense = parse_defense(defense) if isinstance(defense, str) else (defense or Defense(name="none"))
-    attack_kwargs = dict(attack_kwargs or {})
-    attacker = (
-        make_attack(attack, norm=norm, eps=eps, seed=seed, **attack_kwargs) if attack != "none" else None
-    )
-    # Each shard gets its own attack seed: (seed, shard) -> same numbers on resume.
-    make = lambda shard_seed: make_attack(attack, norm=norm, eps=eps, seed=shard_seed, **attack_kwargs)
     labels = torch.as_tensor(labels).long()
     indices = list(dataset_indices) if dataset_indices is not None else list(range(len(images)))
-    settings = {
-        **(describe or {}),
-        "defense": defense.describe(),
-        "attack": repr(attacker) if attacker else "none",
-        "norm": norm,
-        "eps": eps,
-        "budget": budgets[-1],
-        "images": len(images),
-        "dataset_indices": indices,
-        "seed": seed,
-        "passes": passes,
-        "eot": eot,
-        "votes": votes,
-        "lucky": lucky,
-        "shard_size": shard_size,  # shards seed the noise and the attack: part of what makes the numbers
-    }
-    if track_mismatch:  # only when asked, so the keys of existing runs do not change
-        settings["track_mismatch"] = True
-    store = store or ResultStore(":memory:")
-    run_id = store.run_id(settings)
+    if len(indices) != len(images) or len(labels) != len(images):
+        raise ValueError(f"{len(images)} images, {len(labels)} labels and {len(indices)} dataset indices")
     start = time.perf_counter()
-    defended = (
-        protect(model, defense, seed=seed) if defense.specs else DefendedModel(model, defense, seed=seed)
-    )
-    # A model with noise of its own (``randomized = True``, e.g. analysis wrappers) gets the M passes
-    # and the success votes of a randomized model even without defense sites.
-    randomized = bool(defended.sites) or bool(getattr(model, "randomized", False))
+    # Finds the sites once; its defense is the one applicable to this model (SINAI on a CNN is its
+    # ReLU part), and that is what the run is stored under.
+    defended = DefendedModel(model, config.defense, seed=config.seed)
     try:
+        if defended.defense != config.defense:
+            config = replace(config, defense=defended.defense)
+        settings = config.settings(images=len(images), dataset_indices=indices)
+        store = store or ResultStore(":memory:")
+        run_id = store.run_id(settings)
+        # A model with noise of its own (``randomized = True``, e.g. analysis wrappers) gets the M
+        # passes and the success votes of a randomized model even without defense sites.
+        randomized = bool(defended.sites) or bool(getattr(model, "randomized", False))
         clean = store.clean(run_id)
         if not clean:
             acc = clean_accuracy(
-                defended, images, labels, passes=passes if randomized else 1, batch_size=batch_size
+                defended, images, labels, passes=config.passes if randomized else 1, batch_size=batch_size
             )
             store.add_clean(run_id, acc.per_pass)
             clean = list(acc.per_pass)
-        done = {r.image for r in store.results(run_id)}
-        if attacker is not None:
-            _attack_shards(
-                defended, images, labels, indices, attacker.name, make, store, run_id, done,
-                budget=budgets[-1], seed=seed, eot=eot, votes=votes if randomized else 0, lucky=lucky,
-                batch_size=batch_size, shard_size=shard_size, progress=progress,
-                norm=norm, eps=eps, budgets=budgets, track_mismatch=track_mismatch,
-            )  # fmt: skip
+        if config.attacker is not None:
+            _Shards(defended, config, store, run_id, randomized, batch_size).run(
+                images, labels, indices, progress=progress
+            )
             store.finish(run_id)
     finally:
         defended.remove()
-    return EvalResult(settings, tuple(clean), tuple(store.results(run_id)), time.perf_counter() - start)
+    return EvalResult(
+        config, settings, tuple(clean), tuple(store.results(run_id)), time.perf_counter() - start
+    )
 
 
-def _attack_shards(
-    defended: DefendedModel,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    indices: list[int],
-    name: str,
-    make,
-    store: ResultStore,
-    run_id: int,
-    done: set[int],
-    *,
-    budget: int,
-    seed: int,
-    eot: int,
-    votes: int,
-    lucky: bool,
-    batch_size: int,
-    shard_size: int,
-    progress: bool,
-    norm: str,
-    eps: float,
-    budgets: tuple[int, ...],
-    track_mismatch: bool,
-) -> None:
-    n = len(images)
-    device = next(defended.parameters()).device
-    previous = store.results(run_id)
-    bar = tqdm(total=n, initial=len(done), unit="img", desc=name, disable=not progress)
-    spent = sum(r.queries for r in previous)
-    robust = [r.robust_at(budget) for r in previous]
+@dataclass
+class _Shards:
+    """Attacks a run's images shard by shard, each seeded from (seed, shard) and stored in one transaction."""
 
-    def show(queries: int = 0) -> None:
-        nonlocal spent
-        spent += queries
-        rate = f"{100 * sum(robust) / len(robust):.1f}%" if robust else "-"
-        bar.set_postfix(queries=spent, robust=rate, refresh=False)
+    defended: DefendedModel
+    config: EvalConfig
+    store: ResultStore
+    run_id: int
+    randomized: bool
+    batch_size: int
 
-    for shard, start in enumerate(range(0, n, shard_size)):
-        members = [i for i in range(start, min(start + shard_size, n)) if i not in done]
-        if not members:
-            continue
-        if len(members) != min(shard_size, n - start):
-            raise RuntimeError(
-                f"result store holds part of shard {shard}: delete {store.path} or choose another --out"
+    def run(self, images: torch.Tensor, labels: torch.Tensor, indices: list[int], *, progress: bool) -> None:
+        cfg, n = self.config, len(images)
+        previous = self.store.results(self.run_id)
+        done = {r.image for r in previous}
+        bar = tqdm(total=n, initial=len(done), unit="img", desc=cfg.attack, disable=not progress)
+        spent = sum(r.queries for r in previous)
+        robust = [r.robust_at(cfg.budget) for r in previous]
+
+        def show(queries: int = 0) -> None:
+            nonlocal spent
+            spent += queries
+            rate = f"{100 * sum(robust) / len(robust):.1f}%" if robust else "-"
+            bar.set_postfix(queries=spent, robust=rate, refresh=False)
+
+        for shard, start in enumerate(range(0, n, cfg.shard_size)):
+            members = [i for i in range(start, min(start + cfg.shard_size, n)) if i not in done]
+            if not members:
+                continue
+            if len(members) != min(cfg.shard_size, n - start):
+                raise ValueError(
+                    f"result store {self.store.path} holds part of shard {shard}: delete it or write "
+                    "the run to another store"
+                )
+            stop = start + len(members)
+            results = self._attack_shard(
+                shard, images[start:stop], labels[start:stop], indices[start:stop], start, show
             )
-        x = images[start : start + len(members)].to(device)
-        y = labels[start : start + len(members)].to(device)
-        defended.reseed(_shard_seed(seed, shard))
-        attacker = make(_shard_seed(seed, shard))
+            self.store.add_results(self.run_id, results)
+            robust += [r.robust_at(cfg.budget) for r in results]
+            show()
+            bar.update(len(members))
+        bar.close()
+
+    def _attack_shard(
+        self, shard: int, x: torch.Tensor, y: torch.Tensor, indices: list[int], first: int, show
+    ) -> list[ImageResult]:
+        cfg, device = self.config, next(self.defended.parameters()).device
+        x, y = x.to(device), y.to(device)
+        seed = _shard_seed(cfg.seed, shard)
+        self.defended.reseed(seed)
+        votes = cfg.votes if self.randomized else 0
         oracle = Oracle(
-            defended, y, budget=budget, output=attacker.output, eot=eot, votes=votes, lucky=lucky,
-            batch_size=batch_size, x_orig=x, norm=norm, eps=eps, checkpoints=budgets,
-            track_mismatch=track_mismatch,
+            self.defended, x, y, threat=cfg.threat, budget=cfg.budget, output=cfg.attacker.output,
+            eot=cfg.eot, votes=votes, lucky=cfg.lucky, batch_size=self.batch_size,
+            checkpoints=cfg.budgets, track_mismatch=cfg.track_mismatch,
         )  # fmt: skip
         oracle.on_query = show
         clean_ok = oracle.predict(x, passes=max(votes, 1)) == y
         oracle.mark_broken(~clean_ok)
-        x_final = with_verified(oracle, attacker.run(oracle, x, y).to(device))
-        norms = perturbation_norm(x_final, x, attacker.norm)
-        results = [
+        norms = cfg.threat.distance(cfg.attacker(oracle, seed=seed), x)
+        return [
             ImageResult(
-                image=start + j,
-                dataset_index=indices[start + j],
+                image=first + j,
+                dataset_index=indices[j],
                 label=int(y[j]),
                 clean_correct=bool(clean_ok[j]),
                 success_at=int(oracle.success_at[j]) if clean_ok[j] and oracle.success[j] else None,
@@ -248,14 +209,9 @@ def _attack_shards(
                 norm=float(norms[j]) if clean_ok[j] else 0.0,
                 checkpoint_norms=tuple(
                     (b, float(v) if math.isfinite(v) else None)
-                    for b, v in zip(budgets, oracle.checkpoint_norms[j].tolist(), strict=True)
+                    for b, v in zip(cfg.budgets, oracle.checkpoint_norms[j].tolist(), strict=True)
                 ),
-                mismatches=int(oracle.mismatches[j]) if track_mismatch else None,
+                mismatches=int(oracle.mismatches[j]) if cfg.track_mismatch else None,
             )
-            for j in range(len(members))
+            for j in range(len(x))
         ]
-        store.add_results(run_id, results)
-        robust += [r.robust_at(budget) for r in results]
-        show()
-        bar.update(len(members))
-    bar.close()

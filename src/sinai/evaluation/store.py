@@ -15,7 +15,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+SCHEMA_VERSION = 2
+"""Version of the tables and of the run settings (``EvalConfig.settings``); other versions are refused."""
+
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
     key TEXT UNIQUE NOT NULL,
@@ -102,11 +109,26 @@ class ResultStore:
             # Several processes may write one store (e.g. two demos with different --models): short
             # transactions, and a writer waits for the lock instead of failing.
             self.db = sqlite3.connect(self.path, timeout=60)
-            self.db.executescript(SCHEMA)
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "runs" in tables and "meta" not in tables:
+                version = "1"  # written before the schema was versioned: leave it untouched
+            else:
+                self.db.executescript(SCHEMA)
+                with self.db:
+                    self.db.execute(
+                        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                    )
+                version = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
         except sqlite3.DatabaseError as err:
             raise ValueError(
-                f"{self.path} is not a sinai result store ({err}); choose another --out"
+                f"{self.path} is not a sinai result store ({err}); write to another folder"
             ) from err
+        if version != str(SCHEMA_VERSION):
+            self.db.close()
+            raise ValueError(
+                f"{self.path} was written by another version of sinai (store schema {version}, this "
+                f"version reads {SCHEMA_VERSION}); its runs cannot be resumed: write to another folder"
+            )
 
     def close(self) -> None:
         self.db.close()

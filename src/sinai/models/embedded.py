@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from sinai.device import resolve_device
 from sinai.models.cache import cache_dir as resolve_cache_dir
 from sinai.models.classifier import ImageClassifier
+from sinai.models.zoo import register_model
 
 __all__ = [
     "EMBEDDED",
@@ -41,6 +43,7 @@ __all__ = [
     "build_embedded",
     "cache_path",
     "embedded_metrics",
+    "embedded_model",
     "load_embedded",
     "train_embedded",
 ]
@@ -166,19 +169,50 @@ class EmbeddedModel:
     train: TrainConfig
 
 
-EMBEDDED: dict[str, EmbeddedModel] = {
-    # 99.0% test accuracy; trains in ~10 s on 2 CPU cores (~30 s when they are shared).
-    "mnist-cnn": EmbeddedModel(
+EMBEDDED: dict[str, EmbeddedModel] = {}
+"""The embedded models by name, filled by :func:`embedded_model`."""
+
+
+def embedded_model(name: str) -> Callable[[Callable[[], EmbeddedModel]], Callable[[], EmbeddedModel]]:
+    """Register an embedded model: the decorated function returns its architecture and training recipe,
+    and ``name`` becomes a model :func:`~sinai.models.zoo.load_model` knows (trained once, cached)."""
+
+    def decorator(define: Callable[[], EmbeddedModel]) -> Callable[[], EmbeddedModel]:
+        EMBEDDED[name] = define()
+        register_model(name, dataset="mnist")(_load_registered)
+        return define
+
+    return decorator
+
+
+def _load_registered(
+    name: str, *, checkpoint: object, weights: str, num_classes: int | None, device, cache_dir, progress
+) -> ImageClassifier:
+    if checkpoint is not None or weights != "pretrained" or num_classes is not None:
+        raise ValueError(
+            f"{name} is an embedded model that sinai trains and caches itself: checkpoint, "
+            "weights='random' and num_classes apply to timm:/torchvision: models only"
+        )
+    return load_embedded(name, cache_dir=cache_dir, device=device, progress=progress)
+
+
+@embedded_model("mnist-cnn")
+def mnist_cnn() -> EmbeddedModel:
+    """99.0% test accuracy; trains in ~10 s on 2 CPU cores (~30 s when they are shared)."""
+    return EmbeddedModel(
         CnnArch(channels=(16, 32), hidden=128),
         TrainConfig(epochs=8, batch_size=64, lr=3e-3, weight_decay=5e-4, seed=0, augment=2),
-    ),
-    # 96.9% test accuracy; trains in ~70 s on 2 CPU cores. 7x7 patches (16 tokens + class token): 4x4
-    # patches cost ~3x more per step and reached only ~92% within 3 minutes on these 4000 images.
-    "mnist-vit": EmbeddedModel(
+    )
+
+
+@embedded_model("mnist-vit")
+def mnist_vit() -> EmbeddedModel:
+    """96.9% test accuracy; trains in ~70 s on 2 CPU cores. 7x7 patches (16 tokens + class token): 4x4
+    patches cost ~3x more per step and reached only ~92% within 3 minutes on these 4000 images."""
+    return EmbeddedModel(
         VitArch(patch_size=7, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0),
         TrainConfig(epochs=50, batch_size=64, lr=2e-3, weight_decay=0.05, seed=0, augment=2),
-    ),
-}
+    )
 
 
 def _entry(name: str) -> EmbeddedModel:

@@ -1,16 +1,19 @@
 """Models by name, each returned as an :class:`ImageClassifier` on [0, 1] images, in eval mode.
 
-Names: ``mnist-cnn`` / ``mnist-vit`` (the embedded models sinai trains and caches), ``timm:<timm name>``
-and ``torchvision:<torchvision classifier name>``. Weights come from a checkpoint file, from the local
-Hugging Face / torch hub caches ("pretrained"), or are random ("random", for tests and benchmarks).
-Nothing here downloads: missing weights are an error that says where to put which file.
+Names come from a decorator registry, as timm's ``register_model``: ``mnist-cnn`` / ``mnist-vit`` (the
+embedded models sinai trains and caches, registered in :mod:`sinai.models.embedded`) and the families
+``timm:<timm name>`` and ``torchvision:<torchvision classifier name>`` (registered here). Weights come
+from a checkpoint file, from the local Hugging Face / torch hub caches ("pretrained"), or are random
+("random", for tests and benchmarks). Nothing here downloads: missing weights are an error that says
+where to put which file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,17 +23,75 @@ from torch import nn
 from sinai.device import resolve_device
 from sinai.models.classifier import ImageClassifier
 
-EMBEDDED_MODELS = ("mnist-cnn", "mnist-vit")
 WEIGHTS = ("pretrained", "random")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_ACCEPTED = (
-    "mnist-cnn, mnist-vit, timm:<timm model name> (e.g. timm:vit_base_patch16_224, timm:resnet50) "
-    "or torchvision:<classifier name> (e.g. torchvision:resnet50)"
-)
 # Prefixes wrapped around a state_dict by DataParallel/DDP, ImageClassifier and torch.compile.
 _STRIP_PREFIXES = ("module.", "net.", "_orig_mod.")
+
+
+Loader = Callable[..., ImageClassifier]
+"""``loader(arch, *, checkpoint, weights, num_classes, device, cache_dir, progress) -> ImageClassifier``:
+``arch`` is the name (a model) or the part after ``family:`` (a family)."""
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registry entry: a model (``mnist-cnn``) or, with ``family``, names written ``<name>:<arch>``."""
+
+    name: str
+    load: Loader
+    dataset: Callable[[int | None], str]
+    family: bool = False
+    usage: str = ""
+
+    @property
+    def accepted(self) -> str:
+        """How the name is written, for error messages."""
+        return self.usage or (f"{self.name}:<name>" if self.family else self.name)
+
+
+_MODELS: dict[str, RegisteredModel] = {}
+
+
+def register_model(
+    name: str,
+    *,
+    dataset: str | Callable[[int | None], str],
+    family: bool = False,
+    usage: str = "",
+) -> Callable[[Loader], Loader]:
+    """Register the decorated loader under ``name`` (with ``family=True``: every ``name:<arch>``).
+
+    ``dataset`` is the dataset the model is evaluated on by default, or a function of its number of
+    classes that says it; ``usage`` is how the name is written in error messages (default: the name).
+    The loader is called as ``loader(arch, *, checkpoint, weights, num_classes, device, cache_dir,
+    progress)`` and returns the model (``load_model`` moves it to the device and sets eval mode).
+    """
+    if ":" in name or not name:
+        raise ValueError(f"a model name is a non-empty word without ':', got {name!r}")
+    pick = dataset if callable(dataset) else (lambda num_classes, fixed=dataset: fixed)
+
+    def decorator(loader: Loader) -> Loader:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = RegisteredModel(name, loader, pick, family, usage)
+        return loader
+
+    return decorator
+
+
+def _registry() -> dict[str, RegisteredModel]:
+    import sinai.models.embedded  # noqa: F401 - registers the embedded models
+
+    return _MODELS
+
+
+def list_models() -> tuple[str, ...]:
+    """The registered names: models by name first, then families as ``family:<name>``."""
+    entries = sorted(_registry().values(), key=lambda e: e.family)
+    return tuple(f"{e.name}:<name>" if e.family else e.name for e in entries)
 
 
 def load_model(
@@ -55,38 +116,23 @@ def load_model(
     if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     dev = resolve_device(device)
-    kind, arch = _parse_name(name)
-    if kind == "embedded":
-        if checkpoint is not None or weights != "pretrained" or num_classes is not None:
-            raise ValueError(
-                f"{name} is an embedded model that sinai trains and caches itself: checkpoint, "
-                "weights='random' and num_classes apply to timm:/torchvision: models only"
-            )
-        from sinai.models.embedded import load_embedded  # lazy: optional at import time
-
-        model = load_embedded(name, cache_dir=cache_dir, device=dev, progress=progress)
-        return model.to(dev).eval()
-    state = load_checkpoint(checkpoint) if checkpoint is not None else None
-    if kind == "timm":
-        net, input_shape, mean, std, classes = _build_timm(
-            arch, state=state, weights=weights, num_classes=num_classes
-        )
-    else:
-        net, input_shape, mean, std, classes = _build_torchvision(
-            arch, state=state, weights=weights, num_classes=num_classes, progress=progress
-        )
-    if state is not None:
-        _apply_state_dict(net, state, source=str(checkpoint), name=name)
-    model = ImageClassifier(net, input_shape=input_shape, num_classes=classes, mean=mean, std=std, name=name)
+    entry, arch = _lookup(name)
+    model = entry.load(
+        arch,
+        checkpoint=checkpoint,
+        weights=weights,
+        num_classes=num_classes,
+        device=dev,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
     return model.to(dev).eval()
 
 
 def default_dataset(model_name: str, *, num_classes: int | None = None) -> str:
     """The dataset a model is evaluated on by default: mnist, cifar10 (10-class models) or imagenet."""
-    kind, _ = _parse_name(model_name)
-    if kind == "embedded":
-        return "mnist"
-    return "cifar10" if num_classes == 10 else "imagenet"
+    entry, _ = _lookup(model_name)
+    return entry.dataset(num_classes)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -133,13 +179,67 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------- internals
 
 
-def _parse_name(name: str) -> tuple[str, str]:
-    if name in EMBEDDED_MODELS:
-        return "embedded", name
+def _lookup(name: str) -> tuple[RegisteredModel, str]:
+    registry = _registry()
+    entry = registry.get(name)
+    if entry is not None and not entry.family:
+        return entry, name
     prefix, sep, arch = name.partition(":")
-    if sep and prefix in ("timm", "torchvision") and arch:
-        return prefix, arch
-    raise ValueError(f"unknown model {name!r}; accepted names: {_ACCEPTED}")
+    entry = registry.get(prefix)
+    if sep and arch and entry is not None and entry.family:
+        return entry, arch
+    accepted = [e.accepted for e in sorted(registry.values(), key=lambda e: e.family)]
+    listed = f"{', '.join(accepted[:-1])} or {accepted[-1]}" if len(accepted) > 1 else "".join(accepted)
+    raise ValueError(f"unknown model {name!r}; accepted names: {listed}")
+
+
+def _by_classes(num_classes: int | None) -> str:
+    return "cifar10" if num_classes == 10 else "imagenet"
+
+
+def _hub_model(
+    name: str,
+    checkpoint: str | os.PathLike | None,
+    build: Callable[[Mapping[str, torch.Tensor] | None], tuple],
+) -> ImageClassifier:
+    """A timm / torchvision network from ``build(state)``, with the checkpoint's weights, wrapped."""
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    net, input_shape, mean, std, classes = build(state)
+    if state is not None:
+        _apply_state_dict(net, state, source=str(checkpoint), name=name)
+    return ImageClassifier(net, input_shape=input_shape, num_classes=classes, mean=mean, std=std, name=name)
+
+
+@register_model(
+    "timm",
+    family=True,
+    dataset=_by_classes,
+    usage="timm:<timm model name> (e.g. timm:vit_base_patch16_224, timm:resnet50)",
+)
+def _load_timm(arch: str, *, checkpoint, weights, num_classes, **_: object) -> ImageClassifier:
+    return _hub_model(
+        f"timm:{arch}",
+        checkpoint,
+        lambda state: _build_timm(arch, state=state, weights=weights, num_classes=num_classes),
+    )
+
+
+@register_model(
+    "torchvision",
+    family=True,
+    dataset=_by_classes,
+    usage="torchvision:<classifier name> (e.g. torchvision:resnet50)",
+)
+def _load_torchvision(
+    arch: str, *, checkpoint, weights, num_classes, progress, **_: object
+) -> ImageClassifier:
+    return _hub_model(
+        f"torchvision:{arch}",
+        checkpoint,
+        lambda state: _build_torchvision(
+            arch, state=state, weights=weights, num_classes=num_classes, progress=progress
+        ),
+    )
 
 
 def _apply_state_dict(net: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, name: str) -> None:
@@ -210,19 +310,20 @@ def _build_timm(
         cfg = timm.models.get_pretrained_cfg(arch)
         if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
             raise ValueError(
-                f"timm has no pretrained weights for {arch!r}; pass --checkpoint FILE or weights='random'"
+                f"timm has no pretrained weights for {arch!r}; "
+                "pass checkpoint=FILE (--checkpoint) or weights='random'"
             )
         if num_classes is not None and cfg.num_classes and num_classes != cfg.num_classes:
             raise ValueError(
                 f"the pretrained weights of timm:{arch} have {cfg.num_classes} classes, not {num_classes}; "
-                "pass --checkpoint FILE for a model trained with your number of classes"
+                "pass checkpoint=FILE (--checkpoint) for a model trained with your number of classes"
             )
         hf_id = cfg.hf_hub_id
         if not hf_id and cfg.url and not _torch_hub_file(cfg.url).is_file():
             raise FileNotFoundError(
                 f"pretrained weights for timm:{arch} are not in the local torch hub cache: expected "
                 f"{_torch_hub_file(cfg.url)} (download {cfg.url} there on a machine with internet), "
-                "or pass --checkpoint FILE"
+                "or pass checkpoint=FILE (--checkpoint)"
             )
     try:
         with _hf_offline():
@@ -236,7 +337,7 @@ def _build_timm(
             f"{what} for timm:{arch} are not in the local Hugging Face cache {constants.HF_HUB_CACHE} "
             "(sinai never downloads). Either download them once on a machine with internet with "
             f"`hf download {repo}` (older huggingface_hub: `huggingface-cli download {repo}`) and copy that "
-            "cache here (or point HF_HUB_CACHE/HF_HOME at it), or pass --checkpoint FILE"
+            "cache here (or point HF_HUB_CACHE/HF_HOME at it), or pass checkpoint=FILE (--checkpoint)"
         ) from err
     cfg = timm.data.resolve_model_data_config(net)
     return net, tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]), int(net.num_classes)
@@ -273,20 +374,20 @@ def _build_torchvision(
         if default is None:
             raise ValueError(
                 f"torchvision has no pretrained weights for {arch!r}; "
-                "pass --checkpoint FILE or weights='random'"
+                "pass checkpoint=FILE (--checkpoint) or weights='random'"
             )
         classes = len(default.meta.get("categories") or ()) or 1000
         if num_classes is not None and num_classes != classes:
             raise ValueError(
                 f"the pretrained weights of torchvision:{arch} have {classes} classes, not {num_classes}; "
-                "pass --checkpoint FILE for a model trained with your number of classes"
+                "pass checkpoint=FILE (--checkpoint) for a model trained with your number of classes"
             )
         file = _torch_hub_file(default.url)
         if not file.is_file():
             raise FileNotFoundError(
                 f"pretrained weights for torchvision:{arch} are not in the local torch hub cache: put "
                 f"{file.name} (from {default.url}) at {file} (the folder is torch.hub.get_dir()/checkpoints, "
-                "set by TORCH_HOME), or pass --checkpoint FILE"
+                "set by TORCH_HOME), or pass checkpoint=FILE (--checkpoint)"
             )
         net = builder(weights=default, progress=progress)
     else:

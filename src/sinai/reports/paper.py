@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..attacks import ATTACKS, attack_class
+from ..attacks import ATTACKS, attack_class, is_attack
+from ..defenses import Defense
 from ..evaluation.store import ImageResult, ResultStore
 from .table import markdown_table
 
@@ -61,23 +62,13 @@ class Run:
         return queries, robust
 
 
-def _attack_name(text: str) -> str:
-    """Registry name of an attack from its stored repr (``Square(norm='linf', ...)`` -> ``square``)."""
-    if text == "none":
-        return "none"
-    cls = text.partition("(")[0]
-    for name in ATTACKS:
-        if attack_class(name).__name__ == cls:
-            return name
-    return cls.lower()
-
-
 def _method(settings: dict) -> tuple[str, str]:
+    """The row name of a run: its described method and level, else its defense (Base for none)."""
     method = settings.get("method")
     if method:
         return str(method), str(settings.get("level") or "")
-    defense = str(settings.get("defense", ""))
-    return ("Base", "") if defense.startswith("none(") or defense == "none()" else (defense, "")
+    defense = Defense.from_dict(settings["defense"])
+    return ("Base", "") if defense.name == "none" else (defense.describe(), "")
 
 
 def load_runs(store: ResultStore, *, include_stages: bool = False) -> list[Run]:
@@ -93,9 +84,9 @@ def load_runs(store: ResultStore, *, include_stages: bool = False) -> list[Run]:
                 model=str(settings.get("model") or "model"),
                 method=method,
                 level=level,
-                attack=_attack_name(str(settings.get("attack", "none"))),
-                eot=int(settings.get("eot", 1)),
-                budget=int(settings.get("budget", 0)),
+                attack=str(settings["attack"]),
+                eot=int(settings["eot"]),
+                budget=max(settings["budgets"]),
                 clean=100 * statistics.fmean(clean) if clean else None,
                 results=store.results(run_id),
                 settings=settings,
@@ -174,7 +165,7 @@ def _budgets(runs: Sequence[Run]) -> list[int]:
 
 
 def _is_decision(attack: str) -> bool:
-    return attack in ATTACKS and attack_class(attack).output == "labels"
+    return is_attack(attack) and attack_class(attack).output == "labels"
 
 
 def build_tables(runs: Sequence[Run]) -> list[Table]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..evaluation.store import ResultStore
+from ..tuning.pareto import pareto_mask
 from .paper import Run, Table, build_tables, load_runs
 from .plots import plot_robust_vs_queries, plot_tradeoff, plot_tuning
 
@@ -36,10 +37,8 @@ def tuned_trials(folder: Path) -> dict[str, list[dict]]:
         data = json.loads(path.read_text())
         full = [t for t in data.get("trials", []) if t.get("robust_full") is not None]
         points = [{"clean": 100 * t["clean"], "robust": 100 * t["robust_full"]} for t in full]
-        for p in points:
-            p["front"] = not any(
-                q["clean"] >= p["clean"] and q["robust"] >= p["robust"] and q != p for q in points
-            )
+        for p, front in zip(points, pareto_mask([(p["clean"], p["robust"]) for p in points]), strict=True):
+            p["front"] = front
         trials.setdefault(str(data.get("model") or "model"), []).extend(points)
     return trials
 
@@ -48,12 +47,10 @@ def make_report(folder: str | Path, out: str | Path | None = None) -> Report:
     """Read every result store under ``folder``; write tables (md/csv/json) and PNGs to ``out``."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder: give the --out folder of sinai eval / demo")
+        raise ValueError(f"{folder} is not a folder: give the output folder of an evaluation or a demo")
     stores = find_stores(folder)
     if not stores:
-        raise ValueError(
-            f"no {STORE_NAME} under {folder}: run sinai eval --out {folder} (or sinai demo) first"
-        )
+        raise ValueError(f"no {STORE_NAME} under {folder}: evaluate into this folder first")
     runs: list[Run] = []
     for path in stores:
         with ResultStore(path) as store:

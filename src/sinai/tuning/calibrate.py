@@ -8,14 +8,14 @@ candidate ``std``, so the measured drop is close to monotone in ``std`` and the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from ..defenses import Defense, parse_defense, protect
-from ..defenses.sites import applicable
+from ..defenses import Defense, protect
 from ..evaluation.clean import clean_accuracy
 
 # Upper end of the default search range per site kind, in that kind's units: pixels for input,
@@ -56,10 +56,36 @@ class Calibration:
         }
 
 
-def one_kind(defense: Defense | str, model: nn.Module) -> tuple[Defense, str]:
+def bisect_std(
+    enough: Callable[[float], bool],
+    low: float,
+    high: float,
+    *,
+    steps: int,
+    log: bool = False,
+    stop: Callable[[], bool] = lambda: False,
+) -> tuple[float, float]:
+    """Narrow ``[low, high]`` around the smallest std at which ``enough(std)`` holds (monotone in std).
+
+    Each of at most ``steps`` steps halves the interval at its midpoint (geometric mean with ``log``)
+    and keeps the half where ``enough`` changes; ``stop()`` is asked before each step and ends the search
+    early. Returns the final ``(low, high)``. The caller measures ``high`` first when it needs to know
+    that the target is within reach.
+    """
+    for _ in range(steps):
+        if stop():
+            break
+        mid = math.sqrt(low * high) if log else (low + high) / 2
+        if enough(mid):
+            high = mid
+        else:
+            low = mid
+    return low, high
+
+
+def one_kind(defense: Defense, model: nn.Module) -> tuple[Defense, str]:
     """``defense`` restricted to ``model``, checked to have exactly one site kind (what calibrate tunes)."""
-    defense = parse_defense(defense) if isinstance(defense, str) else defense
-    defense = applicable(defense, model)
+    defense = defense.for_model(model)
     if len(defense.specs) != 1:
         raise ValueError(
             f"calibrate tunes one std: {defense.describe()} has {len(defense.specs)} site kinds on this "
@@ -72,7 +98,7 @@ def calibrate(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    defense: Defense | str,
+    defense: Defense,
     *,
     drop: float,
     tolerance: float = 0.0025,
@@ -120,16 +146,14 @@ def calibrate(
             on_step(std, base - clean)
         return base - clean
 
-    lo, hi = low, high
-    if measure(hi) >= drop - tolerance:
-        for _ in range(max_steps - 1):
-            if abs(steps[-1][1] - drop) <= tolerance:
-                break
-            mid = (lo + hi) / 2
-            if measure(mid) < drop:
-                lo = mid
-            else:
-                hi = mid
+    if measure(high) >= drop - tolerance:
+        bisect_std(
+            lambda std: measure(std) >= drop,
+            low,
+            high,
+            steps=max_steps - 1,
+            stop=lambda: abs(steps[-1][1] - drop) <= tolerance,
+        )
     best = min(steps, key=lambda s: (abs(s[1] - drop), s[0]))
     return Calibration(
         defense=Defense({kind: replace(spec, std=best[0])}, name=defense.name, require=defense.require),

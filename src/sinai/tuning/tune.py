@@ -30,14 +30,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attacks.threat import ThreatModel
 from ..defenses import Defense, NoiseSpec, find_sites, protect
 from ..defenses.spec import SELECTIVE_KINDS
 from ..evaluation.clean import clean_accuracy
+from ..evaluation.config import EvalConfig
 from ..evaluation.protocol import evaluate
 from ..evaluation.store import ResultStore
 from ..models.data import select_images
+from .pareto import pareto_front
 
 TUNED_KINDS = ("attn", "gelu", "relu")
+DEFAULT_THREAT = ThreatModel("linf", 0.1)
 
 # SINAI Appendix B: std ranges up to where clean accuracy starts to fall on ViT-B / ResNet-50, ratio in
 # [0, 1]. The attention range is the ViT's; the ReLU range the ResNet's.
@@ -216,21 +220,10 @@ def open_study(
         differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         raise ValueError(
             f"study {study_name!r} in {storage} was made with other settings ({', '.join(differ)}: "
-            f"{ {k: stored.get(k) for k in differ} }); use another --study-name or the same settings"
+            f"{ {k: stored.get(k) for k in differ} }); use another study name (--study-name) or the same "
+            "settings"
         )
     return study
-
-
-def _pareto(points: Sequence[TrialResult]) -> list[TrialResult]:
-    """The trials no other trial beats in both clean and screened robust accuracy."""
-    return [
-        p
-        for p in points
-        if not any(
-            q.clean >= p.clean and q.robust >= p.robust and (q.clean > p.clean or q.robust > p.robust)
-            for q in points
-        )
-    ]
 
 
 def tune(
@@ -247,8 +240,7 @@ def tune(
     screen: Fidelity = Fidelity(images=50, budget=200),
     full: Fidelity = Fidelity(images=100, budget=1000),
     promote: int = 2,
-    norm: str = "linf",
-    eps: float = 0.1,
+    threat: ThreatModel = DEFAULT_THREAT,
     attack_kwargs: Mapping[str, object] | None = None,
     storage: str = "sqlite:///study.sqlite",
     study_name: str = "sinai",
@@ -291,11 +283,17 @@ def tune(
 
     def robust(defense: Defense, fid: Fidelity, stage: str) -> float:
         x, y = subset(fid.images)
-        result = evaluate(
-            model, x, y, attack="square", defense=defense, norm=norm, eps=eps, budgets=(fid.budget,),
-            attack_kwargs=attack_kwargs, seed=seed, passes=passes, batch_size=batch_size, store=store,
-            describe={"model": model_name, "stage": stage}, progress=False,
-        )  # fmt: skip
+        config = EvalConfig(
+            attack="square",
+            attack_args=attack_kwargs or {},
+            defense=defense,
+            threat=threat,
+            budgets=(fid.budget,),
+            seed=seed,
+            passes=passes,
+            describe={"model": model_name, "stage": stage},
+        )
+        result = evaluate(model, x, y, config, store=store, batch_size=batch_size, progress=False)
         return result.robust_accuracy(fid.budget)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
@@ -318,8 +316,8 @@ def tune(
         "screen": [screen.images, screen.budget],
         "images": len(images),
         "passes": passes,
-        "norm": norm,
-        "eps": eps,
+        "norm": threat.norm,
+        "eps": threat.eps,
         "seed": seed,
     }
     sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
@@ -353,7 +351,7 @@ def tune(
         for t in complete()[:trials]
     ]
     feasible = [r for r in results if r.clean >= bound]
-    pareto = sorted(_pareto(feasible), key=lambda r: r.clean)
+    pareto = sorted(pareto_front(feasible, key=lambda r: (r.clean, r.robust)), key=lambda r: r.clean)
     promoted = {r.number for r in pareto}
     for d in deltas:
         under = sorted((r for r in feasible if r.drop <= d), key=lambda r: (-r.robust, -r.clean))

@@ -1,0 +1,5 @@
+"""``python -m sinai.cli``."""
+
+from . import main
+
+main()

@@ -1,0 +1,179 @@
+"""``sinai bench``: performance ratios measured in one run (never absolute timings)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+import torch
+
+from .options import ModelSource, device_options, model_option, names, parsed, seed_option
+
+
+@click.group()
+def bench() -> None:
+    """Performance ratios measured in one run (never absolute timings)."""
+
+
+def _model_batches(text: str) -> list[tuple[str, int]]:
+    """'mnist-cnn@8,timm:x' -> [('mnist-cnn', 8), ('timm:x', 64)]."""
+    pairs = []
+    for item in names(text) or ():
+        name, _, batch = item.rpartition("@") if "@" in item else (item, "", "")
+        try:
+            pairs.append((name, int(batch) if batch else 64))
+        except ValueError:
+            raise ValueError(f"expected MODEL or MODEL@BATCH, got {item!r}") from None
+    return pairs
+
+
+@bench.command("defenses")
+@click.option(
+    "--models",
+    default=None,
+    callback=parsed(_model_batches),
+    help="Comma-separated model[@batch] list (default: mnist-cnn@256, mnist-vit@256, "
+    "torchvision:resnet18@16, timm:vit_tiny_patch16_224@16; ImageNet-shaped ones use random weights).",
+)
+@click.option(
+    "--defenses",
+    "defense_names",
+    default=None,
+    callback=parsed(names),
+    help="Comma-separated presets; X@threshold = X with thresholds calibrated once.",
+)
+@click.option(
+    "--rounds", type=int, default=7, show_default=True, help="Interleaved timing rounds (median taken)."
+)
+@click.option("--iters", type=int, default=3, show_default=True, help="Forwards per timing.")
+@click.option(
+    "--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON."
+)
+@device_options
+def bench_defenses(
+    models: list[tuple[str, int]] | None,
+    defense_names: tuple[str, ...] | None,
+    rounds: int,
+    iters: int,
+    json_out: str | None,
+    device: torch.device,
+    cache_dir: str | None,
+) -> None:
+    """Protected-forward / unprotected-forward time per preset, same model and batch (target <= 1.05x)."""
+    from ..bench.defenses import BENCH_PRESETS, DEFAULT_MODELS, bench_models
+    from ..reports.console import bench_defenses_table
+
+    start = time.perf_counter()
+    rows = bench_models(
+        models or DEFAULT_MODELS, defense_names or BENCH_PRESETS, device=device, rounds=rounds, iters=iters,
+        cache_dir=cache_dir,
+    )  # fmt: skip
+    click.echo(
+        f"device {device}, {torch.get_num_threads()} threads, {rounds} rounds x {iters} forwards "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
+    click.echo(bench_defenses_table(rows))
+    if json_out:
+        Path(json_out).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+
+
+@bench.command("attacks")
+@model_option("mnist-cnn")
+@click.option(
+    "--attacks",
+    "attack_names",
+    default=None,
+    callback=parsed(names),
+    help="Comma-separated attacks (default: all).",
+)
+@click.option("--images", type=int, default=100, show_default=True)
+@click.option("--budget", type=int, default=200, show_default=True, help="Queries per image for the ratio.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Interleaved timings per attack (forward rate, then the attack) and per Square peer; "
+    "medians are reported. The HopSkipJump peers run once.",
+)
+@click.option(
+    "--peers",
+    is_flag=True,
+    help="Also compare Square with torchattacks and ART, and HopSkipJump with ART and foolbox "
+    "(pip install sinai[peers]).",
+)
+@click.option("--peer-images", type=int, default=200, show_default=True)
+@click.option("--peer-eps", type=float, default=0.3, show_default=True)
+@click.option("--peer-budget", type=int, default=1000, show_default=True)
+@click.option(
+    "--hsja-images",
+    type=int,
+    default=50,
+    show_default=True,
+    help="Images of the HopSkipJump peer comparison.",
+)
+@click.option(
+    "--hsja-iters", type=int, default=10, show_default=True, help="HopSkipJump iterations (all tools)."
+)
+@seed_option()
+@device_options
+def bench_attacks(
+    model_name: str,
+    attack_names: tuple[str, ...] | None,
+    images: int,
+    budget: int,
+    batch_size: int,
+    rounds: int,
+    peers: bool,
+    peer_images: int,
+    peer_eps: float,
+    peer_budget: int,
+    hsja_images: int,
+    hsja_iters: int,
+    seed: int,
+    device: torch.device,
+    cache_dir: str | None,
+) -> None:
+    """Queries/s of each attack / the model's forward images/s (target >= 0.9); --peers: Square and
+    HopSkipJump vs torchattacks, ART and foolbox."""
+    from ..attacks import ATTACKS
+    from ..bench.attacks import compare_hsja, compare_square, measure_attacks
+    from ..models.data import sample
+    from ..reports.console import bench_attacks_table, peers_table
+
+    model, _, dataset = ModelSource(model_name, device, cache_dir).load()
+
+    def images_on_device(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = sample(dataset, n, seed)
+        return x.to(device), y.to(device)
+
+    rows = measure_attacks(
+        model, *images_on_device(images), attack_names or ATTACKS, budget=budget, batch_size=batch_size,
+        rounds=rounds, seed=seed,
+    )  # fmt: skip
+    click.echo(
+        f"{model_name}, {images} images, budget {budget}, batch {batch_size}, device {device}; "
+        f"medians of {rounds} rounds. ratio = queries/s / forward images/s (target >= 0.9); "
+        "forward_share = fraction of the attack's time inside the model"
+    )
+    click.echo(bench_attacks_table(rows))
+    if not peers:
+        return
+    peer_rows = compare_square(
+        model, *images_on_device(peer_images), eps=peer_eps, budget=peer_budget, batch_size=batch_size,
+        rounds=rounds, seed=seed,
+    )  # fmt: skip
+    click.echo(
+        f"\nSquare linf eps={peer_eps}, {peer_budget} queries, {peer_images} images, "
+        f"median seconds of {rounds} rounds:"
+    )
+    click.echo(peers_table(peer_rows))
+    hsja_rows = compare_hsja(
+        model, *images_on_device(hsja_images), iterations=hsja_iters, batch_size=batch_size, seed=seed
+    )
+    click.echo(f"\nHopSkipJump l2 untargeted, {hsja_iters} iterations, {hsja_images} images:")
+    click.echo(peers_table(hsja_rows, norms=True))

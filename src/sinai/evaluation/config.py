@@ -1,0 +1,129 @@
+"""One validated configuration per evaluation run: what makes its numbers, and the run's key.
+
+Every parameter of a run (attack and its hyper-parameters, defense, threat model, budgets, seeds,
+votes, shards) is checked once, here, where it enters; the protocol, the Oracle and the attack then
+take it as given. ``settings()`` is the run's identity in the result store: the same configuration
+on the same images resumes the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import MappingProxyType
+
+from ..attacks import Attack, list_attacks, make_attack
+from ..attacks.threat import ThreatModel
+from ..defenses import Defense
+from .store import SCHEMA_VERSION
+
+_KEYS = (
+    "schema", "attack", "attack_args", "defense", "threat", "budgets", "seed", "passes", "eot",
+    "votes", "lucky", "shard_size", "track_mismatch", "images", "dataset_indices",
+)  # fmt: skip
+
+
+def _count(name: str, value: object, minimum: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} ({what}), got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """The settings of one robust-accuracy run (RFD section 4.1, SINAI section 5.1).
+
+    ``attack``: a registered attack name or ``"none"`` (clean accuracy only), with keyword
+    ``attack_args``. ``budgets``: counted queries at which robust accuracy is reported; one run with
+    the largest. ``passes``: noisy passes of the clean accuracy (M). ``eot``: samples per query (each
+    counted). ``votes``: uncounted passes that confirm a success on a randomized model (RFD App. D.4),
+    ``lucky``: the single query decides instead (RFD Table 15). ``shard_size``: images attacked and
+    stored together; (seed, shard) seeds their noise and attack. ``track_mismatch``: record P_mis
+    (SND Table 5). ``describe``: identifying labels (model, dataset, method, level, stage), stored with
+    the run.
+    """
+
+    attack: str = "none"
+    attack_args: Mapping[str, object] = field(default_factory=dict)
+    defense: Defense = field(default_factory=lambda: Defense(name="none"))
+    threat: ThreatModel = field(default_factory=lambda: ThreatModel("linf", 0.05))
+    budgets: tuple[int, ...] = (1000,)
+    seed: int = 0
+    passes: int = 3
+    eot: int = 1
+    votes: int = 9
+    lucky: bool = False
+    shard_size: int = 100
+    track_mismatch: bool = False
+    describe: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.defense, Defense):
+            raise TypeError(
+                f"defense must be a Defense (parse text with parse_defense), got {self.defense!r}"
+            )
+        if not isinstance(self.threat, ThreatModel):
+            raise TypeError(f"threat must be a ThreatModel, got {self.threat!r}")
+        try:
+            budgets = tuple(sorted({int(b) for b in self.budgets}))
+        except (TypeError, ValueError):
+            raise ValueError(f"budgets must be positive numbers of queries, got {self.budgets!r}") from None
+        if not budgets or budgets[0] < 1:
+            raise ValueError(f"budgets must be positive numbers of queries, got {self.budgets!r}")
+        _count("seed", self.seed, 0, "the image selection, noise and attack seed")
+        _count("passes", self.passes, 1, "noisy passes per clean accuracy")
+        _count("eot", self.eot, 1, "samples per query, M")
+        _count("votes", self.votes, 0, "uncounted passes confirming a success")
+        _count("shard_size", self.shard_size, 1, "images attacked and stored together")
+        attack = self.attack.lower() if isinstance(self.attack, str) else self.attack
+        if attack != "none" and attack not in list_attacks():
+            raise ValueError(
+                f"unknown attack {self.attack!r}; choose none or one of {', '.join(list_attacks())}"
+            )
+        if attack == "none" and self.attack_args:
+            raise ValueError(f"attack arguments {dict(self.attack_args)} given without an attack")
+        clash = set(self.describe) & set(_KEYS)
+        if clash:
+            raise ValueError(f"describe may not redefine the run settings {sorted(clash)}")
+        object.__setattr__(self, "attack", attack)
+        object.__setattr__(self, "budgets", budgets)
+        object.__setattr__(self, "attack_args", MappingProxyType(dict(self.attack_args)))
+        object.__setattr__(self, "describe", MappingProxyType(dict(self.describe)))
+        object.__setattr__(self, "lucky", bool(self.lucky))
+        object.__setattr__(self, "track_mismatch", bool(self.track_mismatch))
+        if attack != "none":
+            self.attacker  # noqa: B018 - builds the attack once: bad hyper-parameters fail here
+            self.attacker.check_norm(self.threat.norm)
+            if self.eot > self.budget:
+                raise ValueError(f"eot {self.eot} is more than the budget of {self.budget} queries")
+
+    @cached_property
+    def attacker(self) -> Attack | None:
+        """The attack, built once (it is stateless between runs; the seed comes per shard)."""
+        return None if self.attack == "none" else make_attack(self.attack, **self.attack_args)
+
+    @property
+    def budget(self) -> int:
+        """The largest budget: the one the run is attacked with."""
+        return self.budgets[-1]
+
+    def settings(self, *, images: int, dataset_indices: list[int]) -> dict[str, object]:
+        """The run's identity in the result store (JSON-able; see ``evaluation.store``)."""
+        return {
+            "schema": SCHEMA_VERSION,
+            **self.describe,
+            "attack": self.attack,
+            "attack_args": dict(self.attack_args),
+            "defense": self.defense.to_dict(),
+            "threat": self.threat.to_dict(),
+            "budgets": list(self.budgets),
+            "seed": self.seed,
+            "passes": self.passes,
+            "eot": self.eot,
+            "votes": self.votes,
+            "lucky": self.lucky,
+            "shard_size": self.shard_size,
+            "track_mismatch": self.track_mismatch,
+            "images": images,
+            "dataset_indices": list(dataset_indices),
+        }

@@ -1,0 +1,199 @@
+"""The tables the commands print: each function returns Markdown text (see :mod:`.table`) for a result.
+
+Numbers are formatted here, once; the command line only echoes the text.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from .table import markdown_table
+
+if TYPE_CHECKING:
+    from ..analysis.common import Row
+    from ..analysis.gradnorm import GradStats
+    from ..analysis.theory import FlipRate, LayerRow
+    from ..evaluation.protocol import EvalResult
+    from ..tuning.calibrate import Calibration
+    from ..tuning.tune import TuneResult
+    from .paper import Table
+
+
+def _defense_label(defense: object) -> str:
+    return defense.describe() if defense.specs else "Base"
+
+
+def eval_table(model_name: str, result: EvalResult, base: float) -> str:
+    """One row: clean accuracy (mean ± std over M passes), its drop from ``base`` (the undefended
+    accuracy), robust accuracy at every budget and the median queries of the broken images."""
+    config = result.config
+    headers = ["model", "defense", "clean acc %", "drop %"]
+    row: list[object] = [
+        model_name,
+        _defense_label(config.defense),
+        f"{100 * result.clean_mean:.2f} ± {100 * result.clean_std:.2f}",
+        f"{100 * (base - result.clean_mean):.2f}",
+    ]
+    if config.attack != "none":
+        headers += [f"{config.attack} @{b}" for b in config.budgets]
+        row += [f"{100 * result.robust_accuracy(b):.1f}" for b in config.budgets]
+        spent = [r.success_at for r in result.results if r.success_at is not None]
+        headers.append("median queries (broken)")
+        row.append(int(statistics.median(spent)) if spent else "-")
+    return markdown_table(headers, [row])
+
+
+def snd_metrics(result: EvalResult) -> str | None:
+    """SND's metrics: attack success rate and mean perturbation norm per budget (Table 3) and P_mis
+    (Table 5); None when the run recorded no norms (no attack)."""
+    if not any(r.checkpoint_norms for r in result.results):
+        return None
+    rows = []
+    for b in result.config.budgets:
+        mean = result.mean_norm(b)
+        rows.append([b, f"{100 * result.attack_success_rate(b):.1f}", "-" if mean is None else f"{mean:.4f}"])
+    text = markdown_table(["queries", "attack success %", f"mean {result.config.threat.norm} norm"], rows)
+    return text if result.p_mis is None else f"{text}\nP_mis {result.p_mis:.4f}"
+
+
+def calibration_table(calibrations: Sequence[tuple[str, Calibration]]) -> str:
+    """A row per (defense as asked, calibration): target, std found, drop reached, steps, and the
+    defense text that reproduces it."""
+    from ..defenses import PRESETS
+
+    rows = []
+    for name, c in calibrations:
+        spec = c.defense.specs[c.kind]
+        text = (
+            f"{c.defense.name}:std={c.std:.4g}" if c.defense.name in PRESETS else f"{c.kind}.std={c.std:.4g}"
+        )
+        if spec.ratio != 1:
+            text += f",ratio={spec.ratio:g}"
+        rows.append(
+            [name, f"{100 * c.target:g}", round(c.std, 4), round(100 * c.drop, 2),
+             "yes" if c.reached else "NO", len(c.steps), text]
+        )  # fmt: skip
+    headers = ["defense", "target %", "std", "drop %", "reached", "steps", "use as --defense"]
+    return markdown_table(headers, rows)
+
+
+def tuning_table(result: TuneResult) -> str:
+    """The feasible Pareto front of a tuning run: clean accuracy, drop, screened and full robust accuracy."""
+    return markdown_table(
+        ["trial", "defense", "clean %", "drop %", "robust % (screen)", "robust % (full)"],
+        [
+            [
+                t.number,
+                t.defense().describe(),
+                round(100 * t.clean, 2),
+                round(100 * t.drop, 2),
+                round(100 * t.robust, 1),
+                "-" if t.robust_full is None else round(100 * t.robust_full, 1),
+            ]
+            for t in result.pareto
+        ],
+    )
+
+
+def paper_tables(tables: Iterable[Table], note: str = "") -> str:
+    """Every paper-style table under its name (and ``note``, e.g. the number of images)."""
+    return "\n".join(f"\n{table.name}{note}:\n{table.markdown()}" for table in tables)
+
+
+def bench_defenses_table(rows: Sequence[object]) -> str:
+    """Protected / unprotected forward time per model, batch and defense."""
+    return markdown_table(
+        ["model", "batch", "defense", "sites", "clean ms", "defended ms", "ratio"],
+        [
+            [
+                r.model,
+                r.batch,
+                r.defense,
+                r.sites,
+                round(r.clean_ms, 1),
+                round(r.defended_ms, 1),
+                round(r.ratio, 3),
+            ]
+            for r in rows
+        ],
+    )
+
+
+def bench_attacks_table(rows: Sequence[object]) -> str:
+    """Every field of the attack throughput rows, floats to three decimals."""
+    return markdown_table(
+        list(asdict(rows[0])),
+        [[round(v, 3) if isinstance(v, float) else v for v in asdict(r).values()] for r in rows],
+    )
+
+
+def peers_table(rows: Sequence[object], *, norms: bool = False) -> str:
+    """Peer tools on the same attack: images, seconds, success rate (and the median norm with ``norms``)."""
+    headers = ["tool", "images", "seconds", "success %"] + (["median l2"] if norms else [])
+    body = []
+    for r in rows:
+        row = [r.tool, r.images, round(r.seconds, 2), round(100 * r.success_rate, 1)]
+        if norms:
+            row.append("-" if r.median_norm is None else round(r.median_norm, 3))
+        body.append(row)
+    return markdown_table(headers, body)
+
+
+# ------------------------------------------------------------------------------------------ analyses
+
+
+def _fmt(value: object) -> object:
+    """Floats to three significant digits; ``None`` (not measured) as an empty cell."""
+    if value is None:
+        return ""
+    return f"{value:.3g}" if isinstance(value, float) else value
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def summary_table(summary: Sequence[Row]) -> str:
+    """Rows under their CSV columns (``as_dict`` keys), floats to three significant digits."""
+    dicts = [r.as_dict() for r in summary]
+    headers = list(dicts[0]) if dicts else []
+    return markdown_table(headers, [[_fmt(v) for v in d.values()] for d in dicts])
+
+
+def gradnorm_table(stats: Sequence[GradStats]) -> str:
+    """The pooled (all-site) gradient-norm statistics per model and kind."""
+    return markdown_table(
+        ["model", "kind", "median |dL/dz|", "p95", "zero share"],
+        [
+            [r.model, r.kind, f"{r.median:.3g}", f"{r.p95:.3g}", round(r.zero_share, 3)]
+            for r in stats
+            if r.site == "all"
+        ],
+    )
+
+
+def theory_table(sweep: Sequence[LayerRow], flips: Sequence[FlipRate], std: float) -> str:
+    """Per model and layer: predicted and measured flip rates, gradient norm, robust accuracy at a fixed
+    and at the calibrated std, and the median gradient-ratio change."""
+    table = []
+    for r in sweep:
+        sel = [f for f in flips if (f.model, f.layer) == (r.model, r.layer)]
+        table.append(
+            [
+                r.model,
+                r.layer,
+                f"{sum(f.predicted for f in sel) / len(sel):.3f}",
+                f"{sum(f.measured for f in sel) / len(sel):.3f}",
+                f"{r.grad_norm_mean:.3g}",
+                _pct(r.robust_fixed),
+                f"{r.std_calibrated:.3g}",
+                _pct(r.robust_calibrated),
+                _fmt(r.ratio_change_median),
+            ]
+        )
+    headers = ["model", "layer", "P predicted", "P measured", "mean grad norm", f"robust (std {std:g})"]
+    headers += ["std for drop", "robust (calibrated)", "ratio change"]
+    return markdown_table(headers, table)

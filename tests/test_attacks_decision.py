@@ -3,10 +3,11 @@ stay label-only, follow the threat model, and give an image the same run alone o
 
 import pytest
 import torch
+from conftest import Counting
 from torch import nn
 
 from sinai.attacks import ATTACKS, attack_class, is_attack, list_attacks, make_attack
-from sinai.attacks.oracle import Oracle
+from sinai.attacks.oracle import Oracle, QueryRules
 from sinai.attacks.threat import ThreatModel
 from sinai.defenses import Defense, parse_defense, protect
 from sinai.evaluation.config import EvalConfig
@@ -17,18 +18,6 @@ DECISION = ("rays", "signflip", "hsja", "boundary", "signopt", "geoda")
 EPS = {"linf": 0.3, "l2": 4.0}
 #: The random-walk and boundary-geometry attacks need more queries (and room) on MNIST.
 SLOW_BUDGET = {"boundary": 1000, "signopt": 1000, "geoda": 1000}
-
-
-class Counting(nn.Module):
-    """Wraps a model and counts every image it forwards."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model, self.num_classes, self.seen = model, model.num_classes, 0
-
-    def forward(self, x):
-        self.seen += len(x)
-        return self.model(x)
 
 
 class Linear3(nn.Module):
@@ -54,8 +43,9 @@ def norm_of(name: str) -> str:
 def oracle_for(model, x, y, name, budget, **kwargs):
     norm = kwargs.pop("norm", norm_of(name))
     eps = kwargs.pop("eps", EPS[norm])
-    threat = ThreatModel(norm, eps)
-    return Oracle(model, x, y, threat=threat, budget=budget, output="labels", **kwargs), norm, eps
+    rules = QueryRules(budget=budget, **{k: kwargs.pop(k) for k in ("eot", "votes", "lucky") if k in kwargs})
+    oracle = Oracle(model, x, y, threat=ThreatModel(norm, eps), rules=rules, output="labels", **kwargs)
+    return oracle, norm, eps
 
 
 def test_registry_names_and_outputs():
@@ -144,7 +134,9 @@ def test_rays_asks_every_live_image_in_every_oracle_call():
     x = torch.rand(6, 1, 8, 8)
     with torch.no_grad():
         y = model(x).argmax(1)
-    oracle = Recording(model, x, y, threat=ThreatModel("linf", 0.05), budget=200, output="labels", votes=0)
+    oracle = Recording(
+        model, x, y, threat=ThreatModel("linf", 0.05), rules=QueryRules(budget=200, votes=0), output="labels"
+    )
     oracle.calls = []
     make_attack("rays")(oracle)
     # fast checks and binary-search steps of different images share one call: the batch stays full
@@ -182,7 +174,9 @@ def test_labels_under_eot_are_the_majority_of_the_m_samples():
             return out
 
     x, y, whole_cube = torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), ThreatModel("linf", 1.0)
-    oracle = Oracle(Flaky(), x, y, threat=whole_cube, budget=9, output="labels", eot=3, votes=0)
+    oracle = Oracle(
+        Flaky(), x, y, threat=whole_cube, rules=QueryRules(budget=9, eot=3, votes=0), output="labels"
+    )
     assert oracle(torch.zeros(2, 1, 2, 2), torch.arange(2)).tolist() == [1, 1]
     assert oracle.queries.tolist() == [3, 3]
 
@@ -192,7 +186,15 @@ def test_success_counts_only_inside_the_eps_ball_and_checkpoints_record_norms():
     x = torch.full((1, 1, 8, 8), 0.5)
     y = torch.zeros(1, dtype=torch.long)
     threat = ThreatModel("linf", 0.1)
-    oracle = Oracle(model, x, y, threat=threat, budget=10, output="labels", votes=0, checkpoints=(1, 2, 5))
+    oracle = Oracle(
+        model,
+        x,
+        y,
+        threat=threat,
+        rules=QueryRules(budget=10, votes=0),
+        output="labels",
+        checkpoints=(1, 2, 5),
+    )
     oracle(x + 0.3, torch.tensor([0]))  # wrong label, outside the ball: no success
     assert not oracle.success.any()
     oracle(x + 0.2, torch.tensor([0]))
@@ -228,7 +230,9 @@ def test_p_mis_is_zero_on_a_deterministic_model_and_positive_under_noise(mnist_m
 )
 def test_wrong_norm_is_a_clear_error(name, norm, eps, message):
     x, y = torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
-    oracle = Oracle(Linear3(), x, y, threat=ThreatModel(norm, eps), budget=5, output="labels")
+    oracle = Oracle(
+        Linear3(), x, y, threat=ThreatModel(norm, eps), rules=QueryRules(budget=5), output="labels"
+    )
     with pytest.raises(ValueError, match=message):
         make_attack(name)(oracle)
     assert int(oracle.queries.sum()) == 0
@@ -239,20 +243,20 @@ def test_wrong_oracle_mode_or_missing_threat_model_is_a_clear_error():
     x = torch.rand(2, 1, 8, 8)
     y = torch.zeros(2, dtype=torch.long)
     threat = ThreatModel("linf", 0.1)
-    scores = Oracle(model, x, y, threat=threat, budget=5)
+    scores = Oracle(model, x, y, threat=threat, rules=QueryRules(budget=5))
     with pytest.raises(ValueError, match="decision-based attack"):
         make_attack("rays")(scores)
-    labels = Oracle(model, x, y, threat=threat, budget=5, output="labels")
+    labels = Oracle(model, x, y, threat=threat, rules=QueryRules(budget=5), output="labels")
     with pytest.raises(ValueError, match="score-based attack"):
         make_attack("square")(labels)
     with pytest.raises(TypeError, match="threat"):  # no oracle without the threat model
-        Oracle(model, x, y, budget=5, output="labels")
+        Oracle(model, x, y, rules=QueryRules(budget=5), output="labels")
     with pytest.raises(ValueError, match="rays has no parameter 'eps'"):  # one threat model: the oracle's
         make_attack("rays", eps=0.2)
     with pytest.raises(ValueError, match="eot"):
-        Oracle(model, x, y, threat=threat, budget=5, output="labels", eot=0)
+        Oracle(model, x, y, threat=threat, rules=QueryRules(budget=5, eot=0), output="labels")
     with pytest.raises(ValueError, match="x must be"):
-        Oracle(model, x[:1], y, threat=threat, budget=5)
+        Oracle(model, x[:1], y, threat=threat, rules=QueryRules(budget=5))
 
 
 def test_evaluate_runs_a_decision_attack_and_stores_the_snd_metrics(mnist_models, first8, tmp_path):

@@ -3,12 +3,12 @@ threat model, and are reproducible from their seed."""
 
 import pytest
 import torch
-from torch import nn
+from conftest import Counting
 
 from sinai.attacks import make_attack
 from sinai.attacks.bandits import Bandits
 from sinai.attacks.nes import NES
-from sinai.attacks.oracle import Oracle
+from sinai.attacks.oracle import Oracle, QueryRules
 from sinai.attacks.simba import SimBA, SimBADCT, dct_matrix
 from sinai.attacks.threat import ThreatModel
 
@@ -31,18 +31,6 @@ ALL = [
 IDS = [f"{cls.name}-{threat.norm}" for cls, threat, _ in ALL]
 
 
-class Counting(nn.Module):
-    """Forwards to ``model`` and counts every image it sees."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model, self.num_classes, self.seen = model, model.num_classes, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen += len(x)
-        return self.model(x)
-
-
 def in_threat_model(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel) -> bool:
     ok = threat.distance(x_adv, x) <= threat.eps + 1e-6
     return bool(ok.all() and x_adv.min() >= 0 and x_adv.max() <= 1)
@@ -56,7 +44,7 @@ def test_attack_breaks_undefended_models(mnist_models, mnist_images, attack, mod
     x, y = mnist_images[0][:50], mnist_images[1][:50]
     with torch.no_grad():
         correct = model(x).argmax(1) == y
-    oracle = Oracle(model, x, y, threat=threat, budget=2000, votes=0, batch_size=1024)
+    oracle = Oracle(model, x, y, threat=threat, rules=QueryRules(budget=2000, votes=0), batch_size=1024)
     oracle.mark_broken(~correct)
     x_adv = cls(**kwargs)(oracle)
     rate = oracle.success[correct].float().mean().item()
@@ -75,7 +63,7 @@ def test_attack_breaks_undefended_models(mnist_models, mnist_images, attack, mod
 def test_queries_are_exact_and_within_budget(mnist_models, mnist_images, cls, threat, kwargs, budget):
     counting = Counting(mnist_models["mnist-vit"])
     x, y = mnist_images[0][:12], mnist_images[1][:12]
-    oracle = Oracle(counting, x, y, threat=threat, budget=budget, votes=0)
+    oracle = Oracle(counting, x, y, threat=threat, rules=QueryRules(budget=budget, votes=0))
     x_adv = cls(**kwargs)(oracle)
     assert counting.seen == int(oracle.queries.sum())
     assert oracle.queries.max() <= budget
@@ -89,7 +77,7 @@ def test_same_seed_same_result_other_seed_differs(mnist_models, mnist_images, cl
     x, y = mnist_images[0][50:58], mnist_images[1][50:58]
 
     def attack(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        oracle = Oracle(model, x, y, threat=threat, budget=60, votes=0)
+        oracle = Oracle(model, x, y, threat=threat, rules=QueryRules(budget=60, votes=0))
         return cls(**kwargs)(oracle, seed=seed), oracle.queries.clone()
 
     (a, qa), (b, qb), (c, _) = attack(1), attack(1), attack(2)

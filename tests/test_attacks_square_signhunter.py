@@ -4,26 +4,15 @@ import math
 
 import pytest
 import torch
+from conftest import Counting
 from torch import nn
 
-from sinai.attacks.oracle import Oracle
+from sinai.attacks.oracle import Oracle, QueryRules
 from sinai.attacks.signhunter import SignHunter
 from sinai.attacks.square import Square, meta_pattern, p_level
 from sinai.attacks.threat import ThreatModel, project
 
 EPS = {"linf": 0.3, "l2": 3.0}
-
-
-class Counting(nn.Module):
-    """Wraps a model and counts every image it forwards."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model, self.num_classes, self.seen = model, model.num_classes, 0
-
-    def forward(self, x):
-        self.seen += len(x)
-        return self.model(x)
 
 
 class Linear(nn.Module):
@@ -49,7 +38,7 @@ def first50(mnist_images):
 def check_run(attack, threat, model, x, y, budget):
     """Run ``attack`` through a counting oracle; check counts, budget and the threat model; return it."""
     counted = Counting(model)
-    oracle = Oracle(counted, x, y, threat=threat, budget=budget, votes=0)
+    oracle = Oracle(counted, x, y, threat=threat, rules=QueryRules(budget=budget, votes=0))
     x_adv = attack(oracle)
     assert x_adv.shape == x.shape
     assert counted.seen == int(oracle.queries.sum())  # every forward is a counted query (votes=0)
@@ -98,7 +87,9 @@ def test_same_seed_same_run(cls, norm, mnist_models, first50):
     model = mnist_models["mnist-cnn"].eval()
     runs = []
     for seed in (0, 0, 1):
-        oracle = Oracle(model, x, y, threat=ThreatModel(norm, EPS[norm] / 3), budget=60, votes=0)
+        oracle = Oracle(
+            model, x, y, threat=ThreatModel(norm, EPS[norm] / 3), rules=QueryRules(budget=60, votes=0)
+        )
         runs.append((cls()(oracle, seed=seed), oracle))
     (xa, oa), (xb, ob), (xc, oc) = runs
     assert torch.equal(xa, xb) and torch.equal(oa.queries, ob.queries)
@@ -115,7 +106,7 @@ def test_square_candidates_follow_the_paper():
     y = torch.zeros(3, dtype=torch.long)
     for norm, eps in (("linf", 0.1), ("l2", 0.5)):
         model = Linear(x[0].numel())
-        Square()(Oracle(model, x, y, threat=ThreatModel(norm, eps), budget=60, votes=0))
+        Square()(Oracle(model, x, y, threat=ThreatModel(norm, eps), rules=QueryRules(budget=60, votes=0)))
         cand = torch.cat(model.inputs)
         assert len(cand) == 3 * 60
         delta = cand - x.repeat(60, 1, 1, 1)
@@ -175,7 +166,7 @@ def test_signhunter_matches_a_per_image_reference(norm):
     x = 0.4 + 0.2 * torch.rand(3, 1, 2, 3, generator=torch.Generator().manual_seed(1))
     y = torch.zeros(3, dtype=torch.long)
     model, eps, budget = Linear(6, bias=20.0), {"linf": 0.1, "l2": 0.2}[norm], 40
-    oracle = Oracle(model, x, y, threat=ThreatModel(norm, eps), budget=budget, votes=0)
+    oracle = Oracle(model, x, y, threat=ThreatModel(norm, eps), rules=QueryRules(budget=budget, votes=0))
     x_adv = SignHunter()(oracle)
     assert oracle.queries.tolist() == [budget] * 3
     for k in range(3):
@@ -191,7 +182,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="p_init"):
         Square(p_init=0.0)
     x, y = torch.zeros(1, 1, 2, 2), torch.zeros(1, dtype=torch.long)
-    oracle = Oracle(Linear(4), x, y, threat=ThreatModel("linf", 0.05), budget=5, output="labels")
+    oracle = Oracle(
+        Linear(4), x, y, threat=ThreatModel("linf", 0.05), rules=QueryRules(budget=5), output="labels"
+    )
     with pytest.raises(ValueError, match="score"):
         SignHunter()(oracle)
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_defenses import images, tiny_cnn, tiny_vit
+from conftest import images, tiny_cnn, tiny_vit
 
 from sinai.bench.defenses import bench_defense, measure_overhead
 from sinai.defenses import protect

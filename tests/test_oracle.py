@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from sinai.attacks.oracle import Oracle, group_rank
+from sinai.attacks.oracle import Oracle, QueryRules, group_rank
 from sinai.attacks.threat import ThreatModel
 
 
@@ -36,7 +36,9 @@ WHOLE_CUBE = ThreatModel("linf", 1.0)
 
 def make_oracle(model, labels, **kwargs):
     """An oracle for ``len(labels)`` grey 2 x 2 images whose threat model admits every candidate."""
-    return Oracle(model, imgs([0.5] * len(labels)), labels, threat=kwargs.pop("threat", WHOLE_CUBE), **kwargs)
+    rules = QueryRules(**{k: kwargs.pop(k) for k in ("budget", "eot", "votes", "lucky") if k in kwargs})
+    threat = kwargs.pop("threat", WHOLE_CUBE)
+    return Oracle(model, imgs([0.5] * len(labels)), labels, threat=threat, rules=rules, **kwargs)
 
 
 def test_group_rank_counts_earlier_candidates_of_the_same_image():
@@ -127,20 +129,20 @@ def test_live_lists_the_images_still_answered():
 def test_the_oracle_owns_the_threat_model():
     model, y = Counting(), torch.zeros(2, dtype=torch.long)
     x = imgs([0.5, 0.5])
-    oracle = Oracle(model, x, y, threat=ThreatModel("l2", 0.5), budget=5, votes=0)
+    oracle = Oracle(model, x, y, threat=ThreatModel("l2", 0.5), rules=QueryRules(budget=5, votes=0))
     assert oracle.threat == ThreatModel("l2", 0.5) and torch.equal(oracle.x, x)
     oracle(imgs([0.9, 0.8]), torch.tensor([0, 1]))  # l2 distances 0.8 and 0.6: outside, no success
     assert not oracle.success.any()
     oracle(imgs([0.74, 0.45]), torch.tensor([0, 1]))  # 0.48: inside and wrong; 0.1: inside but right
     assert oracle.success.tolist() == [True, False]
     with pytest.raises(ValueError, match="larger than the diameter"):
-        Oracle(model, x, y, threat=ThreatModel("l2", 2.5), budget=5)
+        Oracle(model, x, y, threat=ThreatModel("l2", 2.5), rules=QueryRules(budget=5))
     with pytest.raises(ValueError, match="x must be"):
-        Oracle(model, x[:1], y, threat=WHOLE_CUBE, budget=5)
+        Oracle(model, x[:1], y, threat=WHOLE_CUBE, rules=QueryRules(budget=5))
     with pytest.raises(TypeError, match="ThreatModel"):
-        Oracle(model, x, y, threat=("linf", 0.1), budget=5)
+        Oracle(model, x, y, threat=("linf", 0.1), rules=QueryRules(budget=5))
     with pytest.raises(TypeError, match="threat"):
-        Oracle(model, x, y, budget=5)
+        Oracle(model, x, y, rules=QueryRules(budget=5))
 
 
 def test_threat_model_norms_projection_and_checks():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import Attack, attack_class, is_attack, list_attacks, make_attack, margin_loss, register_attack
-from .oracle import Oracle
+from .oracle import Oracle, QueryRules
 from .threat import NORMS, ThreatModel, distance, project
 
 # Importing the attack modules registers their attacks: this order is the order of ATTACKS
@@ -22,6 +22,7 @@ __all__ = [
     "NORMS",
     "Attack",
     "Oracle",
+    "QueryRules",
     "ThreatModel",
     "attack_class",
     "distance",

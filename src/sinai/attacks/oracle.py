@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,15 +47,43 @@ def group_rank(idx: torch.Tensor) -> torch.Tensor:
     return rank
 
 
+def _count(name: str, value: object, minimum: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum} ({what}), got {value!r}")
+
+
+@dataclass(frozen=True)
+class QueryRules:
+    """How the Oracle counts and verifies queries, checked once where it is made.
+
+    ``budget``: counted queries per image. ``eot``: samples per query (M), each counted; score mode
+    answers their mean, label mode their majority. ``votes``: uncounted passes that must mostly confirm a
+    wrong label on a randomized model (RFD App. D.4; 0 = the query itself decides). ``lucky``: the single
+    query decides even with votes (RFD Table 15).
+    """
+
+    budget: int
+    eot: int = 1
+    votes: int = 9
+    lucky: bool = False
+
+    def __post_init__(self) -> None:
+        _count("budget", self.budget, 1, "counted queries per image")
+        _count("eot", self.eot, 1, "samples per query, M")
+        _count("votes", self.votes, 0, "uncounted passes confirming a success")
+        if self.eot > self.budget:
+            raise ValueError(f"eot {self.eot} is more than the budget of {self.budget} queries")
+        object.__setattr__(self, "lucky", bool(self.lucky))
+
+
 class Oracle:
     """Query access to ``model`` for the clean images ``x`` (N, C, H, W) with true labels ``y``.
 
     ``threat``: the threat model; only candidates with ``||x' - x|| <= eps`` (slack 1e-6, relative and
-    absolute) can be successes. ``budget``: counted queries allowed per image. ``eot``: samples per
-    candidate (each counts as a query; the mean logits are returned). ``votes``: uncounted extra passes
-    that confirm a wrong label (0 = a deterministic model, the query itself decides). ``batch_size``:
-    forward chunk size. ``checkpoints``: budgets at which to record the smallest norm labelled
-    adversarial, read from ``checkpoint_norms`` (images x checkpoints, inf = none yet).
+    absolute) can be successes. ``rules``: the budget, EOT samples and success votes
+    (:class:`QueryRules`). ``batch_size``: forward chunk size. ``checkpoints``: budgets at which to
+    record the smallest norm labelled adversarial, read from ``checkpoint_norms`` (images x
+    checkpoints, inf = none yet).
     ``track_mismatch``: count in ``mismatches`` the counted queries whose label differs from the
     noise-free label (the model's ``clean()`` context; a model without one counts as deterministic).
     """
@@ -66,25 +95,20 @@ class Oracle:
         y: torch.Tensor,
         *,
         threat: ThreatModel,
-        budget: int,
+        rules: QueryRules,
         output: str = "scores",
-        eot: int = 1,
-        votes: int = 9,
-        lucky: bool = False,
         batch_size: int = 128,
         checkpoints: Sequence[int] = (),
         track_mismatch: bool = False,
     ) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"budget must be a positive number of queries, got {budget!r}")
-        if eot < 1:
-            raise ValueError(f"eot (samples per query, M) must be >= 1, got {eot}")
-        if votes < 0 or batch_size < 1:
-            raise ValueError("votes must be >= 0 and batch_size >= 1")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         if not isinstance(threat, ThreatModel):
             raise TypeError(f"threat must be a ThreatModel, got {threat!r}")
+        if not isinstance(rules, QueryRules):
+            raise TypeError(f"rules must be QueryRules, got {rules!r}")
         self.model = model
         self.device = next(model.parameters()).device
         self.labels = y.to(self.device).long()
@@ -104,8 +128,8 @@ class Oracle:
         self.x, self.threat = x.to(self.device).float(), threat
         self._order = torch.arange(n, device=self.device)  # idx of a query of every image
         self.num_classes = int(num_classes)
-        self.budget, self.output, self.eot = budget, output, eot
-        self.votes, self.lucky, self.batch_size = votes, lucky, batch_size
+        self.rules, self.output, self.batch_size = rules, output, batch_size
+        self.budget, self.eot, self.votes, self.lucky = rules.budget, rules.eot, rules.votes, rules.lucky
         self.queries = torch.zeros(n, dtype=torch.long, device=self.device)
         self.vote_passes = torch.zeros(n, dtype=torch.long, device=self.device)
         self.success_at = torch.zeros(n, dtype=torch.long, device=self.device)  # 0 = none yet

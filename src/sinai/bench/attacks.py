@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..attacks import ATTACKS, Oracle, ThreatModel, attack_class, make_attack
+from ..attacks import ATTACKS, Oracle, QueryRules, ThreatModel, attack_class, make_attack
 from ..evaluation.clean import predict
 
 
@@ -99,8 +99,10 @@ def measure_attacks(
         for _ in range(rounds):
             rates.append(forward_rate(model, x, batch_size))
             timed = Stopwatch(model)
-            oracle = Oracle(timed, x, y, threat=threat, budget=budget, output=attack.output, votes=0,
-                            batch_size=batch_size)  # fmt: skip
+            rules = QueryRules(budget=budget, votes=0)
+            oracle = Oracle(
+                timed, x, y, threat=threat, rules=rules, output=attack.output, batch_size=batch_size
+            )
             start = time.perf_counter()
             attack(oracle, seed=seed)
             seconds.append(time.perf_counter() - start)
@@ -148,7 +150,12 @@ def compare_square(
 
     def ours() -> float:
         oracle = Oracle(
-            model, x, y, threat=ThreatModel("linf", eps), budget=budget, votes=0, batch_size=batch_size
+            model,
+            x,
+            y,
+            threat=ThreatModel("linf", eps),
+            rules=QueryRules(budget=budget, votes=0),
+            batch_size=batch_size,
         )
         make_attack("square", p_init=p_init)(oracle, seed=seed)
         return oracle.success.float().mean().item()
@@ -231,9 +238,8 @@ def compare_hsja(
         x,
         y,
         threat=ThreatModel("l2", 1e-6),
-        budget=10**6,
+        rules=QueryRules(budget=10**6, votes=0),
         output="labels",
-        votes=0,
         batch_size=batch_size,
     )
     adv = make_attack("hsja", max_iter=iterations)(oracle, seed=seed)

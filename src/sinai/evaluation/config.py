@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
 
-from ..attacks import Attack, list_attacks, make_attack
+from ..attacks import Attack, QueryRules, list_attacks, make_attack
 from ..attacks.threat import ThreatModel
 from ..defenses import Defense
 from .store import SCHEMA_VERSION
@@ -56,6 +56,7 @@ class EvalConfig:
     shard_size: int = 100
     track_mismatch: bool = False
     describe: Mapping[str, object] = field(default_factory=dict)
+    rules: QueryRules = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.defense, Defense):
@@ -72,8 +73,6 @@ class EvalConfig:
             raise ValueError(f"budgets must be positive numbers of queries, got {self.budgets!r}")
         _count("seed", self.seed, 0, "the image selection, noise and attack seed")
         _count("passes", self.passes, 1, "noisy passes per clean accuracy")
-        _count("eot", self.eot, 1, "samples per query, M")
-        _count("votes", self.votes, 0, "uncounted passes confirming a success")
         _count("shard_size", self.shard_size, 1, "images attacked and stored together")
         attack = self.attack.lower() if isinstance(self.attack, str) else self.attack
         if attack != "none" and attack not in list_attacks():
@@ -89,13 +88,13 @@ class EvalConfig:
         object.__setattr__(self, "budgets", budgets)
         object.__setattr__(self, "attack_args", MappingProxyType(dict(self.attack_args)))
         object.__setattr__(self, "describe", MappingProxyType(dict(self.describe)))
-        object.__setattr__(self, "lucky", bool(self.lucky))
+        # The Oracle's rules, checked here once (budget, eot, votes, lucky) and handed to every shard.
+        object.__setattr__(self, "rules", QueryRules(budgets[-1], self.eot, self.votes, self.lucky))
+        object.__setattr__(self, "lucky", self.rules.lucky)
         object.__setattr__(self, "track_mismatch", bool(self.track_mismatch))
         if attack != "none":
             self.attacker  # noqa: B018 - builds the attack once: bad hyper-parameters fail here
             self.attacker.check_norm(self.threat.norm)
-            if self.eot > self.budget:
-                raise ValueError(f"eot {self.eot} is more than the budget of {self.budget} queries")
 
     @cached_property
     def attacker(self) -> Attack | None:

@@ -187,14 +187,14 @@ class _Shards:
         x, y = x.to(device), y.to(device)
         seed = _shard_seed(cfg.seed, shard)
         self.defended.reseed(seed)
-        votes = cfg.votes if self.randomized else 0
+        # A deterministic model needs no votes: the query itself decides.
+        rules = cfg.rules if self.randomized or not cfg.votes else replace(cfg.rules, votes=0)
         oracle = Oracle(
-            self.defended, x, y, threat=cfg.threat, budget=cfg.budget, output=cfg.attacker.output,
-            eot=cfg.eot, votes=votes, lucky=cfg.lucky, batch_size=self.batch_size,
-            checkpoints=cfg.budgets, track_mismatch=cfg.track_mismatch,
+            self.defended, x, y, threat=cfg.threat, rules=rules, output=cfg.attacker.output,
+            batch_size=self.batch_size, checkpoints=cfg.budgets, track_mismatch=cfg.track_mismatch,
         )  # fmt: skip
         oracle.on_query = show
-        clean_ok = oracle.predict(x, passes=max(votes, 1)) == y
+        clean_ok = oracle.predict(x, passes=max(rules.votes, 1)) == y
         oracle.mark_broken(~clean_ok)
         norms = cfg.threat.distance(cfg.attacker(oracle, seed=seed), x)
         return [

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checks import check_count
 from .threat import ThreatModel
 
 OUTPUTS = ("scores", "labels")
@@ -47,11 +48,6 @@ def group_rank(idx: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def _count(name: str, value: object, minimum: int, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum} ({what}), got {value!r}")
-
-
 @dataclass(frozen=True)
 class QueryRules:
     """How the Oracle counts and verifies queries, checked once where it is made.
@@ -68,9 +64,9 @@ class QueryRules:
     lucky: bool = False
 
     def __post_init__(self) -> None:
-        _count("budget", self.budget, 1, "counted queries per image")
-        _count("eot", self.eot, 1, "samples per query, M")
-        _count("votes", self.votes, 0, "uncounted passes confirming a success")
+        check_count("budget", self.budget, 1, "counted queries per image")
+        check_count("eot", self.eot, 1, "samples per query, M")
+        check_count("votes", self.votes, 0, "uncounted passes confirming a success")
         if self.eot > self.budget:
             raise ValueError(f"eot {self.eot} is more than the budget of {self.budget} queries")
         object.__setattr__(self, "lucky", bool(self.lucky))

@@ -15,6 +15,7 @@ from types import MappingProxyType
 
 from ..attacks import Attack, QueryRules, list_attacks, make_attack
 from ..attacks.threat import ThreatModel
+from ..checks import check_count
 from ..defenses import Defense
 from .store import SCHEMA_VERSION
 
@@ -22,11 +23,6 @@ _KEYS = (
     "schema", "attack", "attack_args", "defense", "threat", "budgets", "seed", "passes", "eot",
     "votes", "lucky", "shard_size", "track_mismatch", "images", "dataset_indices",
 )  # fmt: skip
-
-
-def _count(name: str, value: object, minimum: int, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum} ({what}), got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,9 +67,9 @@ class EvalConfig:
             raise ValueError(f"budgets must be positive numbers of queries, got {self.budgets!r}") from None
         if not budgets or budgets[0] < 1:
             raise ValueError(f"budgets must be positive numbers of queries, got {self.budgets!r}")
-        _count("seed", self.seed, 0, "the image selection, noise and attack seed")
-        _count("passes", self.passes, 1, "noisy passes per clean accuracy")
-        _count("shard_size", self.shard_size, 1, "images attacked and stored together")
+        check_count("seed", self.seed, 0, "the image selection, noise and attack seed")
+        check_count("passes", self.passes, 1, "noisy passes per clean accuracy")
+        check_count("shard_size", self.shard_size, 1, "images attacked and stored together")
         attack = self.attack.lower() if isinstance(self.attack, str) else self.attack
         if attack != "none" and attack not in list_attacks():
             raise ValueError(

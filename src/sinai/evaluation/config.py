@@ -10,19 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from types import MappingProxyType
 
-from ..attacks import Attack, QueryRules, list_attacks, make_attack
+from ..attacks import Attack, QueryRules, make_attack
 from ..attacks.threat import ThreatModel
 from ..checks import check_count
 from ..defenses import Defense
 from .store import SCHEMA_VERSION
-
-_KEYS = (
-    "schema", "attack", "attack_args", "defense", "threat", "budgets", "seed", "passes", "eot",
-    "votes", "lucky", "shard_size", "track_mismatch", "images", "dataset_indices",
-)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +47,7 @@ class EvalConfig:
     track_mismatch: bool = False
     describe: Mapping[str, object] = field(default_factory=dict)
     rules: QueryRules = field(init=False, repr=False, compare=False)
+    attacker: Attack | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.defense, Defense):
@@ -71,15 +66,8 @@ class EvalConfig:
         check_count("passes", self.passes, 1, "noisy passes per clean accuracy")
         check_count("shard_size", self.shard_size, 1, "images attacked and stored together")
         attack = self.attack.lower() if isinstance(self.attack, str) else self.attack
-        if attack != "none" and attack not in list_attacks():
-            raise ValueError(
-                f"unknown attack {self.attack!r}; choose none or one of {', '.join(list_attacks())}"
-            )
         if attack == "none" and self.attack_args:
             raise ValueError(f"attack arguments {dict(self.attack_args)} given without an attack")
-        clash = set(self.describe) & set(_KEYS)
-        if clash:
-            raise ValueError(f"describe may not redefine the run settings {sorted(clash)}")
         object.__setattr__(self, "attack", attack)
         object.__setattr__(self, "budgets", budgets)
         object.__setattr__(self, "attack_args", MappingProxyType(dict(self.attack_args)))
@@ -88,14 +76,15 @@ class EvalConfig:
         object.__setattr__(self, "rules", QueryRules(budgets[-1], self.eot, self.votes, self.lucky))
         object.__setattr__(self, "lucky", self.rules.lucky)
         object.__setattr__(self, "track_mismatch", bool(self.track_mismatch))
-        if attack != "none":
-            self.attacker  # noqa: B018 - builds the attack once: bad hyper-parameters fail here
-            self.attacker.check_norm(self.threat.norm)
-
-    @cached_property
-    def attacker(self) -> Attack | None:
-        """The attack, built once (it is stateless between runs; the seed comes per shard)."""
-        return None if self.attack == "none" else make_attack(self.attack, **self.attack_args)
+        # The attack, built once (an unknown name or hyper-parameter fails here); it keeps no state
+        # between runs, and each shard gives it its own seed.
+        attacker = None if attack == "none" else make_attack(attack, **self.attack_args)
+        if attacker is not None:
+            attacker.check_norm(self.threat.norm)
+        object.__setattr__(self, "attacker", attacker)
+        clash = set(self.describe) & set(self._fields(0, []))
+        if clash:
+            raise ValueError(f"describe may not redefine the run settings {sorted(clash)}")
 
     @property
     def budget(self) -> int:
@@ -104,9 +93,11 @@ class EvalConfig:
 
     def settings(self, *, images: int, dataset_indices: list[int]) -> dict[str, object]:
         """The run's identity in the result store (JSON-able; see ``evaluation.store``)."""
+        return {**self.describe, **self._fields(images, dataset_indices)}
+
+    def _fields(self, images: int, dataset_indices: list[int]) -> dict[str, object]:
         return {
             "schema": SCHEMA_VERSION,
-            **self.describe,
             "attack": self.attack,
             "attack_args": dict(self.attack_args),
             "defense": self.defense.to_dict(),

@@ -51,11 +51,13 @@ def oracle_for(model, x, y, name, budget, **kwargs):
 def test_registry_names_and_outputs():
     assert ATTACKS == list_attacks() == (
         "square", "signhunter", "nes", "bandits", "simba", "simba-dct",
-        "rays", "signflip", "hsja", "boundary", "signopt", "geoda",
+        "rays", "signflip", "hsja", "boundary", "signopt", "geoda", "square-aaa",
+        "fgsm", "pgd", "mifgsm", "cw", "autoattack", "eotpgd", "npixel", "transfer",
     )  # fmt: skip
     assert is_attack("RayS") and not is_attack("none") and attack_class("HSJA").name == "hsja"
     for name in ATTACKS:
         assert attack_class(name).name == name and make_attack(name).kwargs() == {}
+        assert attack_class(name).kind in ("score", "decision", "white-box", "transfer")
     for name in DECISION:
         assert name in ATTACKS and attack_class(name).output == "labels"
     assert attack_class("rays").norms == ("linf",) and attack_class("signflip").norms == ("linf",)

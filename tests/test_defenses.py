@@ -340,7 +340,7 @@ def test_defense_dict_round_trips_through_json(text):
 def test_a_new_preset_is_one_decorated_definition(monkeypatch):
     from sinai.defenses import DEFAULT_SPECS, PRESETS, list_defenses, register_defense, spec
 
-    assert list_defenses() == ("none", "RND", "SND", "FND", "SINAI", "SINAI-Attn", "SINAI-FFN")
+    assert list_defenses() == ("none", "RND", "SND", "FND", "SINAI", "SINAI-Attn", "SINAI-FFN", "AAA")
     monkeypatch.setattr(spec, "_BUILDERS", dict(spec._BUILDERS))
     before = dict(spec._PRESETS)
     try:

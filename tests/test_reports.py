@@ -48,25 +48,29 @@ def folder(tmp_path):
 def test_table_rows_and_columns_are_exactly_the_runs(folder) -> None:
     report = make_report(folder)
     tables = {t.name: t for t in report.tables}
-    assert set(tables) == {"table1", "table4"}  # no decision-based runs -> no table2
+    assert set(tables) == {"table1", "table4", "worst_case"}  # no decision-based runs -> no table2
     t1 = tables["table1"]
     assert t1.rows == [
         ("m", "Base", ""),
         ("m", "RND", "≈1%"),
         ("m", "SINAI", "≈1%"),
     ]  # the screen run is not a row
-    assert t1.columns == ["Clean", "square 1k", "square 10k", "signhunter 1k"]
+    assert t1.columns == ["Clean", "square 1k", "square 10k", "signhunter 1k", "Worst case"]
     cells = {r: dict(zip(t1.columns, c, strict=True)) for r, c in zip(t1.rows, t1.cells, strict=True)}
     assert cells[("m", "Base", "")] == {
         "Clean": 100.0,
         "square 1k": 25.0,
         "square 10k": 0.0,
         "signhunter 1k": None,
+        "Worst case": 0.0,  # one attack on the row: the worst case is that attack at its largest budget
     }
     rnd = cells[("m", "RND", "≈1%")]
     assert rnd["Clean"] == pytest.approx(98.5) and rnd["square 1k"] == 75.0 and rnd["square 10k"] == 50.0
     sinai = cells[("m", "SINAI", "≈1%")]
     assert sinai["square 1k"] == 75.0 and sinai["square 10k"] == 50.0 and sinai["signhunter 1k"] == 75.0
+    # Worst case over every run on the row, the EOT run (table 4) included: RND keeps images 0 and 2
+    # (Square 10k) and 0, 2, 3 (EOT Square); SINAI 0 and 1 (Square) and 0, 1, 2 (SignHunter).
+    assert rnd["Worst case"] == 50.0 and sinai["Worst case"] == 50.0
     # Best value per column among the defenses (Base is the reference, never marked).
     best = {(t1.rows[r][1], t1.columns[c]) for r, c in t1.best}
     assert ("SINAI", "Clean") in best and ("RND", "Clean") not in best
@@ -100,7 +104,7 @@ def test_report_writes_tables_and_plots(folder) -> None:
     for path in report.files:
         assert path.exists() and path.stat().st_size > 0
     csv_lines = (folder / "report" / "table1.csv").read_text().splitlines()
-    assert csv_lines[0] == "model,method,level,Clean,square 1k,square 10k,signhunter 1k"
+    assert csv_lines[0] == "model,method,level,Clean,square 1k,square 10k,signhunter 1k,Worst case"
     assert len(csv_lines) == 1 + 3
     payload = json.loads((folder / "report" / "table1.json").read_text())
     assert [r["method"] for r in payload["rows"]] == ["Base", "RND", "SINAI"]

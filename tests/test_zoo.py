@@ -191,7 +191,9 @@ def test_a_new_model_is_one_decorated_definition(monkeypatch):
 
     from sinai.models import zoo
 
-    assert zoo.list_models() == ("mnist-cnn", "mnist-vit", "timm:<name>", "torchvision:<name>")
+    assert zoo.list_models() == (
+        "mnist-cnn", "mnist-vit", "mnist-cnn-at", "mnist-cnn-surrogate", "timm:<name>", "torchvision:<name>"
+    )  # fmt: skip
     monkeypatch.setattr(zoo, "_MODELS", dict(zoo._MODELS))
 
     @zoo.register_model("toy", dataset="cifar10")
@@ -199,10 +201,14 @@ def test_a_new_model_is_one_decorated_definition(monkeypatch):
         net = nn.Sequential(nn.Flatten(), nn.Linear(4, 10))
         return ImageClassifier(net, input_shape=(1, 2, 2), num_classes=10, mean=(0.5,), std=(0.5,), name=arch)
 
-    assert zoo.list_models()[:3] == ("mnist-cnn", "mnist-vit", "toy")
+    assert zoo.list_models()[:5] == ("mnist-cnn", "mnist-vit", "mnist-cnn-at", "mnist-cnn-surrogate", "toy")
     model = load_model("toy")
     assert model.name == "toy" and not model.training and default_dataset("toy") == "cifar10"
     with pytest.raises(ValueError, match="already registered"):
         zoo.register_model("toy", dataset="mnist")(toy)
-    with pytest.raises(ValueError, match="accepted names: mnist-cnn, mnist-vit, toy, timm:"):
+    with pytest.raises(
+        ValueError,
+        match=r"accepted names: mnist-cnn, mnist-vit, mnist-cnn-at\[:eps=E,steps=S,alpha=A\], "
+        r"mnist-cnn-surrogate, toy, timm:",
+    ):
         load_model("toy:x")

@@ -8,3 +8,11 @@ def check_count(name: str, value: object, minimum: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum} ({what}), got {value!r}")
     return value
+
+
+def check_positive(name: str, value: object, *, integer: bool = False) -> float:
+    """``value`` if it is a positive finite number (an int when ``integer``), else a ValueError."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+    return value

@@ -1,14 +1,19 @@
 """``sinai demo``: the main job on the embedded default (two MNIST models, nothing downloaded).
 
-1. Train (once, cached) or load the embedded CNN and ViT.
+1. Train (once, cached) or load the embedded CNN and ViT, and (full demo) the CNN's PGD-AT model
+   ``mnist-cnn-at``: its undefended row "PGD-AT" is the defense every reader compares noise against.
 2. Split the 1000 MNIST test images into a validation set (calibration and tuning) and a disjoint
    evaluation set (the table), both seeded and class-covering.
 3. Calibrate RND, FND and SINAI-Attn (the ViT only) to ≈1% and ≈2% clean-accuracy drop.
 4. Tune SINAI with Optuna NSGA-II under delta = 2% and choose the best configuration at ≈1% and ≈2%.
-5. Evaluate the undefended model and every calibrated / tuned defense under Square, SignHunter, NES
-   and the decision-based RayS and SignFlip (``attacks`` picks others) with the papers' protocol; a
-   defense that appears twice (one tuned configuration for both drops) is attacked once.
-6. Write the report folder (tables as Markdown/CSV/JSON, plots); ``sinai demo`` prints its tables.
+5. Evaluate the undefended model and every calibrated / tuned defense under Square, SignHunter, NES,
+   the decision-based RayS and SignFlip and the transfer attack from the undefended model (Square
+   crafted on the base model with the demo's budget, judged on the defended one; ``attacks`` picks
+   others) with the papers' protocol; a defense that appears twice (one tuned configuration for both
+   drops) is attacked once.
+6. Write the report folder (tables as Markdown/CSV/JSON, plots); ``sinai demo`` prints its tables, the
+   ``worst_case`` table last: per defense, the robust accuracy no attack got below (an image counts
+   only if no attack broke it) and its gap to the best query attack.
 
 Every stage resumes: calibrations are saved as they finish, the Optuna study and all evaluations live in
 SQLite files, so a killed demo picks up where it stopped and a finished one only re-prints its report.
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .attacks import ATTACKS, ThreatModel
 from .defenses import Defense, preset
@@ -31,6 +37,7 @@ from .evaluation.defaults import MNIST_EPS, default_attack_args
 from .evaluation.protocol import EvalResult, evaluate
 from .evaluation.store import ResultStore
 from .models.data import mnist, select_images
+from .models.embedded import ADVERSARIAL
 from .models.zoo import load_model
 from .reports.report import Report, make_report, write_tuning
 from .tuning.calibrate import calibrate
@@ -40,6 +47,9 @@ MODELS = ("mnist-cnn", "mnist-vit")
 CALIBRATED = ("RND", "FND", "SINAI-Attn")  # one-kind defenses; SINAI-Attn only where attention exists
 SCORE_ATTACKS = ("square", "signhunter", "nes")
 DECISION_ATTACKS = ("rays", "signflip")
+TRANSFER_ARGS: dict[str, object] = {"source": "base", "attack": "square"}
+"""The demo's transfer attack: Square crafted on the undefended model itself (leaked weights), with the
+demo's query budget on that model, judged on the defended one."""
 
 
 @dataclass(frozen=True)
@@ -55,13 +65,14 @@ class DemoConfig:
     screen: Fidelity
     full: Fidelity
     passes: int = 3
+    adversarial: bool = True  # a PGD-AT row (the adversarially trained model, undefended) where one exists
 
     @staticmethod
     def preset(quick: bool) -> DemoConfig:
         if quick:
             return DemoConfig(
                 val_images=200, eval_images=50, budget=200, drops=(0.01, 0.02), trials=4, population=2,
-                screen=Fidelity(20, 100), full=Fidelity(30, 200),
+                screen=Fidelity(20, 100), full=Fidelity(30, 200), adversarial=False,
             )  # fmt: skip
         return DemoConfig(
             val_images=500, eval_images=50, budget=1000, drops=(0.01, 0.02), trials=12, population=4,
@@ -70,8 +81,18 @@ class DemoConfig:
 
 
 def demo_attacks() -> tuple[str, ...]:
-    """The attacks of the demo table: the score-based three, plus RayS/SignFlip where registered."""
-    return SCORE_ATTACKS + tuple(a for a in DECISION_ATTACKS if a in ATTACKS)
+    """The attacks of the demo table: the score-based three, RayS/SignFlip and the transfer attack."""
+    return (*SCORE_ATTACKS, *DECISION_ATTACKS, "transfer")
+
+
+def demo_attack_args(attack: str, norm: str, budget: int) -> dict[str, object]:
+    """The demo's keyword arguments for ``attack``: the MNIST defaults (``default_attack_args``); for
+    ``transfer`` :data:`TRANSFER_ARGS` with ``queries=budget`` on the source and the crafting attack's
+    MNIST defaults."""
+    if attack != "transfer":
+        return default_attack_args(attack, "mnist", norm)
+    inner = default_attack_args(str(TRANSFER_ARGS["attack"]), "mnist", norm)
+    return {**TRANSFER_ARGS, "queries": budget, **({"attack_args": inner} if inner else {})}
 
 
 def check_names(names: Sequence[str], known: Sequence[str], what: str) -> tuple[str, ...]:
@@ -161,12 +182,16 @@ def run_demo(
     calib_path = out / "calibration.json"
     calibrations: dict[str, dict] = json.loads(calib_path.read_text()) if calib_path.exists() else {}
 
-    rows: list[tuple[str, str, Defense]] = []  # (method, level, defense) per model, filled below
+    rows: list[tuple[str, str, Defense, nn.Module]] = []  # (method, level, defense, model) per model
     with ResultStore(out / "results.sqlite") as store:
         for model_name in models:
             say(f"{model_name}: load or train")
             model = load_model(model_name, device=device, cache_dir=cache_dir)
-            rows = [("Base", "", Defense(name="none"))]
+            rows = [("Base", "", Defense(name="none"), model)]
+            if cfg.adversarial and model_name in ADVERSARIAL:  # PGD-AT: the method noise is compared to
+                say(f"{model_name}: load or train its PGD-AT model {ADVERSARIAL[model_name]}")
+                trained = load_model(ADVERSARIAL[model_name], device=device, cache_dir=cache_dir)
+                rows.append(("PGD-AT", "", Defense(name="none"), trained))
 
             # ----------------------------------------------------------------- calibration
             for method in CALIBRATED:
@@ -184,7 +209,7 @@ def run_demo(
                         f"(target {100 * drop:g}%{'' if c['reached'] else ', NOT reached'})"
                     )
                     kind = c["kind"]
-                    rows.append((method, _level(drop), preset(method, **{kind: {"std": c["std"]}})))
+                    rows.append((method, _level(drop), preset(method, **{kind: {"std": c["std"]}}), model))
 
             # ---------------------------------------------------------------------- tuning
             folder = out / "tune" / model_name
@@ -203,25 +228,25 @@ def run_demo(
                     say(f"{model_name}: no tuned configuration within {_level(drop)} drop")
                     continue
                 say(f"{model_name}: SINAI {_level(drop)}: {chosen.defense().describe()}")
-                rows.append(("SINAI", _level(drop), chosen.defense()))
+                rows.append(("SINAI", _level(drop), chosen.defense(), model))
 
             # ------------------------------------------------------------------ evaluation
-            evaluated: dict[tuple[str, str], EvalResult] = {}  # (defense, attack) -> its run
-            for method, level, defense in rows:
+            evaluated: dict[tuple[int, str, str], EvalResult] = {}  # (model, defense, attack) -> run
+            for method, level, defense, target in rows:
                 for attack in attacks:
                     describe = {"model": model_name, "dataset": "mnist", "method": method, "level": level}
-                    same = evaluated.get((defense.describe(), attack))
+                    same = evaluated.get((id(target), defense.describe(), attack))
                     if same is not None:  # e.g. tuning chose one configuration for both drops
                         say(f"{model_name}: {method} {level} under {attack}: same defense as above, reused")
                         store.copy_run({**same.settings, **describe}, same.clean, same.results)
                         continue
                     say(f"{model_name}: {method} {level} under {attack}")
                     config = EvalConfig(
-                        attack=attack, attack_args=default_attack_args(attack, "mnist", threat.norm),
+                        attack=attack, attack_args=demo_attack_args(attack, threat.norm, budget),
                         defense=defense, threat=threat, budgets=(budget,), seed=seed, passes=cfg.passes,
                         describe=describe,
                     )  # fmt: skip
-                    evaluated[defense.describe(), attack] = evaluate(
-                        model, xe, ye, config, dataset_indices=eval_idx.tolist(), store=store
+                    evaluated[id(target), defense.describe(), attack] = evaluate(
+                        target, xe, ye, config, dataset_indices=eval_idx.tolist(), store=store
                     )
     return DemoResult(make_report(out), n_eval, threat)

@@ -1,4 +1,5 @@
-"""Query-based black-box attacks, one per file, all through the Oracle."""
+"""Attacks, one per file, all through the Oracle: query-based (score and decision), white-box
+(gradients through the deployed model, from torchattacks / foolbox / autoattack) and transfer."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from .oracle import Oracle, QueryRules
 from .threat import NORMS, ThreatModel, distance, project
 
 # Importing the attack modules registers their attacks: this order is the order of ATTACKS
-# (score-based, then decision-based).
+# (score-based, decision-based, white-box, transfer).
 # isort: off
 from . import square, signhunter, nes, bandits, simba  # noqa: F401, E402
 from . import rays, signflip, hopskipjump, boundary, signopt, geoda  # noqa: F401, E402
+from . import aaa_inverse  # noqa: F401, E402
+from . import fgsm, pgd, mifgsm, cw, autoattack, eotpgd, npixel  # noqa: F401, E402
+from . import transfer  # noqa: F401, E402
 
 # isort: on
 

@@ -37,6 +37,8 @@ def register_attack(name: str) -> Callable[[type[AttackT]], type[AttackT]]:
                 f"attack {key!r} is registered twice ({_REGISTRY[key].__name__}, {cls.__name__})"
             )
         cls.name = key
+        if not cls.kind:
+            cls.kind = "score" if cls.output == "scores" else "decision"
         _REGISTRY[key] = cls
         return cls
 
@@ -82,6 +84,9 @@ class Attack:
     name: ClassVar[str] = "attack"
     norms: ClassVar[tuple[str, ...]] = NORMS
     output: ClassVar[str] = "scores"  # what the attack needs from the oracle: "scores" or "labels"
+    #: "score", "decision" (query-based; set from ``output`` when registered), "white-box" or "transfer"
+    kind: ClassVar[str] = ""
+    gradients: ClassVar[bool] = False  # the attack differentiates through the model (autograd on)
 
     def __new__(cls, *args: object, **kwargs: object) -> Attack:
         self = super().__new__(cls)
@@ -112,11 +117,11 @@ class Attack:
         """
         if oracle.output != self.output:
             raise ValueError(
-                f"{self.name} is a {'score' if self.output == 'scores' else 'decision'}-based attack: "
+                f"{self.name} is a {self.kind}-based attack: "
                 f"it needs an oracle with output={self.output!r}, got {oracle.output!r}"
             )
         self.check_norm(oracle.threat.norm)
-        with torch.no_grad():
+        with torch.enable_grad() if self.gradients else torch.no_grad():
             x_adv = self.run(oracle, oracle.x, oracle.labels, seed=seed)
         return with_verified(oracle, x_adv.to(oracle.device))
 

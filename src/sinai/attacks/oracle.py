@@ -96,6 +96,7 @@ class Oracle:
         batch_size: int = 128,
         checkpoints: Sequence[int] = (),
         track_mismatch: bool = False,
+        bpda: bool = False,
     ) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -136,6 +137,10 @@ class Oracle:
         self.checkpoint_norms = torch.full((n, len(checkpoints)), float("inf"), device=self.device)
         self.track_mismatch = bool(track_mismatch)
         self.mismatches = torch.zeros(n, dtype=torch.long, device=self.device)
+        if bpda and not callable(getattr(model, "straight_through", None)):
+            raise ValueError("bpda needs a defended model (sinai.protect) with a non-smooth step to bypass")
+        self.bpda = bool(bpda)
+        self.gradient_passes = 0  # forward passes with autograd handed to white-box attacks (uncounted)
 
     # ----------------------------------------------------------------------------------------- state
     @property
@@ -156,6 +161,57 @@ class Oracle:
     def mark_broken(self, mask: torch.Tensor) -> None:
         """Record images as not robust before any query (misclassified clean by the vote)."""
         self.success |= mask.to(self.device)
+
+    # ------------------------------------------------------------------------------------ white-box
+    def differentiable(self) -> nn.Module:
+        """The deployed model as a differentiable module for white-box attacks (Athalye et al. 2018).
+
+        Its forward keeps the defense's noise (one fresh sample per forward; with ``eot`` = M > 1 the
+        mean logits of M samples: EOT) and, with ``bpda``, passes gradients straight through the
+        defense's non-smooth steps. Forwards are tallied in ``gradient_passes``, not in the budget.
+        """
+        return _Differentiable(self)
+
+    def leaked(self) -> nn.Module:
+        """The undefended model (the defended model without its defense): a transfer attack's source
+        when the attacker holds the weights. Its forward is exactly the base model's."""
+        return getattr(self.model, "model", self.model)
+
+    @torch.no_grad()
+    def judge(self, x_adv: torch.Tensor) -> torch.Tensor:
+        """Submit one final image per live image (rows of ``x_adv`` are the oracle's images); return
+        the success mask over all images.
+
+        Each live image costs one counted query (``eot`` samples: mean logits). It is broken when the
+        majority of that query and ``votes`` uncounted passes label it wrongly (the deployed model's
+        prediction; ``lucky`` or no votes: the query alone decides) and it lies inside the eps-ball.
+        """
+        if x_adv.shape != self.x.shape:
+            raise ValueError(
+                f"judge needs one image per oracle image {tuple(self.x.shape)}, got {tuple(x_adv.shape)}"
+            )
+        idx = self.live()
+        if not len(idx):
+            return self.success.clone()
+        xa = x_adv.to(self.device)[idx].float()
+        out = self._forward(xa.repeat(self.eot, 1, 1, 1)).view(self.eot, len(xa), -1)
+        pred = out.mean(0).argmax(1)
+        spent = self.queries[idx] + self.eot
+        self.queries[idx] = spent
+        if self.on_query is not None:
+            self.on_query(len(idx) * self.eot)
+        within = self._observe(xa, idx, pred, out.argmax(2), spent)
+        wrong = (pred != self.labels[idx]).long()
+        if self.votes and not self.lucky:
+            votes = self._forward(xa.repeat(self.votes, 1, 1, 1)).argmax(1).view(self.votes, len(xa))
+            self.vote_passes[idx] += self.votes
+            wrong = wrong + (votes != self.labels[idx]).sum(0)
+            broken = wrong * 2 > self.votes + 1
+        else:
+            broken = wrong.bool()
+        broken &= within
+        self._record(xa[broken], idx[broken], spent[broken])
+        return self.success.clone()
 
     # ------------------------------------------------------------------------------------- querying
     @torch.no_grad()
@@ -265,6 +321,10 @@ class Oracle:
             self.vote_passes.index_add_(0, iw, torch.full_like(iw, self.votes))
             confirmed = (votes != self.labels[iw]).sum(0) * 2 > self.votes
             xw, iw, sw = xw[confirmed], iw[confirmed], sw[confirmed]
+        self._record(xw, iw, sw)
+
+    def _record(self, xw: torch.Tensor, iw: torch.Tensor, sw: torch.Tensor) -> None:
+        """Record the confirmed adversarial candidates ``xw`` of images ``iw`` found at query ``sw``."""
         if not len(iw):
             return
         # The earliest confirmed candidate of each image wins (counts within an image are distinct).
@@ -278,3 +338,24 @@ class Oracle:
         self.x_adv[iw] = xw
         self.success_at[iw] = sw
         self.success[iw] = True
+
+
+class _Differentiable(nn.Module):
+    """The oracle's model with autograd: M-sample EOT mean logits, straight-through under BPDA."""
+
+    def __init__(self, oracle: Oracle) -> None:
+        super().__init__()
+        self.model = oracle.model
+        self.num_classes = oracle.num_classes
+        self._oracle = [oracle]  # a list: not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        oracle = self._oracle[0]
+        bypass = self.model.straight_through() if oracle.bpda else contextlib.nullcontext()
+        with bypass:
+            if oracle.eot == 1:
+                out = self.model(x)
+            else:
+                out = self.model(x.repeat(oracle.eot, 1, 1, 1)).view(oracle.eot, len(x), -1).mean(0)
+        oracle.gradient_passes += len(x) * oracle.eot
+        return out.float()

@@ -22,7 +22,8 @@ from .options import device_options, names, out_option, parsed, seed_option
     "--attacks",
     default=None,
     callback=parsed(names),
-    help="Comma-separated attacks of the table (default square,signhunter,nes,rays,signflip).",
+    help="Comma-separated attacks of the table (default square,signhunter,nes,rays,signflip,transfer; "
+    "transfer crafts Square on the undefended model and judges it on each defense).",
 )
 @click.option(
     "--models",

@@ -33,13 +33,16 @@ from .options import (
     default="none",
     show_default=True,
     help="none (clean accuracy only); score-based: square, signhunter, nes, bandits, simba, simba-dct; "
-    "decision-based (labels only): rays, signflip, hsja, boundary, signopt, geoda.",
+    "decision-based (labels only): rays, signflip, hsja, boundary, signopt, geoda; white-box "
+    "(gradients through the deployed defense): fgsm, pgd, mifgsm, eotpgd, cw (l2), autoattack, npixel "
+    "(l2); transfer (crafted on a source model, judged on the target).",
 )
 @click.option(
     "--attack-args",
     default="",
     callback=parsed(key_values),
-    help="Attack hyper-parameters, e.g. 'p_init=0.1' or 'lr=0.05,n_samples=20'.",
+    help="Attack hyper-parameters, e.g. 'p_init=0.1', 'steps=20,alpha=0.01' or, for transfer, "
+    "'source=base|MODEL|CHECKPOINT,attack=square|pgd,queries=1000'.",
 )
 @click.option("--norm", type=click.Choice(NORMS), default="linf", show_default=True)
 @click.option(
@@ -64,7 +67,14 @@ from .options import (
     default=1,
     show_default=True,
     help="Adaptive attack with M samples per query, each counted: EOT (mean scores) for score-based "
-    "attacks, T-query majority label for decision-based ones.",
+    "attacks, T-query majority label for decision-based ones; white-box attacks average M noisy "
+    "forwards per gradient (EOT).",
+)
+@click.option(
+    "--bpda",
+    is_flag=True,
+    help="White-box attacks pass gradients straight through the defense's non-smooth steps (BPDA; "
+    "e.g. AAA's logit optimisation).",
 )
 @click.option(
     "--p-mis",
@@ -102,6 +112,7 @@ def eval_command(
     images: int,
     passes: int,
     eot: int,
+    bpda: bool,
     p_mis: bool,
     votes: int,
     lucky: bool,
@@ -137,6 +148,7 @@ def eval_command(
         lucky=lucky,
         shard_size=shard_size,
         track_mismatch=p_mis,
+        bpda=bpda,
         describe={"model": source.name, "checkpoint": source.checkpoint, "dataset": loaded.data},
     )
     click.echo(

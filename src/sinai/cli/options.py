@@ -15,7 +15,10 @@ from dataclasses import dataclass, replace
 import click
 import torch
 
-MODELS_HELP = "mnist-cnn, mnist-vit, timm:<name> or torchvision:<name>"
+MODELS_HELP = (
+    "mnist-cnn, mnist-vit, mnist-cnn-at[:eps=E,steps=S,alpha=A] (PGD-AT), mnist-cnn-surrogate, "
+    "timm:<name> or torchvision:<name>"
+)
 
 
 # ------------------------------------------------------------------------------------ text parsing

@@ -9,7 +9,13 @@ import click
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: FOLDER/report.")
 def report(folder: str, out: str | None) -> None:
-    """Paper-style tables (Markdown, CSV, JSON) and plots from the result stores under FOLDER."""
+    """Paper-style tables (Markdown, CSV, JSON) and plots from the result stores under FOLDER.
+
+    table1 / table2 / table4: score, decision and EOT query attacks; whitebox: seed 001 Table 1 (PGD-20,
+    FGSM, MI-FGSM, CW with its median l2, AutoAttack); worst_case: per model and method every attack,
+    the worst case (an image is robust only if no attack broke it, 95% Wilson interval) and its gap to
+    the best query attack. Tables 1, 2 and whitebox carry the Worst case column too.
+    """
     from ..reports.console import paper_tables
     from ..reports.report import make_report
 

@@ -1,12 +1,17 @@
-"""Inference-time noise defenses: one mechanism (noise at sites), many presets."""
+"""Inference-time defenses: one mechanism (hooks at sites), many presets: noise (RND, FND, SINAI...) and
+AAA's post-processing of the output logits."""
 
+from .aaa import AAAHook, aaa_logits, check_logits, invert_linear_margin, margin_targets, undo_linear
 from .hooks import Generators, SiteHook
 from .protect import DefendedModel, protect, selected_count, site_counts, smallest_mask
 from .sites import Site, classifier_head, describe_sites, find_sites
 from .spec import (
+    AAA_VARIANTS,
     DEFAULT_SPECS,
+    NON_SMOOTH_KINDS,
     PRESETS,
     SITE_KINDS,
+    AAASpec,
     Defense,
     NoiseSpec,
     list_defenses,
@@ -16,19 +21,27 @@ from .spec import (
 )
 
 __all__ = [
+    "AAA_VARIANTS",
     "DEFAULT_SPECS",
+    "NON_SMOOTH_KINDS",
     "PRESETS",
     "SITE_KINDS",
+    "AAAHook",
+    "AAASpec",
     "DefendedModel",
     "Defense",
     "Generators",
     "NoiseSpec",
     "Site",
     "SiteHook",
+    "aaa_logits",
+    "check_logits",
     "classifier_head",
     "describe_sites",
     "find_sites",
+    "invert_linear_margin",
     "list_defenses",
+    "margin_targets",
     "parse_defense",
     "preset",
     "protect",
@@ -36,4 +49,5 @@ __all__ = [
     "selected_count",
     "site_counts",
     "smallest_mask",
+    "undo_linear",
 ]

@@ -2,8 +2,9 @@
 
 :class:`SiteHook` is the one place that registers a hook for a :class:`~sinai.defenses.sites.Site`
 (pre-hook on the first positional input, forward hook on the output, or the attention module's additive
-``attn_mask``, with a boolean mask turned into an additive one); the defenses' noise and the analyses'
-gradient probes are subclasses. :class:`Generators` keeps one seeded ``torch.Generator`` per device.
+``attn_mask``, with a boolean mask turned into an additive one); the defenses' noise, AAA's logit
+post-processing (:class:`sinai.defenses.aaa.AAAHook`) and the analyses' gradient probes are
+subclasses. :class:`Generators` keeps one seeded ``torch.Generator`` per device.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class SiteHook:
         if not self.enabled():
             return None
         if not isinstance(output, torch.Tensor):
+            if self.site.kind == "output":
+                raise ValueError(
+                    f"AAA needs a model whose output is a tensor of logits (N, classes), but this model "
+                    f"returns {type(output).__name__}; wrap it so that forward returns the logits"
+                )
             raise ValueError(
                 f"feature noise needs a tensor output, but layer {self.site.name!r} returns "
                 f"{type(output).__name__}; choose a layer that returns a single tensor"

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from ..models.classifier import check_images
+from .aaa import AAAHook
 from .hooks import Generators, SiteHook
 from .sites import Site, settle
-from .spec import Defense, NoiseSpec, parse_defense
+from .spec import AAASpec, Defense, NoiseSpec, parse_defense
 
 
 def selected_count(ratio: float, n: int) -> int:
@@ -106,21 +107,24 @@ class DefendedModel(nn.Module):
         self.input_shape = getattr(model, "input_shape", None)
         self.num_classes = getattr(model, "num_classes", None)
         self.active = False
+        self.bpda = False  # non-smooth steps pass gradients straight through (see straight_through)
         self.recording: dict[tuple[str, int], list[float]] | None = None
         self._noise_on = True
         self._thresholds: dict[tuple[str, int], float] = {}
         self._generators = Generators(seed)
         self._buffers: dict[tuple, torch.Tensor] = {}  # CPU noise buffers by (shape, dtype)
         self.sites: list[Site] = []
-        self._injectors: list[_Injector] = []
+        self._injectors: list[_Injector | AAAHook] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attach(defense)
 
     def _attach(self, defense: Defense) -> None:
         self.defense, found = settle(defense, self.model)
         for kind, sites in found.items():
+            spec = self.defense.specs[kind]
+            hook = AAAHook if isinstance(spec, AAASpec) else _Injector  # AAA post-processes the logits
             for site in sites:
-                injector = _Injector(self, site, self.defense.specs[kind])
+                injector = hook(self, site, spec)
                 self._handles.append(injector.attach())
                 self.sites.append(site)
                 self._injectors.append(injector)
@@ -146,7 +150,10 @@ class DefendedModel(nn.Module):
     @property
     def _needs_thresholds(self) -> bool:
         return (
-            any(i.spec.selection == "threshold" and i.spec.ratio < 1 for i in self._injectors)
+            any(
+                isinstance(i.spec, NoiseSpec) and i.spec.selection == "threshold" and i.spec.ratio < 1
+                for i in self._injectors
+            )
             and not self._thresholds
         )
 
@@ -158,6 +165,22 @@ class DefendedModel(nn.Module):
             yield self
         finally:
             self._noise_on = previous
+
+    @contextmanager
+    def straight_through(self) -> Iterator[DefendedModel]:
+        """Within this context the defense's non-differentiable steps (``Defense.non_smooth``) keep their
+        forward but pass the gradient straight through, as the identity: BPDA (Athalye et al. 2018)."""
+        if not self.defense.non_smooth:
+            raise ValueError(
+                f"BPDA has nothing to bypass in {self.defense.describe()}: every step of its forward is "
+                "differentiable (noise is attacked with EOT); it applies to defenses with non-smooth "
+                "steps such as AAA"
+            )
+        previous, self.bpda = self.bpda, True
+        try:
+            yield self
+        finally:
+            self.bpda = previous
 
     def reseed(self, seed: int | None = None) -> None:
         """Restart the noise stream from ``seed`` (``None``: fresh OS entropy)."""

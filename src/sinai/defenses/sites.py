@@ -1,4 +1,4 @@
-"""Find the places in a network where noise can be injected.
+"""Find the places in a network where a defense acts (noise, or AAA on the output logits).
 
 A site is a module plus how its hook reaches the tensor to perturb:
 
@@ -9,7 +9,9 @@ A site is a module plus how its hook reaches the tensor to perturb:
   manual path both compute ``softmax(q @ k.T * scale + mask)``, so the noise lands on the logits
   before softmax and the fused kernel is kept;
 - ``gelu`` / ``relu``: a pre-hook on every ``nn.GELU`` / ``nn.ReLU`` module, which sees exactly the
-  pre-activation logits (torchvision's shared ReLU fires it at each of its calls).
+  pre-activation logits (torchvision's shared ReLU fires it at each of its calls);
+- ``output``: a forward hook on the root module, which sees the model's output logits (AAA,
+  :mod:`sinai.defenses.aaa`; the hook checks at every forward that they are (N, classes) logits).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def find_sites(
     for kind in kinds:
         if kind == "input":
             found[kind].append(Site("input", "", model, "pre"))
+        elif kind == "output":
+            found[kind].append(Site("output", "", model, "post"))
         elif kind == "feature":
             layers = list(feature_layers)
             for name in layers:
@@ -100,20 +104,20 @@ def find_sites(
 
 def describe_sites(model: nn.Module) -> dict[str, list[str]]:
     """Names of the sites of every kind, for ``sinai sites`` and error messages."""
-    return {kind: [s.name or "<input>" for s in sites] for kind, sites in find_sites(model).items()}
+    return {kind: [s.name or f"<{kind}>" for s in sites] for kind, sites in find_sites(model).items()}
 
 
 def settle(defense: Defense, model: nn.Module) -> tuple[Defense, dict[str, list[Site]]]:
     """``defense`` restricted to the kinds ``model`` has, and its sites: one :func:`find_sites` walk.
 
-    The kinds checked are those with noise (``std > 0``): a missing one raises ``ValueError`` when the
-    defense requires all its kinds, or when none of them is present. The sites returned are those of
-    the kinds with noise, in the defense's kind order.
+    The kinds checked are those whose spec acts (noise with ``std > 0``, or AAA): a missing one raises
+    ``ValueError`` when the defense requires all its kinds, or when none of them is present. The sites
+    returned are those of the kinds that act, in the defense's kind order.
     """
     feature = defense.specs.get("feature")
     found = find_sites(model, defense.specs, feature_layers=feature.layers if feature else ())
     present = {kind for kind, sites in found.items() if sites}
-    noisy = [kind for kind, spec in defense.specs.items() if spec.std > 0]
+    noisy = [kind for kind, spec in defense.specs.items() if spec.active]
     missing = set(noisy) - present
     if missing and (defense.require == "all" or not present.intersection(noisy)):
         have = sorted(k for k, v in find_sites(model).items() if v)

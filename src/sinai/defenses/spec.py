@@ -1,8 +1,10 @@
-"""What noise goes where: per-site-kind specs, defenses as mappings of them, and the named presets.
+"""What acts where: per-site-kind specs, defenses as mappings of them, and the named presets.
 
-RND/SND, FND and SINAI are not separate code paths: each is a :class:`Defense`, a mapping from
-site kinds to a :class:`NoiseSpec`. ``std`` is always a standard deviation (the papers write "nu" for
-it and sometimes mean a variance; SINAI's tables only make sense as a std, so that is what we use).
+RND/SND, FND, SINAI and AAA are not separate code paths: each is a :class:`Defense`, a mapping from
+site kinds to a spec. The noise kinds take a :class:`NoiseSpec`; ``std`` is always a standard deviation
+(the papers write "nu" for it and sometimes mean a variance; SINAI's tables only make sense as a std, so
+that is what we use). The ``output`` kind (the model's logits) takes an :class:`AAASpec`: AAA's
+deterministic per-query post-processing of the logits (:mod:`sinai.defenses.aaa`).
 """
 
 from __future__ import annotations
@@ -11,19 +13,29 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torch import nn
 
-SITE_KINDS: tuple[str, ...] = ("input", "feature", "attn", "gelu", "relu")
-"""Where noise can go: the image, a layer's output, attention logits, pre-GeLU and pre-ReLU logits."""
+SITE_KINDS: tuple[str, ...] = ("input", "feature", "attn", "gelu", "relu", "output")
+"""Where a defense can act: the image, a layer's output, attention logits, pre-GeLU and pre-ReLU logits
+(noise, :class:`NoiseSpec`), and the model's output logits (AAA, :class:`AAASpec`)."""
 
 SELECTIVE_KINDS: tuple[str, ...] = ("gelu", "relu")
 """Kinds whose spec may have ``ratio`` < 1 (noise on the smallest pre-activation logits only)."""
 
 SELECTIONS: tuple[str, ...] = ("exact", "threshold")
+
+NON_SMOOTH_KINDS: tuple[str, ...] = ("output",)
+"""Kinds whose step is not differentiable (its gradient is zero or wrong), so a white-box attack needs
+BPDA's straight-through backward there: AAA's ``output`` (its logits come out of an optimisation,
+detached from the input); the noise kinds are all differentiable."""
+
+AAA_VARIANTS: tuple[str, ...] = ("linear", "sine")
+"""AAA's margin maps (Chen et al. 2022, the authors' ``AAALinear`` and ``AAASine``)."""
 
 
 def check_std(std: object) -> float:
@@ -68,24 +80,111 @@ class NoiseSpec:
         object.__setattr__(self, "ratio", float(self.ratio))
         object.__setattr__(self, "layers", tuple(self.layers))
 
+    @property
+    def active(self) -> bool:
+        """Whether the spec changes anything (``std > 0``): the kinds a model must have."""
+        return self.std > 0
+
+
+def _check_number(name: str, value: object, meaning: str, *, positive: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"AAA {name} must be a finite number {bound} ({meaning}), got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class AAASpec:
+    """AAA, Adversarial Attack on Attackers (Chen et al., NeurIPS 2022): per query, optimise the logits
+    so that the top-1 / top-2 margin lands on a target that reverses the margin's trend inside
+    attractor intervals of width ``tau``, while the top-1 probability keeps the original confidence.
+
+    ``variant``: ``"linear"`` (target ``a - alpha * (m0 - a)``, ``a`` the centre of the interval of the
+    margin ``m0``) or ``"sine"`` (``m0 - 0.7 tau sin((1 - 2 (m0 - a) / tau) pi)``). ``alpha``: the
+    linear map's slope, in (0, 1] (above 1 the first interval's targets go below zero, which would flip
+    the prediction). ``beta``: weight of the calibration term ``|p(z)[c] - max softmax(z0 / T)|``;
+    ``temperature``: ``T``. ``lr`` and ``steps``: Adam on the logits. Defaults are the authors' code
+    (``victim.py``: interval 6, reverse step 1, calibration weight 5, lr 0.1, 100 iterations, T 1).
+    """
+
+    variant: str = "linear"
+    tau: float = 6.0
+    alpha: float = 1.0
+    beta: float = 5.0
+    temperature: float = 1.0
+    lr: float = 0.1
+    steps: int = 100
+
+    def __post_init__(self) -> None:
+        if self.variant not in AAA_VARIANTS:
+            raise ValueError(f"unknown AAA variant {self.variant!r}; variants: {', '.join(AAA_VARIANTS)}")
+        tau = _check_number("tau", self.tau, "the width of the attractor intervals on the logit margin")
+        alpha = _check_number("alpha", self.alpha, "the slope of the linear margin map, in (0, 1]")
+        if alpha > 1:
+            raise ValueError(
+                f"AAA alpha must be in (0, 1] (the slope of the linear margin map; above 1 the targets of "
+                f"the first interval are negative and would flip the prediction), got {self.alpha!r}"
+            )
+        beta = _check_number("beta", self.beta, "the weight of the calibration loss", positive=False)
+        temperature = _check_number("temperature", self.temperature, "T of the reference softmax")
+        lr = _check_number("lr", self.lr, "Adam's step size on the logits")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"AAA steps must be an integer >= 1 (Adam steps per query), got {self.steps!r}")
+        checked = {"tau": tau, "alpha": alpha, "beta": beta, "temperature": temperature, "lr": lr}
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def active(self) -> bool:
+        """AAA always changes the logits."""
+        return True
+
+    def describe(self) -> str:
+        """``linear tau=6``, plus every field that differs from its default."""
+        text = f"{self.variant} tau={self.tau:g}"
+        for f in dataclass_fields(self)[2:]:
+            value = getattr(self, f.name)
+            if value != f.default:
+                text += f" {'T' if f.name == 'temperature' else f.name}={value:g}"
+        return text
+
+
+Spec = NoiseSpec | AAASpec
+"""What a site kind maps to: noise (:class:`NoiseSpec`) or AAA (:class:`AAASpec`, ``output`` only)."""
+
+
+def spec_type(kind: str) -> type[NoiseSpec] | type[AAASpec]:
+    """The spec class site ``kind`` takes: :class:`AAASpec` for ``output``, :class:`NoiseSpec` otherwise."""
+    return AAASpec if kind == "output" else NoiseSpec
+
 
 @dataclass(frozen=True)
 class Defense:
-    """A mapping from site kinds to noise specs, with a name for reports.
+    """A mapping from site kinds to specs (:class:`NoiseSpec`; :class:`AAASpec` for ``output``), with a
+    name for reports.
 
     ``require="all"``: every kind must exist in the protected model. ``"any"``: kinds the model lacks
     are skipped (SINAI on a CNN has no attention), but at least one must exist.
     """
 
-    specs: Mapping[str, NoiseSpec] = field(default_factory=dict)
+    specs: Mapping[str, Spec] = field(default_factory=dict)
     name: str = "custom"
     require: str = "all"
 
     def __post_init__(self) -> None:
         for kind, spec in self.specs.items():
             check_kind(kind)
-            if not isinstance(spec, NoiseSpec):
-                raise TypeError(f"spec for {kind!r} must be a NoiseSpec, got {type(spec).__name__}")
+            expected = spec_type(kind)
+            if not isinstance(spec, expected):
+                what = "AAA post-processes the logits" if kind == "output" else "noise at these sites"
+                article = "an" if expected is AAASpec else "a"
+                raise TypeError(
+                    f"spec for {kind!r} must be {article} {expected.__name__} ({what}), "
+                    f"got {type(spec).__name__}"
+                )
+            if isinstance(spec, AAASpec):
+                continue
             if spec.ratio != 1.0 and kind not in SELECTIVE_KINDS:
                 raise ValueError(
                     f"ratio applies only to {SELECTIVE_KINDS} sites, not {kind!r}; remove it or use ratio=1"
@@ -106,10 +205,7 @@ class Defense:
         return {
             "name": self.name,
             "require": self.require,
-            "specs": {
-                kind: {"std": s.std, "ratio": s.ratio, "selection": s.selection, "layers": list(s.layers)}
-                for kind, s in self.specs.items()
-            },
+            "specs": {kind: _spec_dict(s) for kind, s in self.specs.items()},
         }
 
     @classmethod
@@ -119,7 +215,7 @@ class Defense:
         if not isinstance(specs, Mapping):
             raise ValueError(f"defense specs must be a mapping of site kind to spec, got {specs!r}")
         return cls(
-            {kind: NoiseSpec(**spec) for kind, spec in specs.items()},
+            {kind: spec_type(check_kind(kind))(**spec) for kind, spec in specs.items()},
             name=data.get("name", "custom"),
             require=data.get("require", "all"),
         )
@@ -134,10 +230,24 @@ class Defense:
 
         return settle(self, model)[0]
 
+    @property
+    def non_smooth(self) -> tuple[str, ...]:
+        """The kinds of this defense with a non-differentiable step (what ``--bpda`` bypasses)."""
+        return tuple(k for k in self.specs if k in NON_SMOOTH_KINDS)
+
+    @property
+    def randomized(self) -> bool:
+        """Whether a forward draws noise (some noise kind with ``std > 0``); AAA alone is deterministic."""
+        return any(isinstance(s, NoiseSpec) and s.std > 0 for s in self.specs.values())
+
     def describe(self) -> str:
-        """Short human-readable form, e.g. ``SINAI(attn std=1, gelu std=0.1 ratio=0.7)``."""
+        """Short human-readable form, e.g. ``SINAI(attn std=1, gelu std=0.1 ratio=0.7)`` or
+        ``AAA(output linear tau=6)``."""
         parts = []
         for kind, spec in self.specs.items():
+            if isinstance(spec, AAASpec):
+                parts.append(f"{kind} {spec.describe()}")
+                continue
             text = f"{kind} std={spec.std:g}"
             if spec.ratio != 1.0:
                 text += f" ratio={spec.ratio:g}"
@@ -145,6 +255,12 @@ class Defense:
                 text += f" layers={'|'.join(spec.layers)}"
             parts.append(text)
         return f"{self.name}({', '.join(parts)})"
+
+
+def _spec_dict(spec: Spec) -> dict[str, object]:
+    if isinstance(spec, AAASpec):
+        return {f.name: getattr(spec, f.name) for f in dataclass_fields(spec)}
+    return {"std": spec.std, "ratio": spec.ratio, "selection": spec.selection, "layers": list(spec.layers)}
 
 
 def check_kind(kind: str) -> str:
@@ -155,13 +271,15 @@ def check_kind(kind: str) -> str:
 
 
 # Default stds: the papers' ImageNet ViT-B / ResNet-50 settings at ~1% drop (SINAI Table 6), as stds.
-DEFAULT_SPECS: Mapping[str, NoiseSpec] = MappingProxyType(
+# AAA: the authors' defaults (victim.py), checked against the embedded MNIST CNN's margins (aaa.py).
+DEFAULT_SPECS: Mapping[str, Spec] = MappingProxyType(
     {
         "input": NoiseSpec(std=0.02),
         "feature": NoiseSpec(std=0.04),
         "attn": NoiseSpec(std=0.7),
         "gelu": NoiseSpec(std=0.06, ratio=0.7),
         "relu": NoiseSpec(std=0.23, ratio=0.37),
+        "output": AAASpec(),
     }
 )
 
@@ -174,9 +292,10 @@ PRESETS: Mapping[str, tuple[tuple[str, ...], str]] = MappingProxyType(_PRESETS)
 
 
 def register_defense(*names: str) -> Callable[[Callable[..., Defense]], Callable[..., Defense]]:
-    """Register a preset under each of ``names``: the decorated function takes one :class:`NoiseSpec`
-    per site kind (its parameter names are the kinds) and returns the :class:`Defense` (the registry
-    names it); :func:`preset` and :func:`parse_defense` then know it::
+    """Register a preset under each of ``names``: the decorated function takes one spec per site kind
+    (its parameter names are the kinds; :class:`AAASpec` for ``output``, :class:`NoiseSpec` otherwise)
+    and returns the :class:`Defense` (the registry names it); :func:`preset` and :func:`parse_defense`
+    then know it::
 
         @register_defense("RND")
         def rnd(input: NoiseSpec) -> Defense:
@@ -244,20 +363,27 @@ def _sinai_ffn(gelu: NoiseSpec) -> Defense:
     return Defense({"gelu": gelu})
 
 
-def preset(name: str, **specs: NoiseSpec | Mapping[str, object] | float) -> Defense:
+@register_defense("AAA")
+def _aaa(output: AAASpec) -> Defense:
+    """AAA (Chen et al. 2022): deterministic post-processing of the logits (``sinai.defenses.aaa``)."""
+    return Defense({"output": output})
+
+
+def preset(name: str, **specs: Spec | Mapping[str, object] | float) -> Defense:
     """Build a named defense; keyword arguments per kind override the default spec.
 
-    A value may be a ``NoiseSpec``, a mapping of its fields, or a bare number for ``std``::
+    A value may be a spec, a mapping of its fields, or (noise kinds) a bare number for ``std``::
 
         preset("RND", input=0.03)
         preset("SINAI", attn=1.0, gelu={"std": 0.1, "ratio": 0.7})
+        preset("AAA", output={"tau": 4.0, "variant": "sine"})
     """
     key = _preset_key(name)
     kinds, _ = PRESETS[key]
     unknown = set(specs) - set(kinds)
     if unknown:
         raise ValueError(f"preset {key} has site kinds {kinds}; cannot set {sorted(unknown)}")
-    resolved = {kind: _as_spec(specs.get(kind), DEFAULT_SPECS[kind]) for kind in kinds}
+    resolved = {kind: _as_spec(specs.get(kind), DEFAULT_SPECS[kind], kind) for kind in kinds}
     return replace(_BUILDERS[key](**resolved), name=key)
 
 
@@ -269,13 +395,18 @@ def _preset_key(name: str) -> str:
     return key
 
 
-def _as_spec(value: NoiseSpec | Mapping[str, object] | float | None, default: NoiseSpec) -> NoiseSpec:
+def _as_spec(value: Spec | Mapping[str, object] | float | None, default: Spec, kind: str) -> Spec:
     if value is None:
         return default
-    if isinstance(value, NoiseSpec):
+    if isinstance(value, (NoiseSpec, AAASpec)):
         return value
     if isinstance(value, Mapping):
         return replace(default, **value)
+    if isinstance(default, AAASpec):
+        raise ValueError(
+            f"the {kind!r} kind takes AAA fields, not a bare number: e.g. {kind}={{'tau': 6.0}} "
+            f"(fields: {', '.join(_AAA_FIELDS)})"
+        )
     return replace(default, std=value)
 
 
@@ -284,7 +415,9 @@ def parse_defense(text: str) -> Defense:
 
     ``"RND"`` (preset defaults), ``"RND:std=0.03"`` (single-kind presets take bare fields),
     ``"SINAI:attn.std=1.0,gelu.std=0.1,gelu.ratio=0.7"``, ``"FND:std=0.1,layers=blocks.2|blocks.3"``,
-    or a free composition without a preset name: ``"input.std=0.01,attn.std=0.5"``.
+    ``"AAA"``, ``"AAA:tau=4,variant=sine"`` (AAA fields: variant, tau, alpha, beta, T, lr, steps), or a
+    free composition without a preset name: ``"input.std=0.01,attn.std=0.5"`` or
+    ``"input.std=0.02,output.tau=6"``.
     """
     text = text.strip()
     if not text:
@@ -307,13 +440,23 @@ def parse_defense(text: str) -> Defense:
                     f"say which site kind {attr!r} belongs to, e.g. 'gelu.{attr}={value}' (in {text!r})"
                 )
             kind = kinds[0]
-        fields.setdefault(check_kind(kind), {})[attr] = _parse_field(attr, value.strip())
+        kind = check_kind(kind)
+        fields.setdefault(kind, {})[_field_name(kind, attr)] = _parse_field(kind, attr, value.strip())
     if name is not None:
         return preset(name, **fields)
     return Defense({k: replace(DEFAULT_SPECS[k], **v) for k, v in fields.items()}, name="custom")
 
 
-def _parse_field(attr: str, value: str) -> object:
+_AAA_FIELDS = ("variant", "tau", "alpha", "beta", "T", "lr", "steps")
+
+
+def _field_name(kind: str, attr: str) -> str:
+    return "temperature" if kind == "output" and attr == "T" else attr
+
+
+def _parse_field(kind: str, attr: str, value: str) -> object:
+    if kind == "output":
+        return _parse_aaa_field(attr, value)
     if attr in ("std", "ratio"):
         try:
             return float(value)
@@ -324,3 +467,19 @@ def _parse_field(attr: str, value: str) -> object:
     if attr == "selection":
         return value
     raise ValueError(f"unknown defense field {attr!r}; fields: std, ratio, selection, layers")
+
+
+def _parse_aaa_field(attr: str, value: str) -> object:
+    if attr == "variant":
+        return value
+    if attr == "steps":
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"AAA steps must be an integer, got {value!r}") from None
+    if attr in ("tau", "alpha", "beta", "T", "temperature", "lr"):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"AAA {attr} must be a number, got {value!r}") from None
+    raise ValueError(f"unknown AAA field {attr!r}; fields: {', '.join(_AAA_FIELDS)} (T = temperature)")

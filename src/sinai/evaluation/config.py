@@ -29,8 +29,9 @@ class EvalConfig:
     counted). ``votes``: uncounted passes that confirm a success on a randomized model (RFD App. D.4),
     ``lucky``: the single query decides instead (RFD Table 15). ``shard_size``: images attacked and
     stored together; (seed, shard) seeds their noise and attack. ``track_mismatch``: record P_mis
-    (SND Table 5). ``describe``: identifying labels (model, dataset, method, level, stage), stored with
-    the run.
+    (SND Table 5). ``bpda``: a white-box attack passes its gradients straight through the defense's
+    non-smooth steps (Athalye et al. 2018; AAA's logit optimisation). ``describe``: identifying
+    labels (model, dataset, method, level, stage), stored with the run.
     """
 
     attack: str = "none"
@@ -45,6 +46,7 @@ class EvalConfig:
     lucky: bool = False
     shard_size: int = 100
     track_mismatch: bool = False
+    bpda: bool = False
     describe: Mapping[str, object] = field(default_factory=dict)
     rules: QueryRules = field(init=False, repr=False, compare=False)
     attacker: Attack | None = field(init=False, repr=False, compare=False)
@@ -82,6 +84,15 @@ class EvalConfig:
         if attacker is not None:
             attacker.check_norm(self.threat.norm)
         object.__setattr__(self, "attacker", attacker)
+        object.__setattr__(self, "bpda", bool(self.bpda))
+        if self.bpda:
+            if attacker is None or attacker.kind != "white-box":
+                raise ValueError("bpda applies to white-box attacks (fgsm, pgd, ...), which take gradients")
+            if not self.defense.non_smooth:
+                raise ValueError(
+                    f"bpda has nothing to bypass in {self.defense.describe()}: its steps are differentiable "
+                    "(attack noise with eot instead); bpda applies to non-smooth defenses such as AAA"
+                )
         clash = set(self.describe) & set(self._fields(0, []))
         if clash:
             raise ValueError(f"describe may not redefine the run settings {sorted(clash)}")
@@ -92,8 +103,12 @@ class EvalConfig:
         return self.budgets[-1]
 
     def settings(self, *, images: int, dataset_indices: list[int]) -> dict[str, object]:
-        """The run's identity in the result store (JSON-able; see ``evaluation.store``)."""
-        return {**self.describe, **self._fields(images, dataset_indices)}
+        """The run's identity in the result store (JSON-able; see ``evaluation.store``).
+
+        ``bpda`` appears only when set, so the runs stored before it existed keep their keys.
+        """
+        extra = {"bpda": True} if self.bpda else {}
+        return {**self.describe, **self._fields(images, dataset_indices), **extra}
 
     def _fields(self, images: int, dataset_indices: list[int]) -> dict[str, object]:
         return {

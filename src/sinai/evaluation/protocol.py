@@ -114,9 +114,9 @@ def evaluate(
         settings = config.settings(images=len(images), dataset_indices=indices)
         store = store or ResultStore(":memory:")
         run_id = store.run_id(settings)
-        # A model with noise of its own (``randomized = True``, e.g. analysis wrappers) gets the M
-        # passes and the success votes of a randomized model even without defense sites.
-        randomized = bool(defended.sites) or bool(getattr(model, "randomized", False))
+        # A defense with noise, or a model with noise of its own (``randomized = True``, e.g. analysis
+        # wrappers), gets the M passes and the success votes of a randomized model; AAA is deterministic.
+        randomized = defended.defense.randomized or bool(getattr(model, "randomized", False))
         clean = store.clean(run_id)
         if not clean:
             acc = clean_accuracy(
@@ -192,6 +192,7 @@ class _Shards:
         oracle = Oracle(
             self.defended, x, y, threat=cfg.threat, rules=rules, output=cfg.attacker.output,
             batch_size=self.batch_size, checkpoints=cfg.budgets, track_mismatch=cfg.track_mismatch,
+            bpda=cfg.bpda,
         )  # fmt: skip
         oracle.on_query = show
         clean_ok = oracle.predict(x, passes=max(rules.votes, 1)) == y

@@ -1,7 +1,8 @@
 """Models by name, each returned as an :class:`ImageClassifier` on [0, 1] images, in eval mode.
 
-Names come from a decorator registry, as timm's ``register_model``: ``mnist-cnn`` / ``mnist-vit`` (the
-embedded models sinai trains and caches, registered in :mod:`sinai.models.embedded`) and the families
+Names come from a decorator registry, as timm's ``register_model``: ``mnist-cnn`` / ``mnist-vit`` /
+``mnist-cnn-at[:eps=E,steps=S,alpha=A]`` / ``mnist-cnn-surrogate`` (the embedded models sinai trains and
+caches, registered in :mod:`sinai.models.embedded`) and the families
 ``timm:<timm name>`` and ``torchvision:<torchvision classifier name>`` (registered here). Weights come
 from a checkpoint file, from the local Hugging Face / torch hub caches ("pretrained"), or are random
 ("random", for tests and benchmarks). Nothing here downloads: missing weights are an error that says
@@ -38,18 +39,24 @@ Loader = Callable[..., ImageClassifier]
 
 @dataclass(frozen=True)
 class RegisteredModel:
-    """A registry entry: a model (``mnist-cnn``) or, with ``family``, names written ``<name>:<arch>``."""
+    """A registry entry: a model (``mnist-cnn``), with ``options`` a model whose name may carry options
+    (``mnist-cnn-at:eps=0.2``), or, with ``family``, names written ``<name>:<arch>``."""
 
     name: str
     load: Loader
     dataset: Callable[[int | None], str]
     family: bool = False
     usage: str = ""
+    options: bool = False
 
     @property
     def accepted(self) -> str:
         """How the name is written, for error messages."""
-        return self.usage or (f"{self.name}:<name>" if self.family else self.name)
+        if self.usage:
+            return self.usage
+        if self.family:
+            return f"{self.name}:<name>"
+        return f"{self.name}[:<options>]" if self.options else self.name
 
 
 _MODELS: dict[str, RegisteredModel] = {}
@@ -61,22 +68,27 @@ def register_model(
     dataset: str | Callable[[int | None], str],
     family: bool = False,
     usage: str = "",
+    options: bool = False,
 ) -> Callable[[Loader], Loader]:
     """Register the decorated loader under ``name`` (with ``family=True``: every ``name:<arch>``).
 
     ``dataset`` is the dataset the model is evaluated on by default, or a function of its number of
     classes that says it; ``usage`` is how the name is written in error messages (default: the name).
+    With ``options=True`` the name may also be written ``name:<options>`` (the loader gets the whole
+    name and parses the options, e.g. ``mnist-cnn-at:eps=0.2``).
     The loader is called as ``loader(arch, *, checkpoint, weights, num_classes, device, cache_dir,
     progress)`` and returns the model (``load_model`` moves it to the device and sets eval mode).
     """
     if ":" in name or not name:
         raise ValueError(f"a model name is a non-empty word without ':', got {name!r}")
+    if family and options:
+        raise ValueError(f"model {name!r}: a family takes <name>, not options; pass family or options")
     pick = dataset if callable(dataset) else (lambda num_classes, fixed=dataset: fixed)
 
     def decorator(loader: Loader) -> Loader:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = RegisteredModel(name, loader, pick, family, usage)
+        _MODELS[name] = RegisteredModel(name, loader, pick, family, usage, options)
         return loader
 
     return decorator
@@ -188,6 +200,8 @@ def _lookup(name: str) -> tuple[RegisteredModel, str]:
     entry = registry.get(prefix)
     if sep and arch and entry is not None and entry.family:
         return entry, arch
+    if sep and arch and entry is not None and entry.options:
+        return entry, name
     accepted = [e.accepted for e in sorted(registry.values(), key=lambda e: e.family)]
     listed = f"{', '.join(accepted[:-1])} or {accepted[-1]}" if len(accepted) > 1 else "".join(accepted)
     raise ValueError(f"unknown model {name!r}; accepted names: {listed}")

@@ -99,8 +99,9 @@ def tuning_table(result: TuneResult) -> str:
 
 
 def paper_tables(tables: Iterable[Table], note: str = "") -> str:
-    """Every paper-style table under its name (and ``note``, e.g. the number of images)."""
-    return "\n".join(f"\n{table.name}{note}:\n{table.markdown()}" for table in tables)
+    """Every paper-style table under its name (and ``note``, e.g. the number of images), its own notes
+    (the worst-case rule, ...) below it."""
+    return "\n".join(f"\n{table.name}{note}:\n{table.text()}" for table in tables)
 
 
 def bench_defenses_table(rows: Sequence[object]) -> str:

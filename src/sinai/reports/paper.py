@@ -2,7 +2,15 @@
 
 - Table 1 (SINAI Table 1 / RFD Table 2): score-based attacks at 1k and 10k queries.
 - Table 2 (SINAI Table 2): decision-based attacks, same layout.
-- Table 4 (SINAI Table 4 / RFD Table 7): attacks run with EOT (M > 1), columns attack x M x query count.
+- Table 4 (SINAI Table 4 / RFD Table 7): query attacks run with EOT (M > 1), columns attack x M x query
+  count.
+- ``whitebox`` (seed 001 Table 1): white-box attacks, columns Clean, PGD-20, FGSM, MI-FGSM, CW (and the
+  median l2 of the perturbations CW found), AutoAttack, then AutoAttack-rand, EOT-PGD and any other
+  white-box run.
+- ``worst_case``: per row Clean, every attack run on it (score, decision, white-box, transfer; each at
+  its largest budget), the worst case (an image is robust only if no attack broke it; 95% Wilson
+  interval over its n images, see :mod:`.worst`) and the gap between the best query attack and it.
+  Tables 1, 2 and ``whitebox`` carry the same Worst case column, over every attack on the row.
 
 A run's row is named by the ``method`` and ``level`` it was described with (``sinai demo`` and
 ``sinai calibrate``/``tune`` write them), else by its defense. Numbers are percentages; robust accuracy
@@ -15,16 +23,31 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..attacks import ATTACKS, attack_class, is_attack
+from ..attacks import ATTACKS
 from ..defenses import Defense
 from ..evaluation.store import ImageResult, ResultStore
 from .table import markdown_table
+from .worst import (
+    KINDS,
+    QUERY_KINDS,
+    RULE_NOTE,
+    SHORT_RULE_NOTE,
+    RowKey,
+    Threat,
+    WorstCase,
+    attack_kind,
+    attack_label,
+    row_worst_cases,
+    threat_key,
+    threat_text,
+)
 
-METHOD_ORDER = ("Base", "RND", "SND", "FND", "SINAI-Attn", "SINAI-FFN", "SINAI")
+METHOD_ORDER = ("Base", "PGD-AT", "RND", "SND", "FND", "SINAI-Attn", "SINAI-FFN", "SINAI")
 STANDARD_BUDGETS = (1000, 10000)
 
 
@@ -41,6 +64,22 @@ class Run:
     clean: float | None
     results: list[ImageResult] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """score, decision, white-box or transfer (an unregistered attack counts as score)."""
+        return attack_kind(self.attack)
+
+    @property
+    def label(self) -> str:
+        """The attack's column name (``square``, ``PGD-20``, ``transfer (square from base)``, ...)."""
+        args = self.settings.get("attack_args") or {}
+        return attack_label(self.attack, args, self.eot, bool(self.settings.get("bpda")))
+
+    def median_norm(self) -> float | None:
+        """Median perturbation norm over the images broken within the run's budget (None if none)."""
+        norms = [r.norm for r in self.results if r.clean_correct and not r.robust_at(self.budget)]
+        return statistics.median(norms) if norms else None
 
     def robust(self, budget: int) -> float | None:
         """Robust accuracy (%) at ``budget`` queries, None when the run did not go that far."""
@@ -103,43 +142,92 @@ def _row_order(key: tuple[str, str, str]) -> tuple:
 
 @dataclass
 class Table:
-    """A paper-style table: ``cells[row][column]`` in %, None where the store has no number."""
+    """A paper-style table: ``cells[row][column]`` in % (or a count / a norm where ``formats`` says),
+    None where the store has no number.
+
+    ``intervals``: (row, column) -> (low, high) %, printed after the cell. ``formats``: column -> the
+    format spec of its Markdown cells (default ``.1f``). ``unranked``: columns never marked best.
+    ``notes``: lines printed (and written to the ``.md`` file) under the table.
+    """
 
     name: str
     columns: list[str]
     rows: list[tuple[str, str, str]]  # (model, method, level)
     cells: list[list[float | None]]
     best: list[tuple[int, int]] = field(default_factory=list)  # (row, column) marked best
+    intervals: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)
+    unranked: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+
+    def _cell(self, i: int, j: int, best: set[tuple[int, int]]) -> str:
+        v = self.cells[i][j]
+        if v is None:
+            return "–"
+        text = str(v) if isinstance(v, int) else format(v, self.formats.get(self.columns[j], ".1f"))
+        if (i, j) in best:
+            text = f"**{text}**"
+        if (i, j) in self.intervals:
+            low, high = self.intervals[i, j]
+            text += f" [{low:.1f}, {high:.1f}]"
+        return text
 
     def markdown(self) -> str:
         best = set(self.best)
         body = []
         for i, (model, method, level) in enumerate(self.rows):
-            values = [
-                "–" if v is None else (f"**{v:.1f}**" if (i, j) in best else f"{v:.1f}")
-                for j, v in enumerate(self.cells[i])
-            ]
+            values = [self._cell(i, j, best) for j in range(len(self.columns))]
             body.append([model, method + (f" {level}" if level else ""), *values])
         return markdown_table(["model", "method", *self.columns], body)
 
+    def text(self) -> str:
+        """The Markdown table and its notes."""
+        return "\n".join([self.markdown(), *self.notes])
+
+    def _interval_columns(self) -> list[int]:
+        return sorted({j for _, j in self.intervals})
+
     def write(self, folder: Path) -> list[Path]:
-        """``<name>.md``, ``.csv`` and ``.json`` in ``folder``."""
+        """``<name>.md`` (with the notes), ``.csv`` and ``.json`` in ``folder``."""
         folder.mkdir(parents=True, exist_ok=True)
         md, csv_path, js = (folder / f"{self.name}.{ext}" for ext in ("md", "csv", "json"))
-        md.write_text(self.markdown() + "\n")
+        md.write_text(self.markdown() + "\n" + "".join(f"\n{note}\n" for note in self.notes))
+        with_ci = self._interval_columns()
+        header = []
+        for j, column in enumerate(self.columns):
+            header.append(column)
+            if j in with_ci:
+                header += [f"{column} 95% low", f"{column} 95% high"]
+
+        def csv_value(v: float | None, column: str) -> str:
+            if v is None:
+                return ""
+            return str(v) if isinstance(v, int) else f"{v:.4f}" if column in self.formats else f"{v:.2f}"
+
         with csv_path.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["model", "method", "level", *self.columns])
-            for (model, method, level), values in zip(self.rows, self.cells, strict=True):
-                writer.writerow([model, method, level, *("" if v is None else f"{v:.2f}" for v in values)])
+            writer.writerow(["model", "method", "level", *header])
+            for i, ((model, method, level), values) in enumerate(zip(self.rows, self.cells, strict=True)):
+                line = []
+                for j, (column, v) in enumerate(zip(self.columns, values, strict=True)):
+                    line.append(csv_value(v, column))
+                    if j in with_ci:
+                        low, high = self.intervals.get((i, j), (None, None))
+                        line += ["" if low is None else f"{low:.2f}", "" if high is None else f"{high:.2f}"]
+                writer.writerow([model, method, level, *line])
+        rows = []
+        for i, ((m, me, lv), values) in enumerate(zip(self.rows, self.cells, strict=True)):
+            row = {"model": m, "method": me, "level": lv, **dict(zip(self.columns, values, strict=True))}
+            for j in with_ci:
+                if (i, j) in self.intervals:
+                    row[f"{self.columns[j]} 95% interval"] = list(self.intervals[i, j])
+            rows.append(row)
         payload = {
             "table": self.name,
             "columns": self.columns,
-            "rows": [
-                {"model": m, "method": me, "level": lv, **dict(zip(self.columns, values, strict=True))}
-                for (m, me, lv), values in zip(self.rows, self.cells, strict=True)
-            ],
+            "rows": rows,
             "best": [{"row": r, "column": self.columns[c]} for r, c in self.best],
+            **({"notes": self.notes} if self.notes else {}),
         }
         js.write_text(json.dumps(payload, indent=2) + "\n")
         return [md, csv_path, js]
@@ -148,6 +236,8 @@ class Table:
 def _mark_best(table: Table) -> None:
     """Per model and column, the highest value among the defended rows (Base is the reference)."""
     for j in range(len(table.columns)):
+        if table.columns[j] in table.unranked:
+            continue
         for model in {r[0] for r in table.rows}:
             candidates = [
                 (table.cells[i][j], i)
@@ -159,25 +249,101 @@ def _mark_best(table: Table) -> None:
                 table.best += [(i, j) for v, i in candidates if v == top]
 
 
-def _budgets(runs: Sequence[Run]) -> list[int]:
-    largest = max(r.budget for r in runs)
-    return sorted({r.budget for r in runs} | {b for b in STANDARD_BUDGETS if b <= largest})
+WORST = "Worst case"
+WHITEBOX_COLUMNS = ("PGD-20", "FGSM", "MI-FGSM", "CW", "AutoAttack")
+"""The white-box table's fixed columns (seed 001 Table 1), shown even where no run fills them."""
+WHITEBOX_OPTIONAL = ("AutoAttack-rand", "EOT-PGD")
+"""Next columns of the white-box table, shown when a run fills them (then any other white-box run)."""
+CW_NORM = "CW median l2"
+WHITEBOX_ORDER = ("pgd", "fgsm", "mifgsm", "cw", "autoattack", "eotpgd", "npixel")
 
 
-def _is_decision(attack: str) -> bool:
-    return is_attack(attack) and attack_class(attack).output == "labels"
+def _pick(runs: Sequence[Run]) -> Run | None:
+    """The run that fills a cell: the largest budget, then the most images (the first such run)."""
+    return max(runs, key=lambda r: (r.budget, len(r.results)), default=None)
+
+
+def _clean(runs: Sequence[Run]) -> float | None:
+    return next((r.clean for r in runs if r.clean is not None), None)
+
+
+def _label_order(runs: Sequence[Run]) -> list[str]:
+    """Column labels of ``runs`` by kind (score, decision, white-box, transfer), then registry order
+    (white-box: seed 001 Table 1's order), EOT samples and name."""
+    order: dict[str, tuple] = {}
+    for r in runs:
+        kind = KINDS.index(r.kind) if r.kind in KINDS else len(KINDS)
+        order_of = WHITEBOX_ORDER if r.kind == "white-box" else ATTACKS
+        rank = order_of.index(r.attack) if r.attack in order_of else len(order_of)
+        order.setdefault(r.label, (kind, rank, r.eot, r.label))
+    return sorted(order, key=order.__getitem__)
+
+
+def _row_name(key: RowKey) -> str:
+    model, method, level = key
+    return " ".join(p for p in (model, method, level) if p)
+
+
+class _Worst:
+    """The worst case of every row (see :mod:`.worst`), as a table's cell and the notes that explain it.
+
+    A row attacked under several threat models has one worst case per threat model; a table shows the
+    one of the threat model most of its own runs on that row use (ties: in ``threat_text`` order), and
+    says so in a note.
+    """
+
+    def __init__(self, runs: Sequence[Run]) -> None:
+        self.cases = row_worst_cases(runs)
+
+    def case(self, key: RowKey, table_runs: Sequence[Run]) -> WorstCase | None:
+        cases = self.cases.get(key, {})
+        if len(cases) <= 1:
+            return next(iter(cases.values()), None)
+        counts = Counter(threat_key(r.settings) for r in table_runs if (r.model, r.method, r.level) == key)
+        return cases[max(sorted(cases, key=threat_text), key=lambda t: counts[t])]
+
+    def cell(self, key: RowKey, table_runs: Sequence[Run]) -> float | None:
+        """The row's worst case (%) under the threat model of ``table_runs``; None without attacked runs."""
+        wc = self.case(key, table_runs)
+        return wc.accuracy if wc else None
+
+    def notes(self, keys: Sequence[RowKey], table_runs: Sequence[Run]) -> list[str]:
+        notes = [SHORT_RULE_NOTE]
+        for key in keys:
+            wc = self.case(key, table_runs)
+            cases = self.cases.get(key, {})
+            if wc is not None and len(cases) > 1:
+                threats = ", ".join(sorted(threat_text(t) for t in cases))
+                notes.append(
+                    f"{_row_name(key)}: attacked under several threat models ({threats}); Worst case here "
+                    f"joins the {threat_text(wc.threat)} runs (worst_case has a row per threat model)."
+                )
+            if wc is not None and wc.differing:
+                notes.append(_differing_note(key, wc))
+        return notes
+
+
+def _differing_note(key: RowKey, wc: WorstCase) -> str:
+    sizes = sorted({len(set(r.dataset_index for r in run.results)) for run in wc.runs})
+    return (
+        f"{_row_name(key)}: its runs attacked different images ({'/'.join(map(str, sizes))}); the worst "
+        f"case is over the {wc.n} images all of them attacked."
+    )
 
 
 def build_tables(runs: Sequence[Run]) -> list[Table]:
-    """Table 1 (score attacks), Table 2 (decision attacks) and Table 4 (EOT), those the runs fill."""
+    """Table 1 (score attacks), Table 2 (decision attacks), the white-box table, Table 4 (EOT) and the
+    worst-case table, those the runs fill."""
     attacked = [r for r in runs if r.attack != "none"]
+    worst = _Worst(attacked)
+    query = [r for r in attacked if r.kind in QUERY_KINDS]
     groups = {
-        "table1": [r for r in attacked if r.eot == 1 and not _is_decision(r.attack)],
-        "table2": [r for r in attacked if r.eot == 1 and _is_decision(r.attack)],
+        "table1": [r for r in query if r.eot == 1 and r.kind == "score"],
+        "table2": [r for r in query if r.eot == 1 and r.kind == "decision"],
     }
-    eot_attacks = {r.attack for r in attacked if r.eot > 1}
-    groups["table4"] = [r for r in attacked if r.attack in eot_attacks]
-    tables = []
+    eot_attacks = {r.attack for r in query if r.eot > 1}
+    groups["table4"] = [r for r in query if r.attack in eot_attacks]
+    tables = {}
     for name, group in groups.items():
         if not group or (name == "table4" and not eot_attacks):
             continue
@@ -195,8 +361,7 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
         cells = []
         for key in keys:
             mine = [r for r in group if (r.model, r.method, r.level) == key]
-            clean = next((r.clean for r in mine if r.clean is not None), None)
-            row: list[float | None] = [clean]
+            row: list[float | None] = [_clean(mine)]
             for _label, attack, eot, budget in columns[1:]:
                 run = max(
                     (r for r in mine if r.attack == attack and r.eot == eot and r.budget >= budget),
@@ -204,11 +369,106 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
                     default=None,
                 )
                 row.append(run.robust(budget) if run else None)
+            if name != "table4":
+                row.append(worst.cell(key, group))
             cells.append(row)
-        table = Table(name, [c[0] for c in columns], keys, cells)
+        labels = [c[0] for c in columns] + ([WORST] if name != "table4" else [])
+        notes = worst.notes(keys, group) if name != "table4" else []
+        table = Table(name, labels, keys, cells, notes=notes)
         _mark_best(table)
-        tables.append(table)
-    return tables
+        tables[name] = table
+    whitebox = _whitebox_table([r for r in attacked if r.kind == "white-box"], worst)
+    worst_table = _worst_case_table(attacked, worst)
+    order = ("table1", "table2", "whitebox", "table4", "worst_case")
+    tables.update({t.name: t for t in (whitebox, worst_table) if t is not None})
+    return [tables[name] for name in order if name in tables]
+
+
+def _whitebox_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
+    """Seed 001 Table 1: white-box attacks, a missing run an empty cell; CW with its median l2."""
+    if not runs:
+        return None
+    present = _label_order(runs)
+    labels = [*WHITEBOX_COLUMNS, *(c for c in WHITEBOX_OPTIONAL if c in present)]
+    labels += [c for c in present if c not in labels]
+    columns = ["Clean"]
+    for label in labels:
+        columns.append(label)
+        if label == "CW":
+            columns.append(CW_NORM)
+    columns.append(WORST)
+    keys = sorted({(r.model, r.method, r.level) for r in runs}, key=_row_order)
+    cells = []
+    for key in keys:
+        mine = [r for r in runs if (r.model, r.method, r.level) == key]
+        row: list[float | None] = [_clean(mine)]
+        for column in columns[1:-1]:
+            if column == CW_NORM:
+                cw = _pick([r for r in mine if r.label == "CW"])
+                row.append(cw.median_norm() if cw else None)
+            else:
+                run = _pick([r for r in mine if r.label == column])
+                row.append(run.robust(run.budget) if run else None)
+        row.append(worst.cell(key, runs))
+        cells.append(row)
+    notes = [
+        "White-box attacks through the deployed (noisy) model, each run at its largest budget; "
+        f"{CW_NORM}: median l2 norm of the CW perturbations on the images it broke.",
+        *worst.notes(keys, runs),
+    ]
+    table = Table("whitebox", columns, keys, cells, formats={CW_NORM: ".3f"}, unranked={CW_NORM}, notes=notes)
+    _mark_best(table)
+    return table
+
+
+def _worst_case_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
+    """Rows model x method (x threat where a row has several): Clean, every attack on the row's common
+    images at its largest budget, Worst case [95% Wilson], gap (best query attack - worst case), n."""
+    if not worst.cases:
+        return None
+    rows: list[tuple[RowKey, RowKey, Threat, WorstCase]] = []  # (shown row, row, threat, worst case)
+    for key in sorted(worst.cases, key=_row_order):
+        cases = worst.cases[key]
+        for threat in sorted(cases, key=threat_text):
+            model, method, level = key
+            shown = key if len(cases) == 1 else (model, method, f"{level} {threat_text(threat)}".strip())
+            rows.append((shown, key, threat, cases[threat]))
+    labels = _label_order([r for *_, wc in rows for r in wc.runs])
+    query_labels = {r.label for *_, wc in rows for r in wc.runs if r.kind in QUERY_KINDS}
+    columns = ["Clean", *labels, WORST, "gap", "n"]
+    cells, intervals = [], {}
+    for i, (_shown, key, _threat, wc) in enumerate(rows):
+        row: list[float | int | None] = [_clean([r for r in runs if (r.model, r.method, r.level) == key])]
+        for label in labels:
+            run = _pick([r for r in wc.runs if r.label == label])
+            row.append(wc.accuracy_of(run) if run else None)
+        best = [v for c, v in zip(labels, row[1:], strict=True) if c in query_labels and v is not None]
+        accuracy = wc.accuracy
+        row += [accuracy, max(best) - accuracy if best and accuracy is not None else None, wc.n]
+        if wc.interval is not None:
+            intervals[i, len(columns) - 3] = wc.interval
+        cells.append(row)
+    notes = [
+        RULE_NOTE,
+        "Attack columns: each attack's robust accuracy (%) at its run's largest budget on the same images "
+        "as the worst case (the best-sized run where a row has several of one attack); Worst case with "
+        "its 95% Wilson interval over n images; gap = the best query-attack (score / decision) column "
+        "minus Worst case.",
+    ]
+    for _shown, key, _threat, wc in rows:
+        if wc.differing:
+            notes.append(_differing_note(key, wc))
+    table = Table(
+        "worst_case", columns, [r[0] for r in rows], cells, intervals=intervals,
+        unranked={"gap", "n"}, notes=notes,
+    )  # fmt: skip
+    _mark_best(table)
+    return table
+
+
+def _budgets(runs: Sequence[Run]) -> list[int]:
+    largest = max(r.budget for r in runs)
+    return sorted({r.budget for r in runs} | {b for b in STANDARD_BUDGETS if b <= largest})
 
 
 def _k(budget: int) -> str:

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .paper import Run, _row_order  # noqa: E402
+from .worst import QUERY_KINDS  # noqa: E402
 
 
 def _label(run: Run) -> str:
@@ -19,8 +20,12 @@ def _label(run: Run) -> str:
 
 
 def plot_robust_vs_queries(runs: Sequence[Run], path: Path) -> Path | None:
-    """One panel per (model, attack, EOT): robust accuracy (%) against counted queries, a line per method."""
-    panels = sorted({(r.model, r.attack, r.eot) for r in runs if r.attack != "none" and r.results})
+    """One panel per (model, attack, EOT): robust accuracy (%) against counted queries, a line per method.
+
+    Query attacks only: a white-box or transfer run spends one counted (judging) query per image.
+    """
+    shown = [r for r in runs if r.attack != "none" and r.results and r.kind in QUERY_KINDS]
+    panels = sorted({(r.model, r.attack, r.eot) for r in shown})
     if not panels:
         return None
     cols = min(3, len(panels))
@@ -28,7 +33,7 @@ def plot_robust_vs_queries(runs: Sequence[Run], path: Path) -> Path | None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
     for ax, (model, attack, eot) in zip(axes.flat, panels, strict=False):
         mine = sorted(
-            (r for r in runs if (r.model, r.attack, r.eot) == (model, attack, eot) and r.results),
+            (r for r in shown if (r.model, r.attack, r.eot) == (model, attack, eot)),
             key=lambda r: _row_order((r.model, r.method, r.level)),
         )
         for run in mine:

@@ -86,6 +86,11 @@ def bisect_std(
 def one_kind(defense: Defense, model: nn.Module) -> tuple[Defense, str]:
     """``defense`` restricted to ``model``, checked to have exactly one site kind (what calibrate tunes)."""
     defense = defense.for_model(model)
+    if not defense.randomized:
+        raise ValueError(
+            f"calibrate tunes a noise std, and {defense.describe()} has no noise; use a noise defense "
+            "such as RND, FND or SINAI-Attn"
+        )
     if len(defense.specs) != 1:
         raise ValueError(
             f"calibrate tunes one std: {defense.describe()} has {len(defense.specs)} site kinds on this "

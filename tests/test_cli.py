@@ -26,11 +26,24 @@ def run(*args: str):
 
 def test_help_lists_the_commands():
     out = run("--help").output
-    for command in ("demo", "eval", "calibrate", "tune", "report", "analyze", "bench", "sites", "train"):
+    for command in (
+        "demo",
+        "eval",
+        "calibrate",
+        "tune",
+        "report",
+        "analyze",
+        "bench",
+        "sites",
+        "train",
+        "check",
+    ):
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["demo", "eval", "calibrate", "tune", "report", "analyze", "bench"])
+@pytest.mark.parametrize(
+    "command", ["demo", "eval", "calibrate", "tune", "report", "analyze", "bench", "check"]
+)
 def test_subcommand_help_exits_cleanly(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Usage:" in result.output and "Error" not in result.output

@@ -15,6 +15,7 @@ from .. import __version__
 from .analyze import analyze
 from .bench import bench
 from .calibrate import calibrate
+from .check import check
 from .demo import demo
 from .eval import eval_command
 from .models import sites, train
@@ -41,7 +42,7 @@ def cli() -> None:
     """Protect image classifiers against query-based black-box attacks with inference-time noise."""
 
 
-for _command in (demo, calibrate, tune, report, eval_command, sites, train, bench, analyze):
+for _command in (demo, calibrate, tune, report, eval_command, sites, train, bench, analyze, check):
     cli.add_command(_command)
 
 

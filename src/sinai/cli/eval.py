@@ -32,7 +32,8 @@ from .options import (
     "--attack",
     default="none",
     show_default=True,
-    help="none (clean accuracy only); score-based: square, signhunter, nes, bandits, simba, simba-dct; "
+    help="none (clean accuracy only); score-based: square, signhunter, nes, bandits, simba, simba-dct, "
+    "square-aaa (Square that undoes AAA); "
     "decision-based (labels only): rays, signflip, hsja, boundary, signopt, geoda; white-box "
     "(gradients through the deployed defense): fgsm, pgd, mifgsm, eotpgd, cw (l2), autoattack, npixel "
     "(l2); transfer (crafted on a source model, judged on the target).",

@@ -67,11 +67,12 @@ def calibration_table(calibrations: Sequence[tuple[str, Calibration]]) -> str:
     rows = []
     for name, c in calibrations:
         spec = c.defense.specs[c.kind]
-        text = (
-            f"{c.defense.name}:std={c.std:.4g}" if c.defense.name in PRESETS else f"{c.kind}.std={c.std:.4g}"
-        )
+        single = c.defense.name in PRESETS and len(PRESETS[c.defense.name][0]) == 1
+        prefix = f"{c.defense.name}:" if c.defense.name in PRESETS else ""
+        field = "" if single else f"{c.kind}."  # the text --defense parses back
+        text = f"{prefix}{field}std={c.std:.4g}"
         if spec.ratio != 1:
-            text += f",ratio={spec.ratio:g}"
+            text += f",{field}ratio={spec.ratio:g}"
         rows.append(
             [name, f"{100 * c.target:g}", round(c.std, 4), round(100 * c.drop, 2),
              "yes" if c.reached else "NO", len(c.steps), text]

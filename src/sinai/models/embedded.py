@@ -487,6 +487,7 @@ def train_embedded(
                 bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_avg:.3f}", refresh=False)
         bar.close()
         train_seconds = time.perf_counter() - start
+        opt.zero_grad(set_to_none=True)  # a trained model is returned as a loaded one: no gradients held
     model.eval()
     model.name = canonical
     metrics = {

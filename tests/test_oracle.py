@@ -36,7 +36,9 @@ WHOLE_CUBE = ThreatModel("linf", 1.0)
 
 def make_oracle(model, labels, **kwargs):
     """An oracle for ``len(labels)`` grey 2 x 2 images whose threat model admits every candidate."""
-    rules = QueryRules(**{k: kwargs.pop(k) for k in ("budget", "eot", "votes", "lucky") if k in kwargs})
+    rules = QueryRules(
+        **{k: kwargs.pop(k) for k in ("budget", "eot", "votes", "lucky", "vote_rule") if k in kwargs}
+    )
     threat = kwargs.pop("threat", WHOLE_CUBE)
     return Oracle(model, imgs([0.5] * len(labels)), labels, threat=threat, rules=rules, **kwargs)
 
@@ -47,13 +49,19 @@ def test_group_rank_counts_earlier_candidates_of_the_same_image():
 
 def test_queries_are_counted_exactly_and_verification_separately():
     model = Counting()
-    oracle = make_oracle(model, torch.zeros(3, dtype=torch.long), budget=10, votes=9)
+    oracle = make_oracle(model, torch.zeros(3, dtype=torch.long), budget=10, votes=9, vote_rule="fixed")
     out = oracle(imgs([0.1, 0.2, 0.9, 0.1]), torch.tensor([0, 1, 2, 0]))
     assert out.shape == (4, 2)
     assert oracle.queries.tolist() == [2, 1, 1]
     assert oracle.success.tolist() == [False, False, True] and oracle.success_at.tolist() == [0, 0, 1]
     assert oracle.vote_passes.tolist() == [0, 0, 9]
     assert model.seen == 4 + 9  # what the model saw = counted queries + votes
+    # the sequential vote (default) draws blocks of 9 until 32 of at most 45 passes say wrong: 4 blocks
+    model = Counting()
+    oracle = make_oracle(model, torch.zeros(3, dtype=torch.long), budget=10, votes=9)
+    oracle(imgs([0.1, 0.2, 0.9, 0.1]), torch.tensor([0, 1, 2, 0]))
+    assert oracle.success.tolist() == [False, False, True] and oracle.vote_passes.tolist() == [0, 0, 36]
+    assert model.seen == 4 + 36
 
 
 def test_budget_masks_candidates_and_is_never_exceeded():

@@ -215,7 +215,8 @@ def test_worst_case_on_real_runs(tmp_path) -> None:
         for attack, args in attacks:
             config = EvalConfig(
                 attack=attack, attack_args=args, defense=preset("RND", input={"std": 0.05}),
-                threat=ThreatModel("linf", 0.01), budgets=(30,), passes=1, votes=3, describe=describe,
+                threat=ThreatModel("linf", 0.01), budgets=(30,), passes=1, votes=3, vote_rule="fixed",
+                describe=describe,
             )  # fmt: skip
             result = evaluate(model, x, y, config, store=store, progress=False)
             robust[attack] = {r.dataset_index for r in result.results if r.robust_at(30)}

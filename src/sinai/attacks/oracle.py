@@ -33,6 +33,22 @@ from ..checks import check_count
 from .threat import ThreatModel
 
 OUTPUTS = ("scores", "labels")
+VOTE_RULES = ("sequential", "fixed")
+
+
+def vote_threshold(passes: int, alpha: float, rate: float = 0.5) -> int:
+    """The fewest wrong labels among ``passes`` fresh passes that reject "misclassification rate <= ``rate``"
+    at level ``alpha``: the smallest c with P(Binomial(passes, rate) >= c) <= alpha (``passes + 1`` when
+    even all passes wrong would not be enough)."""
+    from scipy.stats import binom
+
+    return int(binom.isf(alpha, passes, rate)) + 1
+
+
+def spent_alpha(alpha: float, k: torch.Tensor) -> torch.Tensor:
+    """The level of an image's k-th vote (k = 1, 2, ...): alpha * 6 / (pi^2 k^2), which sums to alpha over
+    every vote the image can start (alpha spending over an attack, not per vote)."""
+    return alpha * 6 / (math.pi**2 * k.double() ** 2)
 
 
 def group_rank(idx: torch.Tensor) -> torch.Tensor:
@@ -53,15 +69,28 @@ class QueryRules:
     """How the Oracle counts and verifies queries, checked once where it is made.
 
     ``budget``: counted queries per image. ``eot``: samples per query (M), each counted; score mode
-    answers their mean, label mode their majority. ``votes``: uncounted passes that must mostly confirm a
-    wrong label on a randomized model (RFD App. D.4; 0 = the query itself decides). ``lucky``: the single
-    query decides even with votes (RFD Table 15).
+    answers their mean, label mode their majority. ``votes``: uncounted passes that confirm a wrong
+    label on a randomized model (0 = the query itself decides); ``lucky``: the single query decides
+    even with votes (RFD Table 15).
+
+    ``vote_rule="fixed"``: the papers' rule (RFD App. D.4), a majority of ``votes`` passes. An attack
+    starts a vote at every query that sees a wrong label, so a borderline candidate eventually wins one
+    by chance. ``"sequential"`` (default) bounds that: the k-th vote of an image tests "misclassification
+    rate <= ``rate``" at level alpha_k = ``alpha`` * 6 / (pi^2 k^2) (the levels sum to ``alpha`` over the
+    whole attack) with an exact binomial test on up to ``max_passes`` fresh passes, drawn in blocks of
+    ``votes`` and stopped as soon as the outcome is certain. ``vote_cap``: verification passes per image;
+    an image that reaches it starts no more votes (``Oracle.capped``).
     """
 
     budget: int
     eot: int = 1
     votes: int = 9
     lucky: bool = False
+    vote_rule: str = "sequential"
+    alpha: float = 0.01
+    rate: float = 0.5
+    max_passes: int = 45
+    vote_cap: int = 20000
 
     def __post_init__(self) -> None:
         check_count("budget", self.budget, 1, "counted queries per image")
@@ -70,6 +99,15 @@ class QueryRules:
         if self.eot > self.budget:
             raise ValueError(f"eot {self.eot} is more than the budget of {self.budget} queries")
         object.__setattr__(self, "lucky", bool(self.lucky))
+        if self.vote_rule not in VOTE_RULES:
+            raise ValueError(f"vote_rule must be one of {', '.join(VOTE_RULES)}, got {self.vote_rule!r}")
+        for name, value in (("alpha", self.alpha), ("rate", self.rate)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+        check_count("max_passes", self.max_passes, 1, "fresh passes one sequential vote may draw")
+        check_count("vote_cap", self.vote_cap, 1, "verification passes per image")
+        if self.vote_rule == "sequential" and self.votes and self.max_passes < self.votes:
+            raise ValueError(f"max_passes {self.max_passes} is smaller than one block of {self.votes} votes")
 
 
 class Oracle:
@@ -129,6 +167,8 @@ class Oracle:
         self.budget, self.eot, self.votes, self.lucky = rules.budget, rules.eot, rules.votes, rules.lucky
         self.queries = torch.zeros(n, dtype=torch.long, device=self.device)
         self.vote_passes = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.votes_started = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.capped = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.success_at = torch.zeros(n, dtype=torch.long, device=self.device)  # 0 = none yet
         self.success = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.x_adv: torch.Tensor | None = None  # the verified adversarial example of each image
@@ -317,11 +357,48 @@ class Oracle:
             return
         xw, iw, sw = x[wrong], idx[wrong], spent[wrong]
         if self.votes and not self.lucky:
-            votes = self._forward(xw.repeat(self.votes, 1, 1, 1)).argmax(1).view(self.votes, len(xw))
-            self.vote_passes.index_add_(0, iw, torch.full_like(iw, self.votes))
-            confirmed = (votes != self.labels[iw]).sum(0) * 2 > self.votes
+            if self.rules.vote_rule == "fixed":
+                votes = self._forward(xw.repeat(self.votes, 1, 1, 1)).argmax(1).view(self.votes, len(xw))
+                self.vote_passes.index_add_(0, iw, torch.full_like(iw, self.votes))
+                confirmed = (votes != self.labels[iw]).sum(0) * 2 > self.votes
+            else:
+                confirmed = self._sequential_vote(xw, iw)
             xw, iw, sw = xw[confirmed], iw[confirmed], sw[confirmed]
         self._record(xw, iw, sw)
+
+    def _sequential_vote(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Accept each candidate when its fresh passes reject "misclassification rate <= rate" at its
+        image's spent level (see :class:`QueryRules`); passes come in blocks of ``votes``."""
+        rules = self.rules
+        k = self.votes_started[idx] + group_rank(idx) + 1  # several candidates of an image: votes k, k+1, ..
+        self.votes_started.index_add_(0, idx, torch.ones_like(idx))
+        levels = spent_alpha(rules.alpha, k).tolist()
+        need = torch.tensor(
+            [vote_threshold(rules.max_passes, a, rules.rate) for a in levels],
+            dtype=torch.long,
+            device=self.device,
+        )
+        wrong = torch.zeros(len(idx), dtype=torch.long, device=self.device)
+        accepted = torch.zeros(len(idx), dtype=torch.bool, device=self.device)
+        open_ = need <= rules.max_passes
+        drawn = 0
+        while bool(open_.any()):
+            block = min(self.votes, rules.max_passes - drawn)
+            rows = torch.nonzero(open_).flatten()
+            over = self.vote_passes[idx[rows]] + block > rules.vote_cap
+            if bool(over.any()):  # the image's verification budget is spent: no decision, no success
+                self.capped[idx[rows[over]]] = True
+                open_[rows[over]] = False
+                rows = rows[~over]
+                if not len(rows):
+                    break
+            labels = self._forward(x[rows].repeat(block, 1, 1, 1)).argmax(1).view(block, len(rows))
+            wrong[rows] += (labels != self.labels[idx[rows]]).sum(0)
+            self.vote_passes.index_add_(0, idx[rows], torch.full_like(rows, block))
+            drawn += block
+            accepted |= open_ & (wrong >= need)
+            open_ &= ~accepted & (wrong + (rules.max_passes - drawn) >= need)
+        return accepted
 
     def _record(self, xw: torch.Tensor, iw: torch.Tensor, sw: torch.Tensor) -> None:
         """Record the confirmed adversarial candidates ``xw`` of images ``iw`` found at query ``sw``."""

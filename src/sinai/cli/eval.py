@@ -92,6 +92,25 @@ from .options import (
     help="Uncounted passes that must confirm a success on a randomized model.",
 )
 @click.option("--lucky", is_flag=True, help="Decide success by the single query (RFD Table 15).")
+@click.option(
+    "--vote-rule",
+    type=click.Choice(["sequential", "fixed"]),
+    default="sequential",
+    show_default=True,
+    help="sequential: the chance of accepting a candidate misclassified at most --vote-rate of the time "
+    "stays below --vote-alpha over the whole attack; fixed: the papers' majority of --votes passes.",
+)
+@click.option("--vote-alpha", type=float, default=0.01, show_default=True, help="Sequential vote's level.")
+@click.option(
+    "--vote-rate", type=float, default=0.5, show_default=True, help="Misclassification rate it must beat."
+)
+@click.option(
+    "--confirm",
+    type=int,
+    default=101,
+    show_default=True,
+    help="Fresh uncounted passes re-checking every returned adversarial example (0 = none).",
+)
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Forward chunk size.")
 @click.option(
     "--shard-size",
@@ -117,6 +136,10 @@ def eval_command(
     p_mis: bool,
     votes: int,
     lucky: bool,
+    vote_rule: str,
+    vote_alpha: float,
+    vote_rate: float,
+    confirm: int,
     batch_size: int,
     shard_size: int,
     seed: int,
@@ -147,6 +170,10 @@ def eval_command(
         eot=eot,
         votes=votes,
         lucky=lucky,
+        vote_rule=vote_rule,
+        vote_alpha=vote_alpha,
+        vote_rate=vote_rate,
+        confirm=confirm,
         shard_size=shard_size,
         track_mismatch=p_mis,
         bpda=bpda,

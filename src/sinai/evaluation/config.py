@@ -27,7 +27,11 @@ class EvalConfig:
     ``attack_args``. ``budgets``: counted queries at which robust accuracy is reported; one run with
     the largest. ``passes``: noisy passes of the clean accuracy (M). ``eot``: samples per query (each
     counted). ``votes``: uncounted passes that confirm a success on a randomized model (RFD App. D.4),
-    ``lucky``: the single query decides instead (RFD Table 15). ``shard_size``: images attacked and
+    ``lucky``: the single query decides instead (RFD Table 15). ``vote_rule``: "sequential" (a vote
+    whose false acceptance over the whole attack is at most ``vote_alpha`` for a candidate misclassified
+    at most ``vote_rate`` of the time) or "fixed" (the papers' majority of ``votes``; see
+    :class:`~sinai.attacks.oracle.QueryRules`). ``confirm``: fresh uncounted passes that re-check every
+    returned adversarial example after the attack (0 = none). ``shard_size``: images attacked and
     stored together; (seed, shard) seeds their noise and attack. ``track_mismatch``: record P_mis
     (SND Table 5). ``bpda``: a white-box attack passes its gradients straight through the defense's
     non-smooth steps (Athalye et al. 2018; AAA's logit optimisation). ``describe``: identifying
@@ -44,6 +48,10 @@ class EvalConfig:
     eot: int = 1
     votes: int = 9
     lucky: bool = False
+    vote_rule: str = "sequential"
+    vote_alpha: float = 0.01
+    vote_rate: float = 0.5
+    confirm: int = 101
     shard_size: int = 100
     track_mismatch: bool = False
     bpda: bool = False
@@ -75,7 +83,12 @@ class EvalConfig:
         object.__setattr__(self, "attack_args", MappingProxyType(dict(self.attack_args)))
         object.__setattr__(self, "describe", MappingProxyType(dict(self.describe)))
         # The Oracle's rules, checked here once (budget, eot, votes, lucky) and handed to every shard.
-        object.__setattr__(self, "rules", QueryRules(budgets[-1], self.eot, self.votes, self.lucky))
+        rules = QueryRules(
+            budgets[-1], self.eot, self.votes, self.lucky, vote_rule=self.vote_rule, alpha=self.vote_alpha,
+            rate=self.vote_rate,
+        )  # fmt: skip
+        object.__setattr__(self, "rules", rules)
+        check_count("confirm", self.confirm, 0, "fresh passes re-checking each returned example")
         object.__setattr__(self, "lucky", self.rules.lucky)
         object.__setattr__(self, "track_mismatch", bool(self.track_mismatch))
         # The attack, built once (an unknown name or hyper-parameter fails here); it keeps no state
@@ -123,6 +136,13 @@ class EvalConfig:
             "eot": self.eot,
             "votes": self.votes,
             "lucky": self.lucky,
+            "vote_rule": self.vote_rule,
+            **(
+                {"vote_alpha": self.vote_alpha, "vote_rate": self.vote_rate}
+                if self.vote_rule == "sequential"
+                else {}
+            ),
+            "confirm": self.confirm,
             "shard_size": self.shard_size,
             "track_mismatch": self.track_mismatch,
             "images": images,

@@ -197,7 +197,9 @@ class _Shards:
         oracle.on_query = show
         clean_ok = oracle.predict(x, passes=max(rules.votes, 1)) == y
         oracle.mark_broken(~clean_ok)
-        norms = cfg.threat.distance(cfg.attacker(oracle, seed=seed), x)
+        x_adv = cfg.attacker(oracle, seed=seed)
+        norms = cfg.threat.distance(x_adv, x)
+        rates, passes = self._confirm(x_adv, y, oracle.success & clean_ok)
         return [
             ImageResult(
                 image=first + j,
@@ -213,6 +215,28 @@ class _Shards:
                     for b, v in zip(cfg.budgets, oracle.checkpoint_norms[j].tolist(), strict=True)
                 ),
                 mismatches=int(oracle.mismatches[j]) if cfg.track_mismatch else None,
+                confirm_rate=rates.get(j),
+                confirm_passes=passes if j in rates else 0,
+                capped=bool(oracle.capped[j]),
             )
             for j in range(len(x))
         ]
+
+    @torch.no_grad()
+    def _confirm(
+        self, x_adv: torch.Tensor, y: torch.Tensor, broken: torch.Tensor
+    ) -> tuple[dict[int, float], int]:
+        """Re-check every returned adversarial example (``broken`` rows) on ``confirm`` fresh, uncounted
+        passes (one on a deterministic model): per row, the share that misclassifies it."""
+        rows = torch.nonzero(broken).flatten().tolist()
+        passes = (self.config.confirm if self.randomized else 1) if self.config.confirm else 0
+        if not rows or not passes:
+            return {}, passes
+        xs, ys = x_adv[rows], y[rows]
+        wrong = torch.zeros(len(rows), device=ys.device)
+        chunk = max(1, self.batch_size // len(rows))
+        for start in range(0, passes, chunk):
+            block = min(chunk, passes - start)
+            labels = self.defended(xs.repeat(block, 1, 1, 1)).argmax(1).view(block, len(rows))
+            wrong += (labels != ys).sum(0)
+        return dict(zip(rows, (wrong / passes).tolist(), strict=True)), passes

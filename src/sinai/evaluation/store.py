@@ -48,6 +48,14 @@ CREATE TABLE IF NOT EXISTS results (
     norm REAL NOT NULL,               -- final perturbation norm (of the verified example if any)
     PRIMARY KEY (run_id, image)
 );
+CREATE TABLE IF NOT EXISTS confirmations (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    image INTEGER NOT NULL,
+    rate REAL,                        -- share of fresh passes misclassifying the returned example
+    passes INTEGER NOT NULL,          -- fresh uncounted confirmation passes
+    capped INTEGER NOT NULL,          -- 1 if the image reached its cap of verification passes
+    PRIMARY KEY (run_id, image)
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id INTEGER NOT NULL REFERENCES runs(id),
     image INTEGER NOT NULL,
@@ -71,7 +79,9 @@ class ImageResult:
     ``checkpoint_norms``: (budget, norm) pairs, the smallest perturbation norm of a query labelled
     adversarial within that many counted queries (None = none yet; SND Table 3). ``mismatches``:
     counted queries labelled differently from the noise-free model (P_mis, SND Table 5), None when
-    not tracked.
+    not tracked. ``confirm_rate``: the share of ``confirm_passes`` fresh noisy passes that misclassify
+    the returned adversarial example (None: no example, or a run without confirmation); ``capped``: the
+    image reached its cap of verification passes.
     """
 
     image: int
@@ -84,6 +94,9 @@ class ImageResult:
     norm: float
     checkpoint_norms: tuple[tuple[int, float | None], ...] = ()
     mismatches: int | None = None
+    confirm_rate: float | None = None
+    confirm_passes: int = 0
+    capped: bool = False
 
     def norm_at(self, budget: int) -> float | None:
         """The recorded smallest adversarial norm at checkpoint ``budget`` (None if none or not recorded)."""
@@ -92,6 +105,13 @@ class ImageResult:
     def robust_at(self, budget: int) -> bool:
         """Not broken within ``budget`` counted queries (and correctly classified to begin with)."""
         return self.clean_correct and (self.success_at is None or self.success_at > budget)
+
+    def robust_confirmed_at(self, budget: int) -> bool:
+        """As :meth:`robust_at`, but a success counts only when the majority of the fresh confirmation
+        passes misclassify the returned example (the attack's decision where none was made)."""
+        if self.robust_at(budget):
+            return True
+        return self.clean_correct and self.confirm_rate is not None and self.confirm_rate <= 0.5
 
 
 def settings_key(settings: Mapping[str, object]) -> str:
@@ -193,6 +213,14 @@ class ResultStore:
                 "INSERT OR REPLACE INTO mismatches VALUES (?, ?, ?)",
                 [(run_id, r.image, r.mismatches) for r in results if r.mismatches is not None],
             )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO confirmations VALUES (?, ?, ?, ?, ?)",
+                [
+                    (run_id, r.image, r.confirm_rate, r.confirm_passes, int(r.capped))
+                    for r in results
+                    if r.confirm_passes or r.capped
+                ],
+            )
 
     def results(self, run_id: int) -> list[ImageResult]:
         rows = self.db.execute(
@@ -208,8 +236,26 @@ class ResultStore:
         mismatches = dict(
             self.db.execute("SELECT image, mismatches FROM mismatches WHERE run_id = ?", (run_id,)).fetchall()
         )
+        confirmed = {
+            image: (rate, passes, bool(capped))
+            for image, rate, passes, capped in self.db.execute(
+                "SELECT image, rate, passes, capped FROM confirmations WHERE run_id = ?", (run_id,)
+            )
+        }
         return [
-            ImageResult(i, d, lab, bool(c), s, q, v, n, tuple(checkpoints.get(i, ())), mismatches.get(i))
+            ImageResult(
+                i,
+                d,
+                lab,
+                bool(c),
+                s,
+                q,
+                v,
+                n,
+                tuple(checkpoints.get(i, ())),
+                mismatches.get(i),
+                *confirmed.get(i, (None, 0, False)),
+            )  # fmt: skip
             for i, d, lab, c, s, q, v, n in rows
         ]
 

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
+from .confirm import CONF, confirm_rate, has_confirmation, passes_text, robust_confirmed_at
+from .stats import wilson_interval
 from .table import markdown_table
 
 if TYPE_CHECKING:
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     from ..analysis.gradnorm import GradStats
     from ..analysis.theory import FlipRate, LayerRow
     from ..evaluation.protocol import EvalResult
+    from ..evaluation.store import ImageResult
     from ..tuning.calibrate import Calibration
     from ..tuning.tune import TuneResult
     from .paper import Table
@@ -28,7 +31,12 @@ def _defense_label(defense: object) -> str:
 
 def eval_table(model_name: str, result: EvalResult, base: float) -> str:
     """One row: clean accuracy (mean ± std over M passes), its drop from ``base`` (the undefended
-    accuracy), robust accuracy at every budget and the median queries of the broken images."""
+    accuracy), robust accuracy at every budget and the median queries of the broken images.
+
+    When the images carry confirmation data (see :mod:`.confirm`), every budget gets a second column,
+    ``<attack> @<budget> conf.``, robust accuracy by confirmation, both with their 95% Wilson interval
+    over the images; score and decision attacks also get a line under the table saying how many verified
+    successes the fresh passes confirmed."""
     config = result.config
     headers = ["model", "defense", "clean acc %", "drop %"]
     row: list[object] = [
@@ -37,13 +45,51 @@ def eval_table(model_name: str, result: EvalResult, base: float) -> str:
         f"{100 * result.clean_mean:.2f} ± {100 * result.clean_std:.2f}",
         f"{100 * (base - result.clean_mean):.2f}",
     ]
+    lines = []
     if config.attack != "none":
-        headers += [f"{config.attack} @{b}" for b in config.budgets]
-        row += [f"{100 * result.robust_accuracy(b):.1f}" for b in config.budgets]
-        spent = [r.success_at for r in result.results if r.success_at is not None]
+        results = result.results
+        if has_confirmation(results):
+            for b in config.budgets:
+                headers += [f"{config.attack} @{b}", f"{config.attack} @{b} {CONF}"]
+                row += [
+                    _rate_with_interval(sum(r.robust_at(b) for r in results), len(results)),
+                    _rate_with_interval(sum(robust_confirmed_at(r, b) for r in results), len(results)),
+                ]
+            from .worst import QUERY_KINDS, attack_kind  # the attack registry, only when needed
+
+            if attack_kind(config.attack) in QUERY_KINDS:
+                lines.append(confirmation_line(results))
+        else:
+            headers += [f"{config.attack} @{b}" for b in config.budgets]
+            row += [f"{100 * result.robust_accuracy(b):.1f}" for b in config.budgets]
+        spent = [r.success_at for r in results if r.success_at is not None]
         headers.append("median queries (broken)")
         row.append(int(statistics.median(spent)) if spent else "-")
-    return markdown_table(headers, [row])
+    return "\n".join([markdown_table(headers, [row]), *lines])
+
+
+def _rate_with_interval(successes: int, n: int) -> str:
+    """``58.0 [44.2, 70.6]``: the rate (%) and its 95% Wilson interval; ``-`` without images."""
+    if not n:
+        return "-"
+    low, high = wilson_interval(successes, n)
+    return f"{100 * successes / n:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def confirmation_line(results: Sequence[ImageResult]) -> str:
+    """How many of the verified successes with a confirmation rate a majority of the fresh passes
+    misclassify, and their mean rate."""
+    rates = [
+        rate
+        for r in results
+        if r.clean_correct and r.success_at is not None and (rate := confirm_rate(r)) is not None
+    ]
+    confirmed = sum(rate > 0.5 for rate in rates)
+    mean = f"{statistics.fmean(rates):.2f}" if rates else "-"
+    return (
+        f"confirmation: {confirmed} of {len(rates)} verified successes are misclassified by a majority of "
+        f"{passes_text(results)} fresh passes (mean rate {mean})"
+    )
 
 
 def snd_metrics(result: EvalResult) -> str | None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from ..attacks import ATTACKS
 from ..defenses import Defense
 from ..evaluation.store import ImageResult, ResultStore
+from .confirm import CONF, conf_note, has_confirmation, robust_confirmed_at
 from .table import markdown_table
 from .worst import (
     KINDS,
@@ -86,6 +87,19 @@ class Run:
         if budget > self.budget or not self.results:
             return None
         return 100 * sum(r.robust_at(budget) for r in self.results) / len(self.results)
+
+    @property
+    def confirmed(self) -> bool:
+        """The run's verified successes got a fresh confirmation (some result has a confirmation rate)."""
+        return has_confirmation(self.results)
+
+    def robust_confirmed(self, budget: int) -> float | None:
+        """Robust accuracy (%) at ``budget`` queries by confirmation: a verified success counts only when
+        the majority of its fresh confirmation passes misclassify the returned example (see
+        :mod:`.confirm`); None when the run did not go that far."""
+        if budget > self.budget or not self.results:
+            return None
+        return 100 * sum(robust_confirmed_at(r, budget) for r in self.results) / len(self.results)
 
     def curve(self) -> tuple[list[int], list[float]]:
         """Robust accuracy (%) after every query count at which it changed: a step function."""
@@ -250,6 +264,7 @@ def _mark_best(table: Table) -> None:
 
 
 WORST = "Worst case"
+WORST_CONF = f"{WORST} {CONF}"
 WHITEBOX_COLUMNS = ("PGD-20", "FGSM", "MI-FGSM", "CW", "AutoAttack")
 """The white-box table's fixed columns (seed 001 Table 1), shown even where no run fills them."""
 WHITEBOX_OPTIONAL = ("AutoAttack-rand", "EOT-PGD")
@@ -348,33 +363,44 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
         if not group or (name == "table4" and not eot_attacks):
             continue
         keys = sorted({(r.model, r.method, r.level) for r in group}, key=_row_order)
-        columns: list[tuple[str, str, int, int]] = [("Clean", "", 1, 0)]  # (label, attack, eot, budget)
+        # (label, attack, eot, budget, by confirmation): a conf. column follows each attack column of
+        # tables 1 and 2 whose runs carry confirmation data.
+        columns: list[tuple[str, str, int, int, bool]] = [("Clean", "", 1, 0, False)]
         attacks = sorted({r.attack for r in group}, key=lambda a: ATTACKS.index(a) if a in ATTACKS else 99)
         for attack in attacks:
             for eot in sorted({r.eot for r in group if r.attack == attack}):
                 mine = [r for r in group if r.attack == attack and r.eot == eot]
+                confirmed = name != "table4" and any(r.confirmed for r in mine)
                 for budget in _budgets(mine):
                     label = (
                         f"{attack} {_k(budget)}" if name != "table4" else f"{attack} M={eot} QC={_k(budget)}"
                     )
-                    columns.append((label, attack, eot, budget))
+                    columns.append((label, attack, eot, budget, False))
+                    if confirmed:
+                        columns.append((f"{label} {CONF}", attack, eot, budget, True))
         cells = []
         for key in keys:
             mine = [r for r in group if (r.model, r.method, r.level) == key]
             row: list[float | None] = [_clean(mine)]
-            for _label, attack, eot, budget in columns[1:]:
+            for _label, attack, eot, budget, by_confirmation in columns[1:]:
                 run = max(
                     (r for r in mine if r.attack == attack and r.eot == eot and r.budget >= budget),
                     key=lambda r: len(r.results),
                     default=None,
                 )
-                row.append(run.robust(budget) if run else None)
+                if run is None:
+                    row.append(None)
+                else:
+                    row.append(_confirmed_cell(run, budget) if by_confirmation else run.robust(budget))
             if name != "table4":
                 row.append(worst.cell(key, group))
             cells.append(row)
         labels = [c[0] for c in columns] + ([WORST] if name != "table4" else [])
         notes = worst.notes(keys, group) if name != "table4" else []
-        table = Table(name, labels, keys, cells, notes=notes)
+        conf_columns = {c[0] for c in columns if c[4]}
+        if conf_columns:
+            notes.append(conf_note(r for run in group if run.confirmed for r in run.results))
+        table = Table(name, labels, keys, cells, unranked=conf_columns, notes=notes)
         _mark_best(table)
         tables[name] = table
     whitebox = _whitebox_table([r for r in attacked if r.kind == "white-box"], worst)
@@ -382,6 +408,14 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
     order = ("table1", "table2", "whitebox", "table4", "worst_case")
     tables.update({t.name: t for t in (whitebox, worst_table) if t is not None})
     return [tables[name] for name in order if name in tables]
+
+
+def _confirmed_cell(run: Run, budget: int) -> float | None:
+    """A conf. cell: the run's robust accuracy by confirmation, None for a run without confirmation
+    data, unless it has no verified success to confirm (then both readings are the same number)."""
+    if run.confirmed or not any(r.clean_correct and r.success_at is not None for r in run.results):
+        return run.robust_confirmed(budget)
+    return None
 
 
 def _whitebox_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
@@ -435,7 +469,8 @@ def _worst_case_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
             rows.append((shown, key, threat, cases[threat]))
     labels = _label_order([r for *_, wc in rows for r in wc.runs])
     query_labels = {r.label for *_, wc in rows for r in wc.runs if r.kind in QUERY_KINDS}
-    columns = ["Clean", *labels, WORST, "gap", "n"]
+    confirmed = any(wc.confirmed for *_, wc in rows)
+    columns = ["Clean", *labels, WORST, *([WORST_CONF] if confirmed else []), "gap", "n"]
     cells, intervals = [], {}
     for i, (_shown, key, _threat, wc) in enumerate(rows):
         row: list[float | int | None] = [_clean([r for r in runs if (r.model, r.method, r.level) == key])]
@@ -444,9 +479,14 @@ def _worst_case_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
             row.append(wc.accuracy_of(run) if run else None)
         best = [v for c, v in zip(labels, row[1:], strict=True) if c in query_labels and v is not None]
         accuracy = wc.accuracy
-        row += [accuracy, max(best) - accuracy if best and accuracy is not None else None, wc.n]
+        row.append(accuracy)
         if wc.interval is not None:
-            intervals[i, len(columns) - 3] = wc.interval
+            intervals[i, columns.index(WORST)] = wc.interval
+        if confirmed:
+            row.append(wc.accuracy_confirmed)
+            if wc.interval_confirmed is not None:
+                intervals[i, columns.index(WORST_CONF)] = wc.interval_confirmed
+        row += [max(best) - accuracy if best and accuracy is not None else None, wc.n]
         cells.append(row)
     notes = [
         RULE_NOTE,
@@ -455,12 +495,18 @@ def _worst_case_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
         "its 95% Wilson interval over n images; gap = the best query-attack (score / decision) column "
         "minus Worst case.",
     ]
+    if confirmed:
+        joined = [r for *_, wc in rows for run in wc.runs for r in run.results]
+        notes.append(
+            f"{WORST_CONF}: the same join by confirmation, with its 95% Wilson interval (empty for a row "
+            f"without confirmation data); {conf_note(joined)}"
+        )
     for _shown, key, _threat, wc in rows:
         if wc.differing:
             notes.append(_differing_note(key, wc))
     table = Table(
         "worst_case", columns, [r[0] for r in rows], cells, intervals=intervals,
-        unranked={"gap", "n"}, notes=notes,
+        unranked={"gap", "n", WORST_CONF}, notes=notes,
     )  # fmt: skip
     _mark_best(table)
     return table

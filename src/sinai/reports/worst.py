@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..attacks import attack_class, is_attack
+from .confirm import robust_confirmed_at
 from .stats import wilson_interval
 
 if TYPE_CHECKING:
@@ -96,11 +97,13 @@ def threat_text(threat: Threat) -> str:
     return "threat unknown" if threat is None else f"{threat[0]} {threat[1]:g}"
 
 
-def robust_images(run: Run) -> dict[int, bool]:
-    """Per dataset index: the run left the image robust at its largest budget."""
+def robust_images(run: Run, *, confirmed: bool = False) -> dict[int, bool]:
+    """Per dataset index: the run left the image robust at its largest budget (``confirmed``: by
+    confirmation, see :mod:`.confirm`)."""
     robust: dict[int, bool] = {}
     for r in run.results:
-        robust[r.dataset_index] = robust.get(r.dataset_index, True) and r.robust_at(run.budget)
+        ok = robust_confirmed_at(r, run.budget) if confirmed else r.robust_at(run.budget)
+        robust[r.dataset_index] = robust.get(r.dataset_index, True) and ok
     return robust
 
 
@@ -108,7 +111,9 @@ def robust_images(run: Run) -> dict[int, bool]:
 class WorstCase:
     """The worst case of one row under one threat model: ``images`` are the dataset indices every
     run attacked, ``robust`` those no run broke; ``differing`` when the runs attacked different image
-    sets (``images`` is then their intersection)."""
+    sets (``images`` is then their intersection). ``robust_confirmed``: the images no run broke by
+    confirmation (a success counts only if the majority of its fresh passes misclassify the returned
+    example; a run without confirmation data by its decision), None when no run has confirmation data."""
 
     runs: tuple[Run, ...]
     images: tuple[int, ...]
@@ -116,6 +121,12 @@ class WorstCase:
     differing: bool
     threat: Threat
     _per_run: tuple[dict[int, bool], ...] = field(repr=False, compare=False)
+    robust_confirmed: tuple[int, ...] | None = None
+
+    @property
+    def confirmed(self) -> bool:
+        """Some run of the worst case has confirmation data."""
+        return self.robust_confirmed is not None
 
     @property
     def n(self) -> int:
@@ -132,6 +143,21 @@ class WorstCase:
         if not self.n:
             return None
         low, high = wilson_interval(len(self.robust), self.n)
+        return 100 * low, 100 * high
+
+    @property
+    def accuracy_confirmed(self) -> float | None:
+        """Worst-case robust accuracy (%) by confirmation; None without confirmation data or images."""
+        if self.robust_confirmed is None or not self.n:
+            return None
+        return 100 * len(self.robust_confirmed) / self.n
+
+    @property
+    def interval_confirmed(self) -> tuple[float, float] | None:
+        """95% Wilson interval (%) of :attr:`accuracy_confirmed` over the ``n`` images."""
+        if self.robust_confirmed is None or not self.n:
+            return None
+        low, high = wilson_interval(len(self.robust_confirmed), self.n)
         return 100 * low, 100 * high
 
     def accuracy_of(self, run: Run) -> float | None:
@@ -159,7 +185,12 @@ def worst_case(runs: Sequence[Run]) -> WorstCase | None:
     sets = [set(p) for p in per_run]
     common = sorted(set.intersection(*sets))
     robust = tuple(d for d in common if all(p[d] for p in per_run))
-    return WorstCase(runs, tuple(common), robust, any(s != sets[0] for s in sets), threats.pop(), per_run)
+    confirmed = None
+    if any(r.confirmed for r in runs):
+        per_run_confirmed = [robust_images(r, confirmed=True) for r in runs]
+        confirmed = tuple(d for d in common if all(p[d] for p in per_run_confirmed))
+    differing = any(s != sets[0] for s in sets)
+    return WorstCase(runs, tuple(common), robust, differing, threats.pop(), per_run, confirmed)
 
 
 def row_worst_cases(runs: Sequence[Run]) -> dict[RowKey, dict[Threat, WorstCase]]:

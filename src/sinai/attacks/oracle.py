@@ -222,9 +222,11 @@ class Oracle:
         """Submit one final image per live image (rows of ``x_adv`` are the oracle's images); return
         the success mask over all images.
 
-        Each live image costs one counted query (``eot`` samples: mean logits). It is broken when the
-        majority of that query and ``votes`` uncounted passes label it wrongly (the deployed model's
-        prediction; ``lucky`` or no votes: the query alone decides) and it lies inside the eps-ball.
+        Each live image costs one counted query (``eot`` samples: mean logits). It is broken when it lies
+        inside the eps-ball and the deployed model gets it wrong: with the sequential vote, when its
+        fresh passes pass the image's next vote (whatever the counted query said: the example is
+        submitted once); with the fixed rule, when the majority of that query and ``votes`` uncounted
+        passes label it wrongly; ``lucky`` or no votes: the query alone decides.
         """
         if x_adv.shape != self.x.shape:
             raise ValueError(
@@ -242,7 +244,10 @@ class Oracle:
             self.on_query(len(idx) * self.eot)
         within = self._observe(xa, idx, pred, out.argmax(2), spent)
         wrong = (pred != self.labels[idx]).long()
-        if self.votes and not self.lucky:
+        if self.votes and not self.lucky and self.rules.vote_rule == "sequential":
+            broken = torch.zeros(len(idx), dtype=torch.bool, device=self.device)
+            broken[within] = self._sequential_vote(xa[within], idx[within])
+        elif self.votes and not self.lucky:
             votes = self._forward(xa.repeat(self.votes, 1, 1, 1)).argmax(1).view(self.votes, len(xa))
             self.vote_passes[idx] += self.votes
             wrong = wrong + (votes != self.labels[idx]).sum(0)

@@ -5,10 +5,7 @@ N noisy passes; the store keeps per image the share of those passes that label t
 wrongly (``confirm_rate``, None when the image has no verified example or the run predates
 confirmation) and N (``confirm_passes``). By confirmation, a success counts only when the majority of
 the fresh passes misclassify the returned example; an image without a rate falls back to the attack's
-decision (its verified success).
-
-The helpers read the fields with ``getattr`` so that results written without them (older stores, or
-objects of an older :class:`~sinai.evaluation.store.ImageResult`) read as "no confirmation data".
+decision (its verified success). Runs stored before confirmation existed have no rates.
 """
 
 from __future__ import annotations
@@ -25,7 +22,7 @@ CONF = "conf."
 
 def confirm_rate(result: ImageResult) -> float | None:
     """The share of the fresh passes that misclassify the image's returned example (None: no data)."""
-    return getattr(result, "confirm_rate", None)
+    return result.confirm_rate
 
 
 def has_confirmation(results: Iterable[ImageResult]) -> bool:
@@ -34,19 +31,13 @@ def has_confirmation(results: Iterable[ImageResult]) -> bool:
 
 
 def robust_confirmed_at(result: ImageResult, budget: int) -> bool:
-    """Not broken within ``budget`` queries by confirmation: a verified success counts only when its
-    confirmation rate is above 1/2 (or missing: then the attack's decision counts)."""
-    method = getattr(result, "robust_confirmed_at", None)
-    if method is not None:
-        return bool(method(budget))
-    rate = confirm_rate(result)
-    broken = result.success_at is not None and result.success_at <= budget and (rate is None or rate > 0.5)
-    return result.clean_correct and not broken
+    """Not broken within ``budget`` queries by confirmation (:meth:`ImageResult.robust_confirmed_at`)."""
+    return result.robust_confirmed_at(budget)
 
 
 def confirm_passes(results: Iterable[ImageResult]) -> list[int]:
     """The distinct numbers N of confirmation passes among ``results`` (those with a rate), sorted."""
-    passes = {int(getattr(r, "confirm_passes", 0) or 0) for r in results if confirm_rate(r) is not None}
+    passes = {r.confirm_passes for r in results if r.confirm_rate is not None}
     return sorted(passes - {0})
 
 

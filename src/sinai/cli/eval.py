@@ -89,7 +89,8 @@ from .options import (
     type=int,
     default=9,
     show_default=True,
-    help="Uncounted passes that must confirm a success on a randomized model.",
+    help="Uncounted passes that confirm a success on a randomized model: the fixed rule's majority, or the "
+    "sequential vote's block size (0: the query itself decides).",
 )
 @click.option("--lucky", is_flag=True, help="Decide success by the single query (RFD Table 15).")
 @click.option(

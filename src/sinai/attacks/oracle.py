@@ -22,6 +22,7 @@ label of the M samples: the T-query adaptive attack of SND section 3.4 (Tables 4
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ OUTPUTS = ("scores", "labels")
 VOTE_RULES = ("sequential", "fixed")
 
 
+@functools.lru_cache(maxsize=4096)  # called per vote; the levels repeat (one per vote number k)
 def vote_threshold(passes: int, alpha: float, rate: float = 0.5) -> int:
     """The fewest wrong labels among ``passes`` fresh passes that reject "misclassification rate <= ``rate``"
     at level ``alpha``: the smallest c with P(Binomial(passes, rate) >= c) <= alpha (``passes + 1`` when

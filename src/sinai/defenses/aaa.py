@@ -132,8 +132,7 @@ def check_logits(z: torch.Tensor, num_classes: int | None = None) -> None:
 def _one_thread(device: torch.device) -> Iterator[None]:
     """Intra-op parallelism off on CPU: every tensor of the loop is (N, classes), far too small to gain
     from threads, and on shared cores some of its operations (exp, pow, softmax, sqrt) wait for a
-    second thread that is not scheduled (measured on 2 shared cores: 11 ms per answer of 30 images
-    with one thread, 200-650 ms with two)."""
+    second thread that is not scheduled (on busy shared cores, many times slower than one thread)."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import SHORT_RECIPES, use_recipes
 
 from sinai.cli import cli
-from sinai.models import embedded
+from sinai.models import embedded, training
 from sinai.models.data import mnist
 from sinai.models.embedded import (
     EMBEDDED,
@@ -61,7 +61,7 @@ def one_thread():
 def plain_and_at():
     """mnist-cnn trained with SHORT and with SHORT_AT (robust accuracy measured on 20 images only)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(embedded, "ROBUST_IMAGES", 20)
+        mp.setattr(training, "ROBUST_IMAGES", 20)
         before = torch.random.get_rng_state()
         plain, _ = train_embedded("mnist-cnn", config=SHORT, progress=False)
         at, metrics = train_embedded("mnist-cnn", config=SHORT_AT, progress=False)
@@ -104,12 +104,17 @@ def test_recipe_options_are_in_the_cache_key(tmp_path) -> None:
 
 
 def test_recipes_without_the_new_fields_keep_their_cache_files(tmp_path) -> None:
-    """half/adv enter the key only when set: the cached mnist-cnn / mnist-vit files stay valid."""
+    """half and the training methods enter the key only when set: the cached mnist-cnn / mnist-vit files
+    stay valid."""
     from sinai.models import data
 
     for name in ("mnist-cnn", "mnist-vit"):
         entry = EMBEDDED[name]
-        train = {k: v for k, v in dataclasses.asdict(entry.train).items() if k not in ("half", "adv")}
+        train = {
+            k: v
+            for k, v in dataclasses.asdict(entry.train).items()
+            if k not in ("half", *embedded.METHOD_FIELDS)
+        }
         recipe = {
             "format": embedded.FORMAT_VERSION,
             "split": [data.MNIST_SPLIT_SEED, data.MNIST_TEST_FRACTION],
@@ -124,7 +129,7 @@ def test_recipes_without_the_new_fields_keep_their_cache_files(tmp_path) -> None
 
 def test_cli_trains_pgd_at_reports_time_and_the_model_loads_by_name(tmp_path, monkeypatch) -> None:
     use_recipes(monkeypatch, {"mnist-cnn-at": TINY_AT})
-    monkeypatch.setattr(embedded, "ROBUST_IMAGES", 10)
+    monkeypatch.setattr(training, "ROBUST_IMAGES", 10)
     result = run(
         "train", "mnist-cnn", "--adv", "pgd", "--eps", "0.2", "--device", "cpu", "--cache-dir", str(tmp_path)
     )

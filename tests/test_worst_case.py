@@ -121,6 +121,7 @@ def test_kinds_and_labels() -> None:
     assert attack_label("autoattack", {}) == "AutoAttack"
     assert attack_label("autoattack", {"version": "rand"}) == "AutoAttack-rand"
     assert attack_label("eotpgd", {}) == "EOT-PGD" and attack_label("mifgsm", {}) == "MI-FGSM"
+    assert attack_label("eotpgd", {"eot_iter": 80}) == "EOT-PGD-80"
     assert attack_label("pgd", {}, eot=10, bpda=True) == "PGD-20 M=10 BPDA"
     assert attack_label("transfer", {"source": "base", "attack": "square"}) == "transfer (square from base)"
     assert attack_label("transfer", {"source": "runs/sur.pt", "attack": "pgd"}) == "transfer (pgd from sur)"

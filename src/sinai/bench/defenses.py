@@ -10,12 +10,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from ..defenses import Defense, NoiseSpec, parse_defense, protect
+from ..defenses import Defense, parse_defense, protect
 
 BENCH_PRESETS: tuple[str, ...] = ("RND", "FND", "SINAI-Attn", "SINAI-FFN", "SINAI", "SINAI@threshold")
 """``SINAI@threshold`` is SINAI with per-site thresholds calibrated once instead of a per-sample selection."""
@@ -37,8 +37,8 @@ def bench_defense(name: str) -> Defense:
     base, _, variant = name.partition("@")
     defense = parse_defense(base)
     if variant == "threshold":
-        specs = {k: NoiseSpec(s.std, s.ratio, "threshold", s.layers) for k, s in defense.specs.items()}
-        return Defense(specs, name=name, require=defense.require)
+        specs = {k: replace(s, selection="threshold") for k, s in defense.specs.items()}
+        return replace(defense, specs=specs, name=name)
     if variant:
         raise ValueError(f"unknown variant {variant!r} in {name!r}; the only variant is '@threshold'")
     return defense

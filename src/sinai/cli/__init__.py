@@ -20,6 +20,7 @@ from .demo import demo
 from .eval import eval_command
 from .models import sites, train
 from .report import report
+from .serve import serve
 from .tune import tune
 
 
@@ -42,7 +43,7 @@ def cli() -> None:
     """Protect image classifiers against query-based black-box attacks with inference-time noise."""
 
 
-for _command in (demo, calibrate, tune, report, eval_command, sites, train, bench, analyze, check):
+for _command in (demo, calibrate, tune, report, eval_command, sites, train, bench, analyze, check, serve):
     cli.add_command(_command)
 
 

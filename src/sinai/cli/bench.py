@@ -177,3 +177,82 @@ def bench_attacks(
     )
     click.echo(f"\nHopSkipJump l2 untargeted, {hsja_iters} iterations, {hsja_images} images:")
     click.echo(peers_table(hsja_rows, norms=True))
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+@bench.command("serve")
+@model_option("mnist-cnn")
+@click.option("--defense", default="RND:std=0.05", show_default=True, help="The served defense.")
+@click.option("--seconds", type=float, default=3.0, show_default=True, help="Load per cell (bounded).")
+@click.option(
+    "--concurrency", "concurrencies", default="1,8,32", show_default=True, callback=parsed(_counts),
+    help="Concurrent clients, comma-separated.",
+)  # fmt: skip
+@click.option(
+    "--batches", default="1,64", show_default=True, callback=parsed(_counts), help="Images per request."
+)
+@click.option("--batch-wait-ms", type=float, default=2.0, show_default=True)
+@click.option("--max-batch-forward", type=int, default=256, show_default=True)
+@click.option(
+    "--in-process", is_flag=True, help="Serve from a thread of the bench process instead of a subprocess."
+)
+@click.option(
+    "--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the cells as JSON."
+)
+@device_options
+def bench_serve_command(
+    model_name: str,
+    defense: str,
+    seconds: float,
+    concurrencies: tuple[int, ...],
+    batches: tuple[int, ...],
+    batch_wait_ms: float,
+    max_batch_forward: int,
+    in_process: bool,
+    json_out: str | None,
+    device: torch.device,
+    cache_dir: str | None,
+) -> None:
+    """Load test of `sinai serve` on loopback: requests/s, images/s, p50/p99 latency and errors per
+    (concurrency, batch), batching on and off; ratios against the model's own forward."""
+    import os
+
+    from ..bench.serve import bench_serve, serve_table
+    from ..models.zoo import load_model
+
+    model = load_model(model_name, device=device, cache_dir=cache_dir)
+    server_args = ["--device", str(device)] + (["--cache-dir", cache_dir] if cache_dir else [])
+    start = time.perf_counter()
+    result = bench_serve(
+        model=model, model_name=model_name, defense=defense, seconds=seconds, concurrencies=concurrencies,
+        batches=batches, server="thread" if in_process else "subprocess", server_args=server_args,
+        batch_wait_ms=batch_wait_ms, max_batch_forward=max_batch_forward,
+    )  # fmt: skip
+    click.echo(
+        f"{model_name} with {defense}, device {device}, {torch.get_num_threads()} torch threads, "
+        f"{os.cpu_count()} CPUs, server {'in-process' if in_process else 'subprocess'}, "
+        f"{seconds:g} s per cell, "
+        f".npy requests ({time.perf_counter() - start:.0f} s)"
+    )
+    click.echo(serve_table(result))
+    if json_out:
+        Path(json_out).write_text(
+            json.dumps(
+                {
+                    "rows": [asdict(r) for r in result.rows],
+                    "forward_images_per_s": result.forward_images_per_s,
+                    "ratios": result.ratios(),
+                },
+                indent=2,
+            )
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -120,6 +121,13 @@ from .options import (
     show_default=True,
     help="Images attacked together and saved as one unit.",
 )
+@click.option(
+    "--target",
+    default=None,
+    help="Attack a sinai endpoint (http://HOST:PORT, `sinai serve`) instead of --model: its defense is "
+    "the server's; every query, vote and clean pass is a real, charged request.",
+)
+@click.option("--api-key", default=None, envvar="SINAI_API_KEY", help="Key for --target (or $SINAI_API_KEY).")
 @seed_option("Image selection, noise and attack seed.")
 @out_option("runs/eval", "Output folder; results.sqlite there is resumed when the settings match.")
 def eval_command(
@@ -143,6 +151,8 @@ def eval_command(
     confirm: int,
     batch_size: int,
     shard_size: int,
+    target: str | None,
+    api_key: str | None,
     seed: int,
     out: str,
 ) -> None:
@@ -158,7 +168,13 @@ def eval_command(
 
     attack = attack.lower()
     parsed_defense = parse_defense(defense)
-    loaded = load_model_and_images(source, images, seed)
+    if target is not None:  # a sinai endpoint: the model is remote, its defense the server's
+        from ..serving.remote import load_remote_and_images
+
+        loaded = load_remote_and_images(target, api_key, source, images, seed, defense=parsed_defense)
+        source, charged_before = replace(source, name=target), loaded.model.usage()["queries"]
+    else:
+        loaded = load_model_and_images(source, images, seed)
     eps = eps if eps is not None else default_eps(source.name, loaded.data, norm)
     config = EvalConfig(
         attack=attack,
@@ -180,6 +196,10 @@ def eval_command(
         bpda=bpda,
         describe={"model": source.name, "checkpoint": source.checkpoint, "dataset": loaded.data},
     )
+    if target is not None:
+        from ..serving.remote import check_remote_attack
+
+        check_remote_attack(loaded.model, config.attacker)
     click.echo(
         f"{loaded.data}: {len(loaded.x)} images (seed {seed}); {attack} {norm} eps={eps:g}, budgets "
         f"{config.budgets}, M = {passes}, EOT {eot}, device {source.device}; results in {out}/results.sqlite",
@@ -196,3 +216,8 @@ def eval_command(
     if metrics is not None:
         click.echo(metrics)
     click.echo(f"wall time {result.seconds:.1f} s", err=True)
+    if target is not None:
+        from ..serving.remote import remote_ledger
+
+        charged = loaded.model.usage()["queries"] - charged_before
+        click.echo(remote_ledger(result.results, loaded.model.sent, charged))

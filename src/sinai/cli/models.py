@@ -32,7 +32,9 @@ def sites(model_name: str, weights: str, device: torch.device, cache_dir: str | 
 TRAIN_HELP = """Train (or load from the cache) an embedded MNIST model and print its test accuracy.
 
 \b
-NAME is mnist-cnn, mnist-vit, mnist-cnn-at[:eps=E,steps=S,alpha=A] or mnist-cnn-surrogate.
+NAME is mnist-cnn, mnist-vit, mnist-cnn-at[:eps=E,steps=S,alpha=A],
+mnist-cnn-surrogate, mnist-cnn-mfdv[:lambda1=L], mnist-vit-mfdv[:lambda1=L]
+or mnist-cnn-selective[:k=K].
 
 \b
 sinai train mnist-cnn --adv pgd
@@ -43,6 +45,13 @@ sinai train mnist-cnn --adv pgd --eps 0.2 --steps 20
 sinai train mnist-cnn --surrogate
     The surrogate mnist-cnn-surrogate for transfer attacks: a wider CNN
     trained on half of the train split, never on a test image.
+sinai train mnist-cnn --mfdv [--lambda1 L]
+    MFDV-SNN (seed 004): a learned per-dimension noise scale on the
+    penultimate features; deploy it with --defense MFDV (or MFDV:mc=15).
+sinai train mnist-cnn --selective [--k K]
+    SINAI-selective (seed 001): a learned INT4 low-rank approximation of
+    every convolution of mnist-cnn-at; deploy it with
+    --defense SINAI-selective:ratio=0.9.
 
 \b
 Each recipe is its own cache file (eps, steps and alpha are in the cache
@@ -66,6 +75,28 @@ sinai eval --model mnist-cnn-at:eps=0.2
 @click.option("--steps", type=int, default=None, help="PGD steps per batch of --adv training [default: 10].")
 @click.option("--alpha", type=float, default=None, help="PGD step size [default: 2.5*eps/steps].")
 @click.option("--surrogate", is_flag=True, help="Train NAME's surrogate (mnist-cnn -> mnist-cnn-surrogate).")
+@click.option(
+    "--mfdv", is_flag=True, help="MFDV-SNN: train NAME with a learned feature noise scale (mnist-cnn-mfdv)."
+)
+@click.option(
+    "--lambda1",
+    type=float,
+    default=None,
+    help="Weight of MFDV's -sum(log sigma) term (larger: more noise) [default: the registered recipe's].",
+)
+@click.option(
+    "--selective",
+    is_flag=True,
+    help="SINAI-selective: learn the approximation of NAME's adversarially trained convolutions "
+    "(mnist-cnn-selective).",
+)
+@click.option(
+    "--k",
+    "rank",
+    type=int,
+    default=None,
+    help="Rows of SINAI-selective's random projection per layer [default: the registered recipe's].",
+)
 @click.option("--retrain", is_flag=True, help="Train again even if a cached model exists.")
 @device_options
 def train(
@@ -75,13 +106,19 @@ def train(
     steps: int | None,
     alpha: float | None,
     surrogate: bool,
+    mfdv: bool,
+    lambda1: float | None,
+    selective: bool,
+    rank: int | None,
     retrain: bool,
     device: torch.device,
     cache_dir: str | None,
 ) -> None:
-    from ..models.embedded import cache_path, embedded_metrics, load_embedded
+    from ..models.embedded import cache_path, embedded_metrics, load_embedded, training_method
 
-    model_name = resolve_train_name(name, adv, eps, steps, alpha, surrogate)
+    model_name = resolve_train_name(
+        name, adv, eps, steps, alpha, surrogate, mfdv=mfdv, lambda1=lambda1, selective=selective, k=rank
+    )
     path = cache_path(model_name, cache_dir)
     cached = path.is_file() and not retrain and embedded_metrics(model_name, cache_dir=cache_dir) is not None
     load_embedded(model_name, cache_dir=cache_dir, device=device, retrain=retrain)
@@ -90,6 +127,9 @@ def train(
     what = "loaded from the cache, trained" if cached else "trained"
     recipe = metrics.get("adversarial_training")
     line = f"{model_name}: {what} in {seconds} s"
+    method = training_method(model_name)
+    if method is not None and not recipe:
+        line += f" with {method.describe()}"
     if recipe:
         line += (
             f" with PGD-{recipe['steps']} adversarial training (linf eps {recipe['eps']:g}, "
@@ -115,14 +155,39 @@ def resolve_train_name(
     steps: int | None,
     alpha: float | None,
     surrogate: bool,
+    *,
+    mfdv: bool = False,
+    lambda1: float | None = None,
+    selective: bool = False,
+    k: int | None = None,
 ) -> str:
-    """The embedded model ``sinai train NAME [--adv M --eps E --steps S --alpha A | --surrogate]`` means,
-    in canonical form; ``ValueError`` (one line) for a combination that means nothing."""
-    from ..models.embedded import EMBEDDED, adversarial_name, embedded_name, surrogate_name
+    """The embedded model ``sinai train NAME [--adv M --eps E --steps S --alpha A | --surrogate | --mfdv
+    --lambda1 L | --selective --k K]`` means, in canonical form; ``ValueError`` (one line) for a
+    combination that means nothing."""
+    from ..models.embedded import EMBEDDED, adversarial_name, embedded_name, surrogate_name, variant_name
 
     canonical = embedded_name(name)
     options = [f"--{o}" for o, v in (("eps", eps), ("steps", steps), ("alpha", alpha)) if v is not None]
-    is_at = EMBEDDED[canonical.partition(":")[0]].train.adv is not None
+    recipe = EMBEDDED[canonical.partition(":")[0]].train
+    is_at = recipe.adv is not None
+    chosen = [flag for flag, on in (("--adv", adv is not None), ("--surrogate", surrogate)) if on]
+    chosen += [flag for flag, on in (("--mfdv", mfdv), ("--selective", selective)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} are different recipes: choose one")
+    for flag, value, owner, on in (
+        ("--lambda1", lambda1, "--mfdv", mfdv),
+        ("--k", k, "--selective", selective),
+    ):
+        kind = owner[2:]
+        if value is not None and not on and getattr(recipe, kind) is None:
+            raise ValueError(f"{flag} is an option of {owner}: add {owner}")
+    if (mfdv or selective) and options:
+        raise ValueError(f"{', '.join(options)} are options of --adv pgd, not of {chosen[0]}")
+    for kind, on, values in (("mfdv", mfdv, {"lambda1": lambda1}), ("selective", selective, {"k": k})):
+        if on or getattr(recipe, kind) is not None:
+            if options or adv is not None or surrogate:
+                raise ValueError(f"{canonical} is a --{kind} model; it takes no --adv/--surrogate options")
+            return variant_name(canonical, kind, **values)
     if surrogate:
         if adv is not None or options:
             raise ValueError(

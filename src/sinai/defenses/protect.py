@@ -19,8 +19,9 @@ from torch import nn
 from ..models.classifier import check_images
 from .aaa import AAAHook
 from .hooks import Generators, SiteHook
+from .selective import SelectiveHook
 from .sites import Site, settle
-from .spec import AAASpec, Defense, NoiseSpec, parse_defense
+from .spec import AAASpec, Defense, NoiseSpec, SelectiveSpec, parse_defense
 
 
 def selected_count(ratio: float, n: int) -> int:
@@ -45,13 +46,30 @@ def smallest_mask(z: torch.Tensor, ratio: float) -> torch.Tensor | None:
 
 
 class _Injector(SiteHook):
-    """The hook for one site: adds ``spec.std`` Gaussian noise to the tensor the site exposes."""
+    """The hook for one site: adds ``spec.std`` Gaussian noise to the tensor the site exposes (a vector
+    std scales the noise per entry of the tensor's last dimension)."""
 
     def __init__(self, owner: DefendedModel, site: Site, spec: NoiseSpec) -> None:
         super().__init__(site)
         self.owner = owner
         self.spec = spec
         self.calls = 0  # calls within the current forward (torchvision reuses one ReLU 2-3 times)
+        self._vector = None if isinstance(spec.std, float) else torch.tensor(spec.std, dtype=torch.float64)
+        self._vectors: dict[tuple, torch.Tensor] = {}  # the vector std by (device, dtype)
+
+    def _noise(self, shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        if self._vector is None:  # the scalar path, unchanged
+            return self.owner.noise(shape, like, self.spec.std)
+        if shape[-1] != len(self._vector):
+            raise ValueError(
+                f"site {self.site.name or self.site.kind!r} has {shape[-1]} features in its last dimension, "
+                f"but the std vector has {len(self._vector)} entries"
+            )
+        key = (like.device, like.dtype)
+        std = self._vectors.get(key)
+        if std is None:
+            std = self._vectors[key] = self._vector.to(device=like.device, dtype=like.dtype)
+        return self.owner.noise(shape, like, 1.0).mul_(std)
 
     def enabled(self) -> bool:
         return self.owner.active
@@ -64,7 +82,7 @@ class _Injector(SiteHook):
                     smallest_threshold(z, self.spec.ratio)
                 )
             return z
-        noise = self.owner.noise(z.shape, z, self.spec.std)
+        noise = self._noise(z.shape, z)
         if self.spec.ratio >= 1.0:
             return z + noise
         if self.spec.selection == "threshold":
@@ -78,7 +96,7 @@ class _Injector(SiteHook):
     def attn_logits(self, shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor | None:
         if self.owner.recording is not None:
             return None
-        return self.owner.noise(shape, like, self.spec.std)
+        return self._noise(shape, like)
 
 
 def smallest_threshold(z: torch.Tensor, ratio: float) -> float:
@@ -95,6 +113,9 @@ class DefendedModel(nn.Module):
     (serving: an attacker must never be able to replay the noise). The sites are found once, here:
     ``defense`` is then the given defense restricted to the kinds the model has
     (:meth:`Defense.for_model`) and ``sites`` the sites that get noise.
+
+    With ``defense.mc > 1`` the forward returns ``log(mean of softmax)`` over ``mc`` noisy passes drawn
+    one after the other (the deployed prediction rule); ``.clean()`` stays one undefended pass.
     """
 
     def __init__(
@@ -114,7 +135,7 @@ class DefendedModel(nn.Module):
         self._generators = Generators(seed)
         self._buffers: dict[tuple, torch.Tensor] = {}  # CPU noise buffers by (shape, dtype)
         self.sites: list[Site] = []
-        self._injectors: list[_Injector | AAAHook] = []
+        self._injectors: list[_Injector | AAAHook | SelectiveHook] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attach(defense)
 
@@ -122,7 +143,12 @@ class DefendedModel(nn.Module):
         self.defense, found = settle(defense, self.model)
         for kind, sites in found.items():
             spec = self.defense.specs[kind]
-            hook = AAAHook if isinstance(spec, AAASpec) else _Injector  # AAA post-processes the logits
+            # AAA post-processes the logits; SINAI-selective mixes exact and approximate conv outputs
+            hook = _Injector
+            if isinstance(spec, AAASpec):
+                hook = AAAHook
+            elif isinstance(spec, SelectiveSpec):
+                hook = SelectiveHook
             for site in sites:
                 injector = hook(self, site, spec)
                 self._handles.append(injector.attach())
@@ -139,6 +165,17 @@ class DefendedModel(nn.Module):
                 "this defense uses selection='threshold': call calibrate_thresholds(clean_images) once "
                 "before the first forward"
             )
+        mc = self.defense.mc
+        if mc == 1 or self.recording is not None:
+            return self._noisy_pass(x)
+        # The deployed rule of Defense.mc: log of the mean softmax of mc noisy passes (one after the
+        # other, each with fresh noise from this model's generator), differentiable.
+        logp = [self._noisy_pass(x) for _ in range(mc)]
+        dtype = logp[0].dtype
+        stacked = torch.stack([p.float().log_softmax(-1) for p in logp])
+        return (stacked.logsumexp(0) - math.log(mc)).to(dtype)
+
+    def _noisy_pass(self, x: torch.Tensor) -> torch.Tensor:
         for injector in self._injectors:
             injector.calls = 0
         self.active = True

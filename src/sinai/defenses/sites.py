@@ -11,18 +11,22 @@ A site is a module plus how its hook reaches the tensor to perturb:
 - ``gelu`` / ``relu``: a pre-hook on every ``nn.GELU`` / ``nn.ReLU`` module, which sees exactly the
   pre-activation logits (torchvision's shared ReLU fires it at each of its calls);
 - ``output``: a forward hook on the root module, which sees the model's output logits (AAA,
-  :mod:`sinai.defenses.aaa`; the hook checks at every forward that they are (N, classes) logits).
+  :mod:`sinai.defenses.aaa`; the hook checks at every forward that they are (N, classes) logits);
+- ``approx``: a forward hook on every ``nn.Conv2d`` that carries a learned approximation branch (its child
+  ``approx``, :mod:`sinai.models.selective`), which sees the conv's input and exact output (SINAI-selective,
+  :mod:`sinai.defenses.selective`).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
-from .spec import SITE_KINDS, Defense, check_kind
+from .spec import SITE_KINDS, Defense, NoiseSpec, check_kind
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ def _is_gelu(module: nn.Module) -> bool:
     return isinstance(module, nn.GELU) or type(module).__name__ == "GELU"
 
 
+def _has_approx(module: nn.Module) -> bool:
+    """A conv with a SINAI-selective approximation branch (``sinai.models.selective.ApproxBranch``)."""
+    return isinstance(module, nn.Conv2d) and isinstance(getattr(module, "approx", None), nn.Module)
+
+
 def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
     """The module that maps penultimate features to class logits: ``get_classifier()`` or the last Linear."""
     inner = getattr(model, "net", model)
@@ -70,6 +79,39 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Module]:
             "name the layers explicitly, e.g. the defense 'FND:std=0.1,layers=<module name>'"
         )
     return linears[-1]
+
+
+LEARNED_STD = "mfdv_log_sigma"
+"""Name of the parameter, on the classifier head, holding log sigma: the per-feature noise std a model
+learned for its head's input (MFDV-SNN, :class:`sinai.models.mfdv.MfdvTraining`)."""
+
+
+def learned_std(model: nn.Module) -> torch.Tensor | None:
+    """The per-feature std ``exp(mfdv_log_sigma)`` the model learned for its classifier head's input
+    (detached), or ``None`` when it has none."""
+    log_sigma = getattr(classifier_head(model)[1], LEARNED_STD, None)
+    return None if log_sigma is None else log_sigma.detach().exp()
+
+
+def resolve_learned(defense: Defense, model: nn.Module) -> Defense:
+    """``defense`` with every ``learned`` spec replaced by a vector std: ``spec.std`` times the model's
+    learned std (:func:`learned_std`); ``ValueError`` when the model learned none."""
+    if not any(isinstance(s, NoiseSpec) and s.learned for s in defense.specs.values()):
+        return defense
+    sigma = learned_std(model)
+    if sigma is None:
+        name = getattr(model, "name", type(model).__name__)
+        raise ValueError(
+            f"{defense.name} needs a model trained with `sinai train mnist-cnn --mfdv` (a learned "
+            f"per-feature noise std at its classifier head, MFDV-SNN); {name} has none"
+        )
+    specs = {
+        kind: replace(s, std=(sigma.float() * s.std).tolist(), learned=False)
+        if isinstance(s, NoiseSpec) and s.learned
+        else s
+        for kind, s in defense.specs.items()
+    }
+    return replace(defense, specs=specs)
 
 
 def find_sites(
@@ -95,6 +137,8 @@ def find_sites(
             if not layers:
                 name, head = classifier_head(model)
                 found[kind].append(Site("feature", name, head, "pre"))
+        elif kind == "approx":
+            found[kind] = [Site(kind, n, m, "post") for n, m in modules.items() if _has_approx(m)]
         else:
             match = {"attn": _is_timm_attention, "gelu": _is_gelu, "relu": lambda m: isinstance(m, nn.ReLU)}
             hook = "attn_mask" if kind == "attn" else "pre"
@@ -112,14 +156,21 @@ def settle(defense: Defense, model: nn.Module) -> tuple[Defense, dict[str, list[
 
     The kinds checked are those whose spec acts (noise with ``std > 0``, or AAA): a missing one raises
     ``ValueError`` when the defense requires all its kinds, or when none of them is present. The sites
-    returned are those of the kinds that act, in the defense's kind order.
+    returned are those of the kinds that act, in the defense's kind order. A ``learned`` std is
+    resolved here into the model's learned vector (:func:`resolve_learned`).
     """
+    defense = resolve_learned(defense, model)
     feature = defense.specs.get("feature")
     found = find_sites(model, defense.specs, feature_layers=feature.layers if feature else ())
     present = {kind for kind, sites in found.items() if sites}
     noisy = [kind for kind, spec in defense.specs.items() if spec.active]
     missing = set(noisy) - present
     if missing and (defense.require == "all" or not present.intersection(noisy)):
+        if "approx" in missing:
+            raise ValueError(
+                f"defense {defense.name} needs convolutions with learned approximation branches, but this "
+                "model has none; train one with `sinai train mnist-cnn --selective` (mnist-cnn-selective)"
+            )
         have = sorted(k for k, v in find_sites(model).items() if v)
         raise ValueError(
             f"defense {defense.name} needs {sorted(missing)} sites, but the model has none "

@@ -20,19 +20,21 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import nn
 
-SITE_KINDS: tuple[str, ...] = ("input", "feature", "attn", "gelu", "relu", "output")
+SITE_KINDS: tuple[str, ...] = ("input", "feature", "attn", "gelu", "relu", "output", "approx")
 """Where a defense can act: the image, a layer's output, attention logits, pre-GeLU and pre-ReLU logits
-(noise, :class:`NoiseSpec`), and the model's output logits (AAA, :class:`AAASpec`)."""
+(noise, :class:`NoiseSpec`), the model's output logits (AAA, :class:`AAASpec`), and the convolutions
+that carry a learned approximation branch (SINAI-selective, :class:`SelectiveSpec`)."""
 
 SELECTIVE_KINDS: tuple[str, ...] = ("gelu", "relu")
 """Kinds whose spec may have ``ratio`` < 1 (noise on the smallest pre-activation logits only)."""
 
 SELECTIONS: tuple[str, ...] = ("exact", "threshold")
 
-NON_SMOOTH_KINDS: tuple[str, ...] = ("output",)
+NON_SMOOTH_KINDS: tuple[str, ...] = ("output", "approx")
 """Kinds whose step is not differentiable (its gradient is zero or wrong), so a white-box attack needs
 BPDA's straight-through backward there: AAA's ``output`` (its logits come out of an optimisation,
-detached from the input); the noise kinds are all differentiable."""
+detached from the input) and SINAI-selective's ``approx`` (rounding in Q(x) and a top-k mask; under BPDA
+the gradient is the exact conv's); the noise kinds are all differentiable."""
 
 AAA_VARIANTS: tuple[str, ...] = ("linear", "sine")
 """AAA's margin maps (Chen et al. 2022, the authors' ``AAALinear`` and ``AAASine``)."""
@@ -43,6 +45,25 @@ def check_std(std: object) -> float:
     if not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
         raise ValueError(f"std must be a finite number >= 0 (a standard deviation), got {std!r}")
     return std
+
+
+def check_std_vector(std: object) -> tuple[float, ...]:
+    """``std`` as a tuple of floats if it is a non-empty sequence of finite numbers >= 0 (one standard
+    deviation per feature), else a one-line ``ValueError``."""
+    values = std.tolist() if hasattr(std, "tolist") else std
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"a std vector must be a non-empty sequence of numbers, got {std!r:.60}")
+    bad = [
+        v
+        for v in values
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+    ]
+    if bad:
+        raise ValueError(
+            f"a std vector needs finite numbers >= 0 (one standard deviation per feature); "
+            f"std=vec[{len(values)}] has {len(bad)} bad entries, e.g. {bad[0]!r:.40}"
+        )
+    return tuple(float(v) for v in values)
 
 
 def check_ratio(ratio: object) -> float:
@@ -64,26 +85,55 @@ class NoiseSpec:
     (cheaper, same share on average; see ``DefendedModel.calibrate_thresholds``).
     ``layers``: for ``feature``, names of modules whose outputs get noise; empty means the
     penultimate features (the input of the classifier head).
+
+    ``std`` may also be a vector (a sequence of finite floats >= 0, stored as a tuple): one standard
+    deviation per entry of the last (feature) dimension of the site's tensor, e.g. MFDV-SNN's learned
+    sigma (seed 004, Sec. 3: z = h + sigma * eps).
+    ``learned``: ``std`` (a number) scales the per-feature std the model learned (MFDV-SNN,
+    :mod:`sinai.models.mfdv`); ``feature`` kind at the classifier head only. It is resolved into a
+    vector std when the defense is settled on a model (:func:`sinai.defenses.sites.resolve_learned`);
+    a model without a learned std is then a ``ValueError``.
     """
 
-    std: float
+    std: float | tuple[float, ...]
     ratio: float = 1.0
     selection: str = "exact"
     layers: tuple[str, ...] = ()
+    learned: bool = False
 
     def __post_init__(self) -> None:
-        check_std(self.std)
+        std = self.std
+        if not isinstance(std, (int, float)):  # a vector (or a numpy / torch scalar)
+            std = std.tolist() if hasattr(std, "tolist") else std
+        std = check_std_vector(std) if isinstance(std, (list, tuple)) else float(check_std(std))
         check_ratio(self.ratio)
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        object.__setattr__(self, "std", float(self.std))
+        if not isinstance(self.learned, bool):
+            raise ValueError(f"learned must be True or False, got {self.learned!r}")
+        if self.learned and (isinstance(std, tuple) or self.layers):
+            raise ValueError(
+                "a learned std is a number scaling the model's learned per-feature std at the classifier "
+                "head's input: give std as one number and no layers"
+            )
+        object.__setattr__(self, "std", std)
         object.__setattr__(self, "ratio", float(self.ratio))
         object.__setattr__(self, "layers", tuple(self.layers))
 
     @property
     def active(self) -> bool:
-        """Whether the spec changes anything (``std > 0``): the kinds a model must have."""
-        return self.std > 0
+        """Whether the spec changes anything (some ``std > 0``): the kinds a model must have."""
+        std = self.std
+        return std > 0 if isinstance(std, float) else any(v > 0 for v in std)
+
+    def describe_std(self) -> str:
+        """``0.1``; a vector as ``vec[128] mean 0.31``; a learned std as ``learned`` or ``learned*0.5``."""
+        std = self.std
+        if self.learned:
+            return "learned" if std == 1.0 else f"learned*{std:g}"
+        if isinstance(std, float):
+            return f"{std:g}"
+        return f"vec[{len(std)}] mean {sum(std) / len(std):.3g}"
 
 
 def _check_number(name: str, value: object, meaning: str, *, positive: bool = True) -> float:
@@ -150,13 +200,77 @@ class AAASpec:
         return text
 
 
-Spec = NoiseSpec | AAASpec
-"""What a site kind maps to: noise (:class:`NoiseSpec`) or AAA (:class:`AAASpec`, ``output`` only)."""
+SELECTIVE_DEFAULT_RATIO = 0.9
+"""SINAI-selective's default share of approximated outputs (seed 001: 90% on CIFAR)."""
 
 
-def spec_type(kind: str) -> type[NoiseSpec] | type[AAASpec]:
-    """The spec class site ``kind`` takes: :class:`AAASpec` for ``output``, :class:`NoiseSpec` otherwise."""
-    return AAASpec if kind == "output" else NoiseSpec
+@dataclass(frozen=True)
+class SelectiveSpec:
+    """SINAI-selective (seed 001 Sec. 3.2, Eq. 2; App. B): at every conv with a learned approximation
+    branch, the outputs with the largest approximation z~ are computed exactly and the rest take z~.
+
+    ``ratio``: the share of each sample's C*H*W conv outputs that take z~, in (0, 1); the top
+    ``ceil((1 - ratio) * C*H*W)`` by signed z~ stay exact. ``n``, ``m``: the N:M variant instead: in every
+    group of ``m`` consecutive channels at one spatial position, the ``n`` smallest by z~ are approximated
+    (1 <= n < m; App. B's BitOPs fit "n approximated"); ``ratio`` is then ``n / m``. ``n = m = 0``: top-k.
+    Deterministic (no noise is drawn): :mod:`sinai.defenses.selective`.
+    """
+
+    ratio: float = SELECTIVE_DEFAULT_RATIO
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self) -> None:
+        r = self.ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r < 1:
+            raise ValueError(
+                f"SINAI-selective ratio must be in (0, 1) (the share of each sample's conv outputs "
+                f"approximated; the paper uses 0.9), got {r!r}"
+            )
+        for name in ("n", "m"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"SINAI-selective {name} must be an integer >= 0 (N:M), got {value!r}")
+        if (self.n == 0) != (self.m == 0):
+            raise ValueError(
+                f"N:M needs both n and m (e.g. n=2,m=8: 2 approximated in every 8 channels), got n={self.n}, "
+                f"m={self.m}"
+            )
+        if self.m:
+            if not 1 <= self.n < self.m:
+                raise ValueError(
+                    f"N:M needs 1 <= N < M (N of every M outputs approximated), got N={self.n} > M={self.m}"
+                    if self.n > self.m
+                    else f"N:M needs 1 <= N < M (N of every M outputs approximated), got {self.n}:{self.m}"
+                )
+            share = self.n / self.m
+            if r != SELECTIVE_DEFAULT_RATIO and r != share:
+                raise ValueError(
+                    f"give either ratio or N:M, not both: {self.n}:{self.m} approximates {share:g}, got "
+                    f"ratio={r!r}"
+                )
+            r = share
+        object.__setattr__(self, "ratio", float(r))
+
+    @property
+    def active(self) -> bool:
+        """SINAI-selective always changes the conv outputs."""
+        return True
+
+    def describe(self) -> str:
+        """``ratio=0.9`` or ``2:8`` (N:M)."""
+        return f"{self.n}:{self.m}" if self.m else f"ratio={self.ratio:g}"
+
+
+Spec = NoiseSpec | AAASpec | SelectiveSpec
+"""What a site kind maps to: noise (:class:`NoiseSpec`), AAA (:class:`AAASpec`, ``output`` only) or
+SINAI-selective (:class:`SelectiveSpec`, ``approx`` only)."""
+
+
+def spec_type(kind: str) -> type[NoiseSpec] | type[AAASpec] | type[SelectiveSpec]:
+    """The spec class site ``kind`` takes: :class:`AAASpec` for ``output``, :class:`SelectiveSpec` for
+    ``approx``, :class:`NoiseSpec` otherwise."""
+    return {"output": AAASpec, "approx": SelectiveSpec}.get(kind, NoiseSpec)
 
 
 @dataclass(frozen=True)
@@ -166,24 +280,37 @@ class Defense:
 
     ``require="all"``: every kind must exist in the protected model. ``"any"``: kinds the model lacks
     are skipped (SINAI on a CNN has no attention), but at least one must exist.
+
+    ``mc``: Monte-Carlo passes of the deployed prediction rule. With ``mc > 1`` the defended model's
+    output is ``log(mean over mc noisy passes of softmax)`` (MFDV-SNN predicts with the mean of 15
+    passes, seed 004 Sec. 4): its argmax is the mean-probability prediction and it is differentiable,
+    so white-box attacks attack that rule. Only for defenses that draw noise.
     """
 
     specs: Mapping[str, Spec] = field(default_factory=dict)
     name: str = "custom"
     require: str = "all"
+    mc: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.mc, bool) or not isinstance(self.mc, int) or self.mc < 1:
+            raise ValueError(
+                f"mc must be an integer >= 1 (noisy passes averaged per prediction), got {self.mc!r}"
+            )
         for kind, spec in self.specs.items():
             check_kind(kind)
             expected = spec_type(kind)
             if not isinstance(spec, expected):
-                what = "AAA post-processes the logits" if kind == "output" else "noise at these sites"
+                what = {
+                    "output": "AAA post-processes the logits",
+                    "approx": "SINAI-selective mixes exact and approximate conv outputs",
+                }.get(kind, "noise at these sites")
                 article = "an" if expected is AAASpec else "a"
                 raise TypeError(
                     f"spec for {kind!r} must be {article} {expected.__name__} ({what}), "
                     f"got {type(spec).__name__}"
                 )
-            if isinstance(spec, AAASpec):
+            if isinstance(spec, (AAASpec, SelectiveSpec)):
                 continue
             if spec.ratio != 1.0 and kind not in SELECTIVE_KINDS:
                 raise ValueError(
@@ -191,22 +318,32 @@ class Defense:
                 )
             if spec.layers and kind != "feature":
                 raise ValueError(f"layers applies only to 'feature' sites, not {kind!r}")
+            if spec.learned and kind != "feature":
+                raise ValueError(f"a learned std applies only to 'feature' sites, not {kind!r}")
         if self.require not in ("all", "any"):
             raise ValueError(f"require must be 'all' or 'any', got {self.require!r}")
         object.__setattr__(self, "specs", MappingProxyType(dict(self.specs)))
+        if self.mc > 1 and not self.randomized:
+            raise ValueError(
+                f"mc={self.mc} averages noisy passes, but defense {self.name} draws no noise; "
+                "use mc=1 (the default)"
+            )
 
     def restricted_to(self, kinds: set[str] | frozenset[str]) -> Defense:
         """The same defense with only the site kinds in ``kinds`` (what applies to a given model)."""
-        specs = {k: s for k, s in self.specs.items() if k in kinds}
-        return Defense(specs, name=self.name, require=self.require)
+        return replace(self, specs={k: s for k, s in self.specs.items() if k in kinds})
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-able form (what the result store keeps); :meth:`from_dict` gives the same defense back."""
-        return {
+        """JSON-able form (what the result store keeps); :meth:`from_dict` gives the same defense back.
+        ``mc`` is written only when it is not 1 (older stored results keep their form)."""
+        data: dict[str, object] = {
             "name": self.name,
             "require": self.require,
             "specs": {kind: _spec_dict(s) for kind, s in self.specs.items()},
         }
+        if self.mc != 1:
+            data["mc"] = self.mc
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Defense:
@@ -218,6 +355,7 @@ class Defense:
             {kind: spec_type(check_kind(kind))(**spec) for kind, spec in specs.items()},
             name=data.get("name", "custom"),
             require=data.get("require", "all"),
+            mc=data.get("mc", 1),
         )
 
     def for_model(self, model: nn.Module) -> Defense:
@@ -238,29 +376,35 @@ class Defense:
     @property
     def randomized(self) -> bool:
         """Whether a forward draws noise (some noise kind with ``std > 0``); AAA alone is deterministic."""
-        return any(isinstance(s, NoiseSpec) and s.std > 0 for s in self.specs.values())
+        return any(isinstance(s, NoiseSpec) and s.active for s in self.specs.values())
 
     def describe(self) -> str:
         """Short human-readable form, e.g. ``SINAI(attn std=1, gelu std=0.1 ratio=0.7)`` or
         ``AAA(output linear tau=6)``."""
         parts = []
         for kind, spec in self.specs.items():
-            if isinstance(spec, AAASpec):
+            if isinstance(spec, (AAASpec, SelectiveSpec)):
                 parts.append(f"{kind} {spec.describe()}")
                 continue
-            text = f"{kind} std={spec.std:g}"
+            text = f"{kind} std={spec.describe_std()}"
             if spec.ratio != 1.0:
                 text += f" ratio={spec.ratio:g}"
             if spec.layers:
                 text += f" layers={'|'.join(spec.layers)}"
             parts.append(text)
+        if self.mc != 1:
+            parts.append(f"mc={self.mc}")
         return f"{self.name}({', '.join(parts)})"
 
 
 def _spec_dict(spec: Spec) -> dict[str, object]:
-    if isinstance(spec, AAASpec):
+    if isinstance(spec, (AAASpec, SelectiveSpec)):
         return {f.name: getattr(spec, f.name) for f in dataclass_fields(spec)}
-    return {"std": spec.std, "ratio": spec.ratio, "selection": spec.selection, "layers": list(spec.layers)}
+    std = spec.std if isinstance(spec.std, float) else list(spec.std)
+    data = {"std": std, "ratio": spec.ratio, "selection": spec.selection, "layers": list(spec.layers)}
+    if spec.learned:  # written only when set: older stored results keep their form
+        data["learned"] = True
+    return data
 
 
 def check_kind(kind: str) -> str:
@@ -280,18 +424,22 @@ DEFAULT_SPECS: Mapping[str, Spec] = MappingProxyType(
         "gelu": NoiseSpec(std=0.06, ratio=0.7),
         "relu": NoiseSpec(std=0.23, ratio=0.37),
         "output": AAASpec(),
+        "approx": SelectiveSpec(),
     }
 )
 
 _PRESETS: dict[str, tuple[tuple[str, ...], str]] = {}
 _BUILDERS: dict[str, Callable[..., Defense]] = {}
+_DEFAULTS: dict[str, Mapping[str, Spec]] = {}  # preset -> its default spec per kind
 
 PRESETS: Mapping[str, tuple[tuple[str, ...], str]] = MappingProxyType(_PRESETS)
 """Named defenses, in registration order: name -> (site kinds, require). Filled by
 :func:`register_defense`; read it, do not write it."""
 
 
-def register_defense(*names: str) -> Callable[[Callable[..., Defense]], Callable[..., Defense]]:
+def register_defense(
+    *names: str, defaults: Mapping[str, Spec] | None = None
+) -> Callable[[Callable[..., Defense]], Callable[..., Defense]]:
     """Register a preset under each of ``names``: the decorated function takes one spec per site kind
     (its parameter names are the kinds; :class:`AAASpec` for ``output``, :class:`NoiseSpec` otherwise)
     and returns the :class:`Defense` (the registry names it); :func:`preset` and :func:`parse_defense`
@@ -300,11 +448,15 @@ def register_defense(*names: str) -> Callable[[Callable[..., Defense]], Callable
         @register_defense("RND")
         def rnd(input: NoiseSpec) -> Defense:
             return Defense({"input": input})
+
+    ``defaults``: this preset's default spec of some kinds, instead of :data:`DEFAULT_SPECS` (MFDV's
+    ``feature`` std is the model's learned one).
     """
 
     def decorator(build: Callable[..., Defense]) -> Callable[..., Defense]:
         kinds = tuple(check_kind(k) for k in inspect.signature(build).parameters)
-        defense = build(**{kind: DEFAULT_SPECS[kind] for kind in kinds})
+        own = {kind: (defaults or {}).get(kind, DEFAULT_SPECS[kind]) for kind in kinds}
+        defense = build(**own)
         if tuple(defense.specs) != kinds:
             raise ValueError(f"preset {names}: its builder must return exactly the kinds {kinds}")
         for name in names:
@@ -312,6 +464,7 @@ def register_defense(*names: str) -> Callable[[Callable[..., Defense]], Callable
                 raise ValueError(f"defense preset {name!r} is already registered")
             _PRESETS[name] = (kinds, defense.require)
             _BUILDERS[name] = build
+            _DEFAULTS[name] = MappingProxyType(own)
         return build
 
     return decorator
@@ -369,6 +522,23 @@ def _aaa(output: AAASpec) -> Defense:
     return Defense({"output": output})
 
 
+@register_defense("SINAI-selective")
+def _sinai_selective(approx: SelectiveSpec) -> Defense:
+    """SINAI-selective (seed 001): the top 1 - ratio conv outputs by the learned approximation exact, the
+    rest approximated (``SINAI-selective:ratio=0.8``, ``SINAI-selective:n=2,m=8``); needs a model trained
+    with ``sinai train mnist-cnn --selective`` (:mod:`sinai.defenses.selective`)."""
+    return Defense({"approx": approx})
+
+
+@register_defense("MFDV", defaults={"feature": NoiseSpec(std=1.0, learned=True)})
+def _mfdv(feature: NoiseSpec) -> Defense:
+    """MFDV-SNN (seed 004): z = h + sigma * eps at the classifier head's input, sigma the per-feature std
+    the model learned (``sinai train mnist-cnn --mfdv``, :mod:`sinai.models.mfdv`), read when the defense
+    is settled on the model. ``MFDV:std=S`` scales it; ``MFDV:mc=15`` predicts with the mean of 15
+    passes, as the paper."""
+    return Defense({"feature": feature})
+
+
 def preset(name: str, **specs: Spec | Mapping[str, object] | float) -> Defense:
     """Build a named defense; keyword arguments per kind override the default spec.
 
@@ -383,7 +553,7 @@ def preset(name: str, **specs: Spec | Mapping[str, object] | float) -> Defense:
     unknown = set(specs) - set(kinds)
     if unknown:
         raise ValueError(f"preset {key} has site kinds {kinds}; cannot set {sorted(unknown)}")
-    resolved = {kind: _as_spec(specs.get(kind), DEFAULT_SPECS[kind], kind) for kind in kinds}
+    resolved = {kind: _as_spec(specs.get(kind), _DEFAULTS[key][kind], kind) for kind in kinds}
     return replace(_BUILDERS[key](**resolved), name=key)
 
 
@@ -398,7 +568,7 @@ def _preset_key(name: str) -> str:
 def _as_spec(value: Spec | Mapping[str, object] | float | None, default: Spec, kind: str) -> Spec:
     if value is None:
         return default
-    if isinstance(value, (NoiseSpec, AAASpec)):
+    if isinstance(value, (NoiseSpec, AAASpec, SelectiveSpec)):
         return value
     if isinstance(value, Mapping):
         return replace(default, **value)
@@ -407,6 +577,8 @@ def _as_spec(value: Spec | Mapping[str, object] | float | None, default: Spec, k
             f"the {kind!r} kind takes AAA fields, not a bare number: e.g. {kind}={{'tau': 6.0}} "
             f"(fields: {', '.join(_AAA_FIELDS)})"
         )
+    if isinstance(default, SelectiveSpec):
+        return replace(default, ratio=value)  # a bare number is the ratio
     return replace(default, std=value)
 
 
@@ -417,7 +589,8 @@ def parse_defense(text: str) -> Defense:
     ``"SINAI:attn.std=1.0,gelu.std=0.1,gelu.ratio=0.7"``, ``"FND:std=0.1,layers=blocks.2|blocks.3"``,
     ``"AAA"``, ``"AAA:tau=4,variant=sine"`` (AAA fields: variant, tau, alpha, beta, T, lr, steps), or a
     free composition without a preset name: ``"input.std=0.01,attn.std=0.5"`` or
-    ``"input.std=0.02,output.tau=6"``.
+    ``"input.std=0.02,output.tau=6"``. ``mc=N`` (no kind) is the defense's Monte-Carlo passes per
+    prediction (:class:`Defense`): ``"MFDV:mc=15"``, ``"RND:std=0.05,mc=15"``.
     """
     text = text.strip()
     if not text:
@@ -429,10 +602,19 @@ def parse_defense(text: str) -> Defense:
         name = _preset_key(head)
         kinds = PRESETS[name][0]
     fields: dict[str, dict[str, object]] = {}
+    mc = 1
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"expected field=value in defense {text!r}, got {item!r}")
+        if key.strip() == "mc":  # a defense-level field, not a site kind's
+            try:
+                mc = int(value.strip())
+            except ValueError:
+                raise ValueError(
+                    f"mc must be an integer >= 1 (noisy passes per prediction), got {value!r}"
+                ) from None
+            continue
         kind, dot, attr = key.strip().rpartition(".")
         if not dot:
             if len(kinds) != 1:
@@ -443,8 +625,9 @@ def parse_defense(text: str) -> Defense:
         kind = check_kind(kind)
         fields.setdefault(kind, {})[_field_name(kind, attr)] = _parse_field(kind, attr, value.strip())
     if name is not None:
-        return preset(name, **fields)
-    return Defense({k: replace(DEFAULT_SPECS[k], **v) for k, v in fields.items()}, name="custom")
+        defense = preset(name, **fields)
+        return defense if mc == 1 else replace(defense, mc=mc)
+    return Defense({k: replace(DEFAULT_SPECS[k], **v) for k, v in fields.items()}, name="custom", mc=mc)
 
 
 _AAA_FIELDS = ("variant", "tau", "alpha", "beta", "T", "lr", "steps")
@@ -457,6 +640,8 @@ def _field_name(kind: str, attr: str) -> str:
 def _parse_field(kind: str, attr: str, value: str) -> object:
     if kind == "output":
         return _parse_aaa_field(attr, value)
+    if kind == "approx":
+        return _parse_selective_field(attr, value)
     if attr in ("std", "ratio"):
         try:
             return float(value)
@@ -467,6 +652,16 @@ def _parse_field(kind: str, attr: str, value: str) -> object:
     if attr == "selection":
         return value
     raise ValueError(f"unknown defense field {attr!r}; fields: std, ratio, selection, layers")
+
+
+def _parse_selective_field(attr: str, value: str) -> object:
+    if attr not in ("ratio", "n", "m"):
+        raise ValueError(f"unknown SINAI-selective field {attr!r}; fields: ratio, n, m (N:M)")
+    try:
+        return float(value) if attr == "ratio" else int(value)
+    except ValueError:
+        what = "a number in (0, 1)" if attr == "ratio" else "an integer (N:M)"
+        raise ValueError(f"SINAI-selective {attr} must be {what}, got {value!r}") from None
 
 
 def _parse_aaa_field(attr: str, value: str) -> object:

@@ -36,7 +36,13 @@ from tqdm.auto import tqdm
 from sinai.device import resolve_device
 from sinai.models.cache import cache_dir as resolve_cache_dir
 from sinai.models.classifier import ImageClassifier
-from sinai.models.training import AdvTraining, parse_adv_options, pgd_robust_accuracy, select_training
+from sinai.models.training import (
+    ROBUST_IMAGES,
+    AdvTraining,
+    TrainData,
+    TrainingMethod,
+    select_training,
+)
 from sinai.models.zoo import register_model
 
 __all__ = [
@@ -44,6 +50,7 @@ __all__ = [
     "EMBEDDED",
     "ROBUST_IMAGES",
     "SURROGATES",
+    "VARIANTS",
     "CnnArch",
     "EmbeddedModel",
     "MnistCNN",
@@ -58,6 +65,8 @@ __all__ = [
     "is_embedded",
     "load_embedded",
     "surrogate_name",
+    "training_method",
+    "variant_name",
     "train_embedded",
 ]
 
@@ -75,9 +84,12 @@ class TrainConfig:
 
     ``train_images`` limits training to that many images (a seeded random subset; ``None`` = all), which
     is how tests make a short run. ``half`` (0 or 1) trains on that half of a fixed stratified halving of
-    the train split (:func:`sinai.models.training.half_split`; ``None`` = the whole split). ``adv`` makes
-    it PGD adversarial training (:class:`~sinai.models.training.AdvTraining`). Both are left out of the
-    cache key when ``None``, so recipes without them keep their cached files.
+    the train split (:func:`sinai.models.training.half_split`; ``None`` = the whole split). At most one
+    training method (:class:`~sinai.models.training.TrainingMethod`) changes the loop: ``adv`` makes it
+    PGD adversarial training (:class:`~sinai.models.training.AdvTraining`), ``mfdv`` MFDV-SNN's learned
+    feature noise (:class:`~sinai.models.mfdv.MfdvTraining`, seed 004), ``selective`` SINAI-selective's
+    learned approximation (:class:`~sinai.models.selective.SelectiveTraining`, seed 001). Fields left
+    ``None`` stay out of the cache key, so recipes without them keep their cached files.
     """
 
     epochs: int
@@ -89,6 +101,8 @@ class TrainConfig:
     train_images: int | None = None
     half: int | None = None
     adv: AdvTraining | None = None
+    mfdv: TrainingMethod | None = None
+    selective: TrainingMethod | None = None
 
     def __post_init__(self) -> None:
         for field in ("epochs", "batch_size"):
@@ -107,6 +121,30 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.half is None, 0 or 1, got {self.half!r}")
         if self.adv is not None and not isinstance(self.adv, AdvTraining):
             raise ValueError(f"TrainConfig.adv is None or an AdvTraining, got {type(self.adv).__name__}")
+        for field in METHOD_FIELDS[1:]:
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, TrainingMethod):
+                raise ValueError(
+                    f"TrainConfig.{field} is None or a training method, got {type(value).__name__}"
+                )
+        chosen = [f for f in METHOD_FIELDS if getattr(self, f) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"a recipe has at most one training method, got {' and '.join(chosen)}")
+
+    @property
+    def method(self) -> TrainingMethod | None:
+        """The recipe's training method (``adv``, ``mfdv`` or ``selective``), or ``None`` for plain
+        cross-entropy training."""
+        return next((m for m in (self.adv, self.mfdv, self.selective) if m is not None), None)
+
+    @property
+    def method_field(self) -> str | None:
+        """The name of the field holding :attr:`method` (``"adv"``, ``"mfdv"``, ``"selective"``)."""
+        return next((f for f in METHOD_FIELDS if getattr(self, f) is not None), None)
+
+
+#: The :class:`TrainConfig` fields that hold a training method.
+METHOD_FIELDS = ("adv", "mfdv", "selective")
 
 
 class MnistCNN(nn.Module):
@@ -194,41 +232,49 @@ class EmbeddedModel:
 EMBEDDED: dict[str, EmbeddedModel] = {}
 """The embedded models by name, filled by :func:`embedded_model`."""
 
-ADVERSARIAL: dict[str, str] = {}
+VARIANTS: dict[str, dict[str, str]] = {"adv": {}, "mfdv": {}, "selective": {}, "surrogate": {}}
+"""Per kind of variant, base model -> its registered variant: ``adv`` (``sinai train BASE --adv pgd``),
+``mfdv`` (``--mfdv``), ``selective`` (``--selective``), ``surrogate`` (``--surrogate``)."""
+
+ADVERSARIAL: dict[str, str] = VARIANTS["adv"]
 """Base model -> its registered adversarially-trained variant (``sinai train BASE --adv pgd``)."""
 
-SURROGATES: dict[str, str] = {}
+SURROGATES: dict[str, str] = VARIANTS["surrogate"]
 """Base model -> its registered surrogate (``sinai train BASE --surrogate``)."""
-
-#: Test images (a seeded class-covering sample of the test split) on which training measures the PGD-20
-#: robust accuracy of an adversarially-trained model.
-ROBUST_IMAGES = 200
 
 
 def embedded_model(
-    name: str, *, adversarial_of: str | None = None, surrogate_of: str | None = None
+    name: str,
+    *,
+    adversarial_of: str | None = None,
+    surrogate_of: str | None = None,
+    variant_of: str | None = None,
+    usage: str = "",
 ) -> Callable[[Callable[[], EmbeddedModel]], Callable[[], EmbeddedModel]]:
     """Register an embedded model: the decorated function returns its architecture and training recipe,
     and ``name`` becomes a model :func:`~sinai.models.zoo.load_model` knows (trained once, cached).
 
     ``adversarial_of`` / ``surrogate_of`` name the model this one is the adversarially-trained variant /
-    the surrogate of. A recipe with ``adv`` also accepts ``name:eps=E,steps=S,alpha=A``.
+    the surrogate of; ``variant_of`` the model of which this one is the ``mfdv`` / ``selective`` variant
+    (the recipe's training method says which). A recipe with a training method also accepts
+    ``name:<options>`` (``usage`` shows them, e.g. ``eps=E,steps=S,alpha=A``).
     """
 
     def decorator(define: Callable[[], EmbeddedModel]) -> Callable[[], EmbeddedModel]:
         entry = define()
         EMBEDDED[name] = entry
-        adversarial = entry.train.adv is not None
+        method = entry.train.method_field
         register_model(
-            name,
-            dataset="mnist",
-            options=adversarial,
-            usage=f"{name}[:eps=E,steps=S,alpha=A]" if adversarial else "",
+            name, dataset="mnist", options=method is not None, usage=f"{name}[:{usage}]" if usage else ""
         )(_load_registered)
         if adversarial_of is not None:
-            ADVERSARIAL[adversarial_of] = name
+            VARIANTS["adv"][adversarial_of] = name
         if surrogate_of is not None:
-            SURROGATES[surrogate_of] = name
+            VARIANTS["surrogate"][surrogate_of] = name
+        if variant_of is not None:
+            if method is None:
+                raise ValueError(f"{name}: variant_of needs a recipe with a training method")
+            VARIANTS[method][variant_of] = name
         return define
 
     return decorator
@@ -264,7 +310,7 @@ def mnist_vit() -> EmbeddedModel:
     )
 
 
-@embedded_model("mnist-cnn-at", adversarial_of="mnist-cnn")
+@embedded_model("mnist-cnn-at", adversarial_of="mnist-cnn", usage="eps=E,steps=S,alpha=A")
 def mnist_cnn_at() -> EmbeddedModel:
     """PGD-AT (Madry et al. 2018) of mnist-cnn: its architecture and recipe, each batch replaced by its
     PGD-10 examples (linf eps 0.1, the embedded MNIST threat; alpha 2.5*eps/steps = 0.025; crafted in eval
@@ -306,6 +352,75 @@ def mnist_cnn_surrogate() -> EmbeddedModel:
     )
 
 
+@embedded_model("mnist-cnn-selective", variant_of="mnist-cnn", usage="k=K")
+def mnist_cnn_selective() -> EmbeddedModel:
+    """SINAI-selective (seed 001 Alg. 1) of mnist-cnn-at: every convolution gets a learned INT4 low-rank
+    approximation (k = d/4 rows of a fixed sparse random projection), distilled by MSE for 5 epochs with
+    the AT weights frozen, then one epoch of CE + 0.1 MSE on the mixed forward at r = 0.9 (BatchNorm
+    statistics kept from the base; :mod:`sinai.models.selective`). Deploy it with the defense
+    ``SINAI-selective:ratio=R``; called directly it is its fine-tuned exact network. ``k=0.5`` (d/2) and
+    other ``SelectiveTraining`` fields are name options."""
+    from sinai.models.selective import SelectiveTraining
+
+    return EmbeddedModel(
+        CnnArch(channels=(16, 32), hidden=128),
+        TrainConfig(
+            epochs=1,
+            batch_size=64,
+            lr=3e-4,
+            weight_decay=5e-4,
+            seed=0,
+            augment=2,
+            selective=SelectiveTraining(),
+        ),
+    )
+
+
+@embedded_model("mnist-cnn-mfdv", variant_of="mnist-cnn", usage="lambda1=L")
+def mnist_cnn_mfdv() -> EmbeddedModel:
+    """MFDV-SNN (seed 004) of mnist-cnn: its architecture and recipe, with a trainable per-dimension noise
+    scale sigma on the penultimate features (z = h + sigma * eps while training), loss CE - lambda1 sum ln
+    sigma, lambda2 = the recipe's AdamW weight decay on every weight (:mod:`sinai.models.mfdv`). lambda1
+    1e-3 costs about 1% clean accuracy with one noisy pass (3e-3: about 2%). Deploy it with the defense
+    ``MFDV`` (one noisy pass per query) or ``MFDV:mc=15`` (the paper's mean of 15 passes)."""
+    from sinai.models.mfdv import MfdvTraining
+
+    return EmbeddedModel(
+        CnnArch(channels=(16, 32), hidden=128),
+        TrainConfig(
+            epochs=8,
+            batch_size=64,
+            lr=3e-3,
+            weight_decay=5e-4,
+            seed=0,
+            augment=2,
+            mfdv=MfdvTraining(lambda1=1e-3),
+        ),
+    )
+
+
+@embedded_model("mnist-vit-mfdv", variant_of="mnist-vit", usage="lambda1=L")
+def mnist_vit_mfdv() -> EmbeddedModel:
+    """MFDV-SNN (seed 004) of mnist-vit: its recipe with the learned noise scale on the class token's
+    features. The ViT's head learns to ignore noisy features: lambda1 up to 1e-2 cost it under 1%
+    (96.3% with one pass against 97.0% at sigma = 0), so the registered lambda1 is 3e-2 (not measured:
+    training takes ~30 CPU-minutes)."""
+    from sinai.models.mfdv import MfdvTraining
+
+    return EmbeddedModel(
+        VitArch(patch_size=7, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0),
+        TrainConfig(
+            epochs=50,
+            batch_size=64,
+            lr=2e-3,
+            weight_decay=0.05,
+            seed=0,
+            augment=2,
+            mfdv=MfdvTraining(lambda1=3e-2),
+        ),
+    )
+
+
 def _resolve(name: str) -> tuple[str, EmbeddedModel]:
     """(canonical name, entry) of ``name``: a registered name, or an adversarially-trained one with
     options (``mnist-cnn-at:eps=0.2``); options equal to the registered recipe's drop out of the name."""
@@ -318,21 +433,26 @@ def _resolve(name: str) -> tuple[str, EmbeddedModel]:
     entry = EMBEDDED.get(base)
     if not sep or entry is None:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
-    default = entry.train.adv
+    default, field = entry.train.method, entry.train.method_field
     if default is None:
-        with_options = ", ".join(n for n in sorted(EMBEDDED) if EMBEDDED[n].train.adv is not None)
+        with_options = ", ".join(n for n in sorted(EMBEDDED) if EMBEDDED[n].train.method is not None)
         raise ValueError(
-            f"{base} takes no ':' options in {name!r}; only adversarially-trained models do "
+            f"{base} takes no ':' options in {name!r}; only models trained with a training method do "
             f"({with_options or 'none registered'})"
         )
-    adv = dataclasses.replace(default, **parse_adv_options(text))
-    options = adv.options(default)
-    entry = dataclasses.replace(entry, train=dataclasses.replace(entry.train, adv=adv))
+    method = dataclasses.replace(default, **type(default).parse_options(text))
+    options = method.options(default)
+    entry = dataclasses.replace(entry, train=dataclasses.replace(entry.train, **{field: method}))
     return (f"{base}:{options}" if options else base), entry
 
 
 def _entry(name: str) -> EmbeddedModel:
     return _resolve(name)[1]
+
+
+def training_method(name: str) -> TrainingMethod | None:
+    """The training method of the embedded model ``name``'s recipe (``None``: plain cross-entropy)."""
+    return _resolve(name)[1].train.method
 
 
 def embedded_name(name: str) -> str:
@@ -379,6 +499,26 @@ def adversarial_name(
     return f"{head}:{options}" if options else head
 
 
+def variant_name(base: str, kind: str, **options: object) -> str:
+    """The model name of ``base``'s registered ``kind`` variant (``"mfdv"``, ``"selective"``) with these
+    method options (``None`` values = the registered recipe's): ``variant_name("mnist-cnn", "mfdv",
+    lambda1=0.01)`` -> ``"mnist-cnn-mfdv:lambda1=0.01"``. ``base`` may already be such a variant."""
+    if kind not in ("mfdv", "selective"):
+        raise ValueError(f"unknown variant kind {kind!r}; kinds: mfdv, selective")
+    canonical, entry = _resolve(base)
+    head = canonical.partition(":")[0]
+    if getattr(entry.train, kind) is None:
+        if head not in VARIANTS[kind]:
+            have = ", ".join(f"{b} (as {v})" for b, v in sorted(VARIANTS[kind].items()))
+            raise ValueError(f"--{kind} is not available for {head}; it is for {have or 'no model'}")
+        head = VARIANTS[kind][head]
+        entry = _entry(head)
+    chosen = {k: v for k, v in options.items() if v is not None}
+    method = dataclasses.replace(getattr(entry.train, kind), **chosen)
+    text = method.options(getattr(EMBEDDED[head].train, kind))
+    return f"{head}:{text}" if text else head
+
+
 def surrogate_name(base: str) -> str:
     """The registered surrogate of ``base`` (``"mnist-cnn"`` -> ``"mnist-cnn-surrogate"``)."""
     _resolve(base)
@@ -395,6 +535,8 @@ def build_embedded(name: str) -> ImageClassifier:
     """Return the untrained ``name`` model (weights from the global RNG, like any ``nn.Module``)."""
     canonical, entry = _resolve(name)
     model = entry.arch()
+    if entry.train.method is not None:
+        entry.train.method.attach(model)
     model.name = canonical
     return model
 
@@ -425,14 +567,20 @@ def train_embedded(
     config: TrainConfig | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> tuple[ImageClassifier, dict]:
     """Train ``name`` with its registry recipe (or ``config``); return the model in eval mode and metrics.
 
+    ``cache_dir``: where a method that starts from another embedded model (SINAI-selective from
+    ``mnist-cnn-at``) loads it from, training it there once if missing.
+
     Seeded and reproducible on a given device; the caller's global RNG state is left untouched. A recipe
-    with ``adv`` trains on PGD examples (:mod:`sinai.models.training`) and its metrics add the PGD-20
-    robust accuracy at the training eps on :data:`ROBUST_IMAGES` test images.
+    with a training method (:class:`~sinai.models.training.TrainingMethod`) lets it add to the model
+    (``attach``), work before the loop (``prepare``), compute each batch's loss (``loss``; plain
+    cross-entropy otherwise) and add metrics (``finish``): PGD-AT adds the PGD-20 robust accuracy at the
+    training eps on :data:`ROBUST_IMAGES` test images.
     """
-    from sinai.models.data import mnist, select_images  # lazy: only training needs the data
+    from sinai.models.data import mnist  # lazy: only training needs the data
 
     canonical, entry = _resolve(name)
     cfg = config or entry.train
@@ -448,16 +596,26 @@ def train_embedded(
         if keep is not None:
             x_train, y_train = x_train[keep], y_train[keep]
         x_train, y_train = x_train.to(dev), y_train.to(dev)
-        model = entry.arch().to(dev)
-        craft = cfg.adv.crafter(model) if cfg.adv is not None else None
+        start = time.perf_counter()  # the training time includes the method's preparation
+        data = TrainData(x_train, y_train, x_test, y_test, cache_dir=cache_dir)
+        model = entry.arch()
+        method = cfg.method
+        extra: dict = {}
+        if method is not None:
+            method.attach(model)
+            model.to(dev)
+            extra = dict(method.prepare(model, data, device=dev, progress=progress))
+        model.to(dev)
 
         steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
         total = cfg.epochs * steps_per_epoch
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.15)
-        start = time.perf_counter()
+        groups = _param_groups(model, method, cfg)
+        opt = torch.optim.AdamW(groups)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=0.15
+        )
         model.train()
-        what = f" ({cfg.adv.describe()})" if cfg.adv is not None else ""
+        what = f" ({method.describe()})" if method is not None else ""
         bar = tqdm(
             total=total,
             desc=f"training {canonical}{what}",
@@ -474,9 +632,10 @@ def train_embedded(
                 xb, yb = x_train[idx], y_train[idx]
                 if cfg.augment:
                     xb = _random_shift(xb, cfg.augment, gen)
-                if craft is not None:  # crafted in eval mode; torchattacks puts the model back in train mode
-                    xb = craft(xb, yb)
-                loss = F.cross_entropy(model(xb), yb)
+                if method is None:
+                    loss, logged = F.cross_entropy(model(xb), yb), {}
+                else:
+                    loss, logged = method.loss(model, xb, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -484,7 +643,10 @@ def train_embedded(
                 value = loss.item()
                 loss_avg = value if math.isnan(loss_avg) else 0.95 * loss_avg + 0.05 * value
                 bar.update()
-                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_avg:.3f}", refresh=False)
+                shown = {k: f"{v:.3g}" for k, v in logged.items()}
+                bar.set_postfix(
+                    epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_avg:.3f}", **shown, refresh=False
+                )
         bar.close()
         train_seconds = time.perf_counter() - start
         opt.zero_grad(set_to_none=True)  # a trained model is returned as a loaded one: no gradients held
@@ -499,19 +661,31 @@ def train_embedded(
         "final_train_loss": round(loss_avg, 4),
         "device": str(dev),
         "torch_version": str(torch.__version__),
-        "config": dataclasses.asdict(cfg),
+        "config": _config_dict(cfg),
+        **extra,
     }
-    if cfg.adv is not None:
-        pick = select_images(test.labels, min(ROBUST_IMAGES, len(test)), seed=0, num_classes=10).to(dev)
-        metrics["adversarial_training"] = {**cfg.adv.key(), "craft_mode": "eval"}
-        metrics["robust_accuracy"] = {
-            "attack": "pgd",
-            "steps": 20,
-            "eps": cfg.adv.key()["eps"],
-            "images": len(pick),
-            "accuracy": pgd_robust_accuracy(model, x_test[pick], y_test[pick], eps=cfg.adv.eps, steps=20),
-        }
+    if method is not None:
+        metrics.update(method.finish(model, data))
     return model, metrics
+
+
+def _param_groups(model: nn.Module, method: TrainingMethod | None, cfg: TrainConfig) -> list[dict]:
+    """AdamW's parameter groups: every parameter at the recipe's lr and weight decay, unless the method
+    sets its own (MFDV: its noise scale at a larger lr, without weight decay)."""
+    own = getattr(method, "param_groups", None)
+    if own is not None:
+        return own(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return [{"params": list(model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    """The recipe as JSON-able metrics (a training method as its ``key()``)."""
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in METHOD_FIELDS}
+    for field in METHOD_FIELDS:
+        method = getattr(cfg, field)
+        if method is not None or field == "adv":
+            out[field] = None if method is None else dataclasses.asdict(method)
+    return out
 
 
 def _recipe_key(name: str, entry: EmbeddedModel) -> str:
@@ -522,12 +696,15 @@ def _recipe_key(name: str, entry: EmbeddedModel) -> str:
     """
     from sinai.models import data  # lazy, cheap: only the split constants are read
 
-    train = dataclasses.asdict(entry.train)
-    for field in ("half", "adv"):
+    train = {f.name: getattr(entry.train, f.name) for f in dataclasses.fields(entry.train)}
+    for field in ("half", *METHOD_FIELDS):
         if train[field] is None:
             del train[field]
-    if entry.train.adv is not None:
-        train["adv"] = entry.train.adv.key()
+        elif field in METHOD_FIELDS:
+            base = getattr(train[field], "base", None)
+            train[field] = train[field].key()
+            if base is not None:  # a method that starts from another model: its recipe too
+                train[field]["base_file"] = cache_path(base).name
     recipe = {
         "format": FORMAT_VERSION,
         "split": [getattr(data, "MNIST_SPLIT_SEED", None), getattr(data, "MNIST_TEST_FRACTION", None)],
@@ -589,6 +766,8 @@ def load_embedded(
         try:
             payload = _read(path)
             model = entry.arch()
+            if entry.train.method is not None:
+                entry.train.method.attach(model)
             model.load_state_dict(payload["state_dict"])
             model.name = canonical
             return model.to(dev).eval()
@@ -598,7 +777,7 @@ def load_embedded(
             )
     if progress:
         print(f"sinai: training {canonical} once and caching it to {path}", file=sys.stderr)
-    model, metrics = train_embedded(canonical, device=dev, progress=progress)
+    model, metrics = train_embedded(canonical, device=dev, progress=progress, cache_dir=cache_dir)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _save_atomic({"format": FORMAT_VERSION, "name": canonical, "state_dict": state, "metrics": metrics}, path)
     return model

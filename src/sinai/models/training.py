@@ -20,15 +20,20 @@ images a recipe trains on, as indices into the 5000 embedded images, so disjoint
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
     "ADV_METHODS",
     "HALF_SPLIT_SEED",
     "AdvTraining",
+    "TrainData",
+    "TrainingMethod",
     "embedded_split",
     "half_split",
     "parse_adv_options",
@@ -41,8 +46,62 @@ __all__ = [
 ADV_METHODS = ("pgd",)
 #: The options a ``<name>-at:<options>`` model name may carry.
 ADV_OPTIONS = ("eps", "steps", "alpha")
+#: Test images (a seeded class-covering sample of the test split) on which training measures the PGD-20
+#: robust accuracy of an adversarially-trained model.
+ROBUST_IMAGES = 200
 #: Seed of the fixed, stratified split of the train split into two halves (``TrainConfig.half``).
 HALF_SPLIT_SEED = 1
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """What a recipe trains and measures on: the (possibly subset) train split and the whole test split of
+    the embedded MNIST images, on the training device, and the model cache a method that starts from
+    another embedded model loads it from (``None``: the default cache)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    cache_dir: str | os.PathLike | None = None
+
+
+@runtime_checkable
+class TrainingMethod(Protocol):
+    """What a recipe's training method (:class:`AdvTraining`, ``MfdvTraining``, ``SelectiveTraining``)
+    supplies to :func:`sinai.models.embedded.train_embedded`, which runs the shared loop (data order,
+    augmentation, AdamW + one-cycle schedule, progress) and calls these at its fixed points.
+
+    A method is a frozen dataclass validated once in ``__post_init__``; its :meth:`key` enters the cache
+    hash, and its fields are the options of the model's name (``mnist-cnn-at:eps=0.2``).
+    """
+
+    def key(self) -> dict:
+        """JSON-able description of everything in the method that changes the trained weights."""
+
+    def options(self, default: TrainingMethod) -> str:
+        """The ``field=value,...`` text that turns the registered ``default`` into this method ('' if
+        equal)."""
+
+    @classmethod
+    def parse_options(cls, text: str) -> dict:
+        """The fields a name's ``:field=value,...`` sets (``ValueError``, one line, for anything else)."""
+
+    def describe(self) -> str:
+        """One line for progress bars and ``sinai train``."""
+
+    def attach(self, model: nn.Module) -> None:
+        """Add the method's own parameters, buffers or modules to a freshly built model, so that its cached
+        ``state_dict`` loads (called before training and before loading)."""
+
+    def prepare(self, model: nn.Module, data: TrainData, *, device: torch.device, progress: bool) -> dict:
+        """Work before the main loop (e.g. start from another model's weights); returns metrics."""
+
+    def loss(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The loss of one batch in the main loop (model in train mode), and scalars to log."""
+
+    def finish(self, model: nn.Module, data: TrainData) -> dict:
+        """Metrics of the trained model (in eval mode), stored with its weights."""
 
 
 def _tidy(value: float) -> float:
@@ -104,6 +163,42 @@ class AdvTraining:
         if self.step_size != _tidy(2.5 * self.eps / self.steps):
             parts.append(f"alpha={self.step_size:g}")
         return ",".join(parts)
+
+    @classmethod
+    def parse_options(cls, text: str) -> dict:
+        """'eps=0.2,steps=5' -> {'eps': 0.2, 'steps': 5} (:func:`parse_adv_options`)."""
+        return parse_adv_options(text)
+
+    def attach(self, model: nn.Module) -> None:
+        """PGD-AT adds nothing to the architecture."""
+
+    def prepare(self, model: nn.Module, data: TrainData, *, device: torch.device, progress: bool) -> dict:
+        """Nothing to prepare: training starts from the recipe's random initialisation."""
+        return {}
+
+    def loss(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy of the batch's PGD examples only (Madry et al. 2018, Sec. 2-3), crafted in eval
+        mode (torchattacks puts the model back in train mode)."""
+        return F.cross_entropy(model(self.crafter(model)(xb, yb)), yb), {}
+
+    def finish(self, model: nn.Module, data: TrainData) -> dict:
+        """The recipe and the PGD-20 robust accuracy at the training eps on :data:`ROBUST_IMAGES`
+        (a seeded class-covering sample of the test split)."""
+        from sinai.models.data import select_images
+
+        pick = select_images(data.y_test.cpu(), min(ROBUST_IMAGES, len(data.y_test)), seed=0, num_classes=10)
+        pick = pick.to(data.y_test.device)
+        robust = pgd_robust_accuracy(model, data.x_test[pick], data.y_test[pick], eps=self.eps, steps=20)
+        return {
+            "adversarial_training": {**self.key(), "craft_mode": "eval"},
+            "robust_accuracy": {
+                "attack": "pgd",
+                "steps": 20,
+                "eps": self.key()["eps"],
+                "images": len(pick),
+                "accuracy": robust,
+            },
+        }
 
     def crafter(self, model: nn.Module):
         """A ``torchattacks.PGD`` that crafts this recipe's training examples on ``model`` in eval mode."""

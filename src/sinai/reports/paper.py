@@ -4,9 +4,12 @@
 - Table 2 (SINAI Table 2): decision-based attacks, same layout.
 - Table 4 (SINAI Table 4 / RFD Table 7): query attacks run with EOT (M > 1), columns attack x M x query
   count.
-- ``whitebox`` (seed 001 Table 1): white-box attacks, columns Clean, PGD-20, FGSM, MI-FGSM, CW (and the
-  median l2 of the perturbations CW found), AutoAttack, then AutoAttack-rand, EOT-PGD and any other
-  white-box run.
+- ``whitebox`` (seed 001 Table 1; seed 004 Table 1 with its EOT column): white-box attacks, columns
+  Clean, PGD-20, FGSM, MI-FGSM, CW (and the median l2 of the perturbations CW found), AutoAttack, then
+  AutoAttack-rand, EOT-PGD and any other white-box run; BitOPs per image and their reduction when a row
+  is SINAI-selective (:mod:`sinai.analysis.bitops`).
+- ``table6`` (seed 001 Table 6): SINAI-selective's ratio and N:M sweep, each row with every attack run on
+  it (naive and BPDA side by side), its worst case and BitOPs, beside the same model without the defense.
 - ``worst_case``: per row Clean, every attack run on it (score, decision, white-box, transfer; each at
   its largest budget), the worst case (an image is robust only if no attack broke it; 95% Wilson
   interval over its n images, see :mod:`.worst`) and the gap between the best query attack and it.
@@ -48,7 +51,7 @@ from .worst import (
     threat_text,
 )
 
-METHOD_ORDER = ("Base", "PGD-AT", "RND", "SND", "FND", "SINAI-Attn", "SINAI-FFN", "SINAI")
+METHOD_ORDER = ("Base", "PGD-AT", "RND", "SND", "FND", "MFDV", "SINAI-Attn", "SINAI-FFN", "SINAI")
 STANDARD_BUDGETS = (1000, 10000)
 
 
@@ -167,7 +170,7 @@ class Table:
     name: str
     columns: list[str]
     rows: list[tuple[str, str, str]]  # (model, method, level)
-    cells: list[list[float | None]]
+    cells: list[list[float | str | None]]  # a str: a label cell (seed 001's N:M)
     best: list[tuple[int, int]] = field(default_factory=list)  # (row, column) marked best
     intervals: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
     formats: dict[str, str] = field(default_factory=dict)
@@ -178,7 +181,7 @@ class Table:
         v = self.cells[i][j]
         if v is None:
             return "–"
-        text = str(v) if isinstance(v, int) else format(v, self.formats.get(self.columns[j], ".1f"))
+        text = str(v) if isinstance(v, (int, str)) else format(v, self.formats.get(self.columns[j], ".1f"))
         if (i, j) in best:
             text = f"**{text}**"
         if (i, j) in self.intervals:
@@ -216,7 +219,9 @@ class Table:
         def csv_value(v: float | None, column: str) -> str:
             if v is None:
                 return ""
-            return str(v) if isinstance(v, int) else f"{v:.4f}" if column in self.formats else f"{v:.2f}"
+            if isinstance(v, (int, str)):
+                return str(v)
+            return f"{v:.4f}" if column in self.formats else f"{v:.2f}"
 
         with csv_path.open("w", newline="") as f:
             writer = csv.writer(f)
@@ -405,8 +410,9 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
         tables[name] = table
     whitebox = _whitebox_table([r for r in attacked if r.kind == "white-box"], worst)
     worst_table = _worst_case_table(attacked, worst)
-    order = ("table1", "table2", "whitebox", "table4", "worst_case")
-    tables.update({t.name: t for t in (whitebox, worst_table) if t is not None})
+    selective = _selective_table(runs, worst)
+    order = ("table1", "table2", "whitebox", "table6", "table4", "worst_case")
+    tables.update({t.name: t for t in (whitebox, selective, worst_table) if t is not None})
     return [tables[name] for name in order if name in tables]
 
 
@@ -432,6 +438,7 @@ def _whitebox_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
             columns.append(CW_NORM)
     columns.append(WORST)
     keys = sorted({(r.model, r.method, r.level) for r in runs}, key=_row_order)
+    costs = _row_bitops(keys, runs)
     cells = []
     for key in keys:
         mine = [r for r in runs if (r.model, r.method, r.level) == key]
@@ -444,13 +451,100 @@ def _whitebox_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
                 run = _pick([r for r in mine if r.label == column])
                 row.append(run.robust(run.budget) if run else None)
         row.append(worst.cell(key, runs))
+        if costs:
+            row += list(costs.get(key) or (None, None))
         cells.append(row)
     notes = [
         "White-box attacks through the deployed (noisy) model, each run at its largest budget; "
         f"{CW_NORM}: median l2 norm of the CW perturbations on the images it broke.",
         *worst.notes(keys, runs),
     ]
-    table = Table("whitebox", columns, keys, cells, formats={CW_NORM: ".3f"}, unranked={CW_NORM}, notes=notes)
+    if costs:
+        columns += list(BITOPS_COLUMNS)
+        notes.append(BITOPS_NOTE)
+    formats = {CW_NORM: ".3f", BITOPS_COLUMNS[0]: ".3f"}
+    unranked = {CW_NORM, *BITOPS_COLUMNS}
+    table = Table("whitebox", columns, keys, cells, formats=formats, unranked=unranked, notes=notes)
+    _mark_best(table)
+    return table
+
+
+BITOPS_COLUMNS = ("BitOPs (G)", "BitOPs -%")
+BITOPS_NOTE = (
+    "BitOPs (G): per image, MACs x weight bits x activation bits (32 x 32 for the dense float model; "
+    "SINAI-selective's approximation at 4-bit weights, see sinai.analysis.bitops); -%: the reduction "
+    "against the same model without the defense (seed 001 Table 6)."
+)
+
+
+def _approx_spec(settings: dict):  # -> SelectiveSpec | None
+    return Defense.from_dict(settings["defense"]).specs.get("approx")
+
+
+def _row_bitops(keys: Sequence[RowKey], runs: Sequence[Run]) -> dict[RowKey, tuple[float, float]]:
+    """BitOPs (G) and reduction (%) of each row on an embedded model, when some row is SINAI-selective
+    (empty otherwise: for noise defenses the count is the dense model's and says nothing)."""
+    by_key = {key: next(r for r in runs if (r.model, r.method, r.level) == key) for key in keys}
+    if not any(_approx_spec(run.settings) is not None for run in by_key.values()):
+        return {}
+    from ..analysis.bitops import bitops
+    from ..models.embedded import build_embedded, is_embedded
+
+    out = {}
+    for key, run in by_key.items():
+        if not is_embedded(run.model):
+            continue
+        cost = bitops(build_embedded(run.model), defense=Defense.from_dict(run.settings["defense"]))
+        out[key] = (cost.total / 1e9, cost.reduction_percent)
+    return out
+
+
+def _selective_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
+    """Seed 001 Table 6: rows SINAI-selective at each ratio / N:M (and the same model without the
+    defense, r = 0), columns r, N:M, Clean, every attack on those rows (naive and BPDA side by side),
+    Worst case with its 95% interval, BitOPs and their reduction."""
+    models = {r.model for r in runs if _approx_spec(r.settings) is not None}
+    if not models:
+        return None
+    mine = [r for r in runs if r.model in models]
+    keys = sorted({(r.model, r.method, r.level) for r in mine}, key=_row_order)
+    specs = {}
+    for key in keys:
+        run = next(r for r in mine if (r.model, r.method, r.level) == key)
+        specs[key] = _approx_spec(run.settings)
+    keys.sort(key=lambda k: (k[0], specs[k].ratio if specs[k] is not None else 0.0, _row_order(k)))
+    attacked = [r for r in mine if r.attack != "none"]
+    labels = _label_order(attacked)
+    columns = ["r", "N:M", "Clean", *labels, WORST, *BITOPS_COLUMNS]
+    costs = _row_bitops(keys, mine)
+    cells, intervals = [], {}
+    for i, key in enumerate(keys):
+        spec = specs[key]
+        row_runs = [r for r in mine if (r.model, r.method, r.level) == key]
+        row: list = [100 * spec.ratio if spec else 0.0, f"{spec.n}:{spec.m}" if spec and spec.m else None]
+        row.append(_clean(row_runs))
+        for label in labels:
+            run = _pick([r for r in row_runs if r.label == label])
+            row.append(run.robust(run.budget) if run else None)
+        wc = worst.case(key, attacked)
+        row.append(wc.accuracy if wc else None)
+        if wc is not None and wc.interval is not None:
+            intervals[i, columns.index(WORST)] = wc.interval
+        row += list(costs.get(key) or (None, None))
+        cells.append(row)
+    notes = [
+        "r: the share (%) of each sample's conv outputs that take the approximation (0: the exact "
+        "network); N:M: N of every M channels approximated instead. Deterministic once P is drawn, so no "
+        "EOT: naive white-box attacks differentiate the top-k mask and the INT4 rounding as they are, "
+        "BPDA ones pass the gradient of the exact convolution (a gain that BPDA removes is gradient "
+        "masking).",
+        *worst.notes(keys, attacked),
+        BITOPS_NOTE,
+    ]
+    table = Table(
+        "table6", columns, keys, cells, intervals=intervals,
+        formats={"r": ".0f", BITOPS_COLUMNS[0]: ".3f"}, unranked={"r", "N:M", *BITOPS_COLUMNS}, notes=notes,
+    )  # fmt: skip
     _mark_best(table)
     return table
 

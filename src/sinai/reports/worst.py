@@ -72,6 +72,8 @@ def attack_label(attack: str, args: Mapping[str, object], eot: int = 1, bpda: bo
         elif attack == "autoattack":
             version = str(args.get("version", "standard"))
             label = "AutoAttack" + ("" if version == "standard" else f"-{version}")
+        elif attack == "eotpgd" and int(args.get("eot_iter", 10)) != 10:
+            label = f"EOT-PGD-{args['eot_iter']}"  # seed 004's EOT-80
         elif attack == "npixel":
             label = f"{args.get('pixels', 1)}-pixel"
         else:

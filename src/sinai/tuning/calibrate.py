@@ -140,7 +140,7 @@ def calibrate(
     steps: list[tuple[float, float, float]] = []  # (std, drop, clean)
 
     def measure(std: float) -> float:
-        candidate = Defense({kind: replace(spec, std=std)}, name=defense.name, require=defense.require)
+        candidate = replace(defense, specs={kind: replace(spec, std=std)})
         defended = protect(model, candidate, seed=seed)
         try:
             clean = clean_accuracy(defended, images, labels, passes=passes, batch_size=batch_size).mean
@@ -161,7 +161,7 @@ def calibrate(
         )
     best = min(steps, key=lambda s: (abs(s[1] - drop), s[0]))
     return Calibration(
-        defense=Defense({kind: replace(spec, std=best[0])}, name=defense.name, require=defense.require),
+        defense=replace(defense, specs={kind: replace(spec, std=best[0])}),
         kind=kind,
         target=drop,
         tolerance=tolerance,

@@ -24,6 +24,7 @@ from sinai.models.zoo import load_model
 
 TINY = dict(epochs=1, batch_size=64, lr=3e-3, weight_decay=5e-4, augment=0, train_images=256)
 RECIPES = {
+    "mnist-cnn": TrainConfig(**TINY),
     "mnist-cnn-mfdv": TrainConfig(**TINY, mfdv=MfdvTraining(lambda1=1e-3)),
     "mnist-cnn-at": TrainConfig(**TINY, adv=AdvTraining("pgd", eps=0.1, steps=1)),
     "mnist-cnn-selective": TrainConfig(
@@ -156,3 +157,17 @@ def test_preset_on_the_wrong_checkpoint_is_one_line(cache) -> None:
         protect(plain, "MFDV")
     with pytest.raises(ValueError, match="sinai train mnist-cnn --selective"):
         protect(plain, "SINAI-selective")
+
+
+def test_demo_trained_adds_the_trained_defenses(cache, tmp_path) -> None:
+    use = ("--quick", "--models", "mnist-cnn", "--attacks", "square", "--images", "10", "--budget", "20")
+    out = tmp_path / "demo"
+    result = run("demo", *use, "--trials", "2", "--trained", "--out", str(out), "--cache-dir", str(cache))
+    assert result.exit_code == 0, result.output
+    rows = [line.split("|")[2].strip() for line in result.output.splitlines() if line.startswith("| mnist-")]
+    assert any(row.startswith("SINAI-selective") for row in rows) and any(
+        row.startswith("MFDV") for row in rows
+    )
+    assert "load or train its MFDV model mnist-cnn-mfdv" in result.output
+    whitebox_free = json.loads((out / "report" / "table1.json").read_text())  # query attacks only: no BitOPs
+    assert not any("BitOPs" in c for c in whitebox_free["columns"])

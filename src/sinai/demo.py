@@ -2,6 +2,9 @@
 
 1. Train (once, cached) or load the embedded CNN and ViT, and (full demo) the CNN's PGD-AT model
    ``mnist-cnn-at``: its undefended row "PGD-AT" is the defense every reader compares noise against.
+   ``--trained`` adds the trained defenses of the CNN: MFDV-SNN (``mnist-cnn-mfdv`` with the ``MFDV``
+   preset, one noisy pass per query; seed 004) and SINAI-selective (``mnist-cnn-selective`` at r = 0.9;
+   seed 001), each trained once and cached.
 2. Split the 1000 MNIST test images into a validation set (calibration and tuning) and a disjoint
    evaluation set (the table), both seeded and class-covering.
 3. Calibrate RND, FND and SINAI-Attn (the ViT only) to ≈1% and ≈2% clean-accuracy drop.
@@ -24,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,13 +40,15 @@ from .evaluation.defaults import MNIST_EPS, default_attack_args
 from .evaluation.protocol import EvalResult, evaluate
 from .evaluation.store import ResultStore
 from .models.data import mnist, select_images
-from .models.embedded import ADVERSARIAL
+from .models.embedded import ADVERSARIAL, VARIANTS
 from .models.zoo import load_model
 from .reports.report import Report, make_report, write_tuning
 from .tuning.calibrate import calibrate
 from .tuning.tune import Fidelity, tune
 
 MODELS = ("mnist-cnn", "mnist-vit")
+TRAINED = (("selective", "SINAI-selective"), ("mfdv", "MFDV"))
+"""The trained defenses ``--trained`` adds: (variant kind, the preset that deploys it)."""
 CALIBRATED = ("RND", "FND", "SINAI-Attn")  # one-kind defenses; SINAI-Attn only where attention exists
 SCORE_ATTACKS = ("square", "signhunter", "nes")
 DECISION_ATTACKS = ("rays", "signflip")
@@ -66,6 +71,7 @@ class DemoConfig:
     full: Fidelity
     passes: int = 3
     adversarial: bool = True  # a PGD-AT row (the adversarially trained model, undefended) where one exists
+    trained: bool = False  # rows of the trained defenses (MFDV-SNN, SINAI-selective) where they exist
 
     @staticmethod
     def preset(quick: bool) -> DemoConfig:
@@ -151,6 +157,7 @@ def run_demo(
     trials: int | None = None,
     attacks: Sequence[str] | None = None,
     models: Sequence[str] | None = None,
+    trained: bool = False,
     seed: int = 0,
     device: torch.device | str = "cpu",
     cache_dir: str | None = None,
@@ -158,7 +165,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo (see the module docstring); ``log`` is told every step. Bad sizes or names raise
     ``ValueError``."""
-    cfg = DemoConfig.preset(quick)
+    cfg = replace(DemoConfig.preset(quick), trained=trained)
     _positive("the number of evaluation images", eval_images)
     _positive("the query budget", budget)
     _positive("the number of trials", trials)
@@ -190,8 +197,16 @@ def run_demo(
             rows = [("Base", "", Defense(name="none"), model)]
             if cfg.adversarial and model_name in ADVERSARIAL:  # PGD-AT: the method noise is compared to
                 say(f"{model_name}: load or train its PGD-AT model {ADVERSARIAL[model_name]}")
-                trained = load_model(ADVERSARIAL[model_name], device=device, cache_dir=cache_dir)
-                rows.append(("PGD-AT", "", Defense(name="none"), trained))
+                at_model = load_model(ADVERSARIAL[model_name], device=device, cache_dir=cache_dir)
+                rows.append(("PGD-AT", "", Defense(name="none"), at_model))
+            if cfg.trained:
+                for kind, method in TRAINED:
+                    variant = VARIANTS[kind].get(model_name)
+                    if variant is None:
+                        continue
+                    say(f"{model_name}: load or train its {method} model {variant}")
+                    trained_model = load_model(variant, device=device, cache_dir=cache_dir)
+                    rows.append((method, "", preset(method), trained_model))
 
             # ----------------------------------------------------------------- calibration
             for method in CALIBRATED:
@@ -235,6 +250,9 @@ def run_demo(
             for method, level, defense, target in rows:
                 for attack in attacks:
                     describe = {"model": model_name, "dataset": "mnist", "method": method, "level": level}
+                    network = getattr(target, "name", model_name)
+                    if network != model_name:  # the row's own network (PGD-AT, the trained defenses)
+                        describe["network"] = network
                     same = evaluated.get((id(target), defense.describe(), attack))
                     if same is not None:  # e.g. tuning chose one configuration for both drops
                         say(f"{model_name}: {method} {level} under {attack}: same defense as above, reused")

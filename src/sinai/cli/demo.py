@@ -32,6 +32,12 @@ from .options import device_options, names, out_option, parsed, seed_option
     help="Comma-separated embedded models (default mnist-cnn,mnist-vit). Two demos with different "
     "--models may share one --out and run side by side.",
 )
+@click.option(
+    "--trained",
+    is_flag=True,
+    help="Add the trained defenses of the CNN: MFDV-SNN (mnist-cnn-mfdv, preset MFDV) and SINAI-selective "
+    "(mnist-cnn-selective at r = 0.9), each trained once (about a minute) and cached.",
+)
 @seed_option()
 @out_option("runs/demo")
 @device_options
@@ -42,6 +48,7 @@ def demo(
     trials: int | None,
     attacks: tuple[str, ...] | None,
     models: tuple[str, ...] | None,
+    trained: bool,
     seed: int,
     out: str,
     device: torch.device,
@@ -58,7 +65,7 @@ def demo(
 
     result = run_demo(
         out=Path(out), quick=quick, eval_images=images, budget=budget, trials=trials, attacks=attacks,
-        models=models, seed=seed, device=device, cache_dir=cache_dir, log=log,
+        models=models, trained=trained, seed=seed, device=device, cache_dir=cache_dir, log=log,
     )  # fmt: skip
     threat = result.threat
     note = f" (robust accuracy %, {result.images} images, {threat.norm} eps {threat.eps})"

@@ -51,7 +51,9 @@ from .worst import (
     threat_text,
 )
 
-METHOD_ORDER = ("Base", "PGD-AT", "RND", "SND", "FND", "MFDV", "SINAI-Attn", "SINAI-FFN", "SINAI")
+METHOD_ORDER = (
+    "Base", "PGD-AT", "SINAI-selective", "RND", "SND", "FND", "MFDV", "SINAI-Attn", "SINAI-FFN", "SINAI"
+)  # fmt: skip
 STANDARD_BUDGETS = (1000, 10000)
 
 
@@ -492,9 +494,13 @@ def _row_bitops(keys: Sequence[RowKey], runs: Sequence[Run]) -> dict[RowKey, tup
 
     out = {}
     for key, run in by_key.items():
-        if not is_embedded(run.model):
+        network = str(run.settings.get("network") or run.model)  # the demo names rows by their base model
+        if not is_embedded(network):
             continue
-        cost = bitops(build_embedded(run.model), defense=Defense.from_dict(run.settings["defense"]))
+        try:
+            cost = bitops(build_embedded(network), defense=Defense.from_dict(run.settings["defense"]))
+        except ValueError:  # a row whose network is unknown here: its cell stays empty
+            continue
         out[key] = (cost.total / 1e9, cost.reduction_percent)
     return out
 

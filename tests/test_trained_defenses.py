@@ -171,3 +171,39 @@ def test_demo_trained_adds_the_trained_defenses(cache, tmp_path) -> None:
     assert "load or train its MFDV model mnist-cnn-mfdv" in result.output
     whitebox_free = json.loads((out / "report" / "table1.json").read_text())  # query attacks only: no BitOPs
     assert not any("BitOPs" in c for c in whitebox_free["columns"])
+
+
+LIGHT_ARGS = {  # every attack with the least work that still runs its algorithm
+    "pgd": {"steps": 2}, "mifgsm": {"steps": 2}, "eotpgd": {"steps": 2, "eot_iter": 2},
+    "cw": {"steps": 5, "binary_search_steps": 1}, "npixel": {"steps": 1, "popsize": 2},
+    "transfer": {"queries": 10},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "defense"), [("mnist-cnn-mfdv", "MFDV:mc=2"), ("mnist-cnn-selective", None)]
+)
+def test_every_attack_runs_on_the_trained_defenses(cache, mnist_images, name, defense) -> None:
+    from sinai.attacks import ATTACKS, ThreatModel, attack_class
+    from sinai.defenses import parse_defense
+    from sinai.evaluation.config import EvalConfig
+    from sinai.evaluation.protocol import evaluate
+
+    if name == "mnist-cnn-selective":
+        run("train", "mnist-cnn", "--selective", "--cache-dir", str(cache), "--device", "cpu")
+        defense = "SINAI-selective:ratio=0.9"
+    else:
+        run("train", "mnist-cnn", "--mfdv", "--cache-dir", str(cache), "--device", "cpu")
+    model = load_model(name, cache_dir=cache)
+    x, y = mnist_images
+    for attack in ATTACKS:
+        if attack == "autoattack":
+            continue  # minutes even on 2 images; its wrapper is tested in test_attacks_whitebox
+        norms = attack_class(attack).norms
+        threat = ThreatModel("linf", 0.1) if "linf" in norms else ThreatModel("l2", 1.5)
+        config = EvalConfig(
+            attack=attack, attack_args=LIGHT_ARGS.get(attack, {}), defense=parse_defense(defense),
+            threat=threat, budgets=(20,), seed=0, passes=1,
+        )  # fmt: skip
+        result = evaluate(model, x[:2], y[:2], config, progress=False)
+        assert len(result.results) == 2, attack

@@ -17,7 +17,8 @@ import torch
 
 MODELS_HELP = (
     "mnist-cnn, mnist-vit, mnist-cnn-at[:eps=E,steps=S,alpha=A] (PGD-AT), mnist-cnn-surrogate, "
-    "timm:<name> or torchvision:<name>"
+    "mnist-cnn-mfdv[:lambda1=L] / mnist-vit-mfdv (MFDV-SNN), mnist-cnn-selective[:k=K] "
+    "(SINAI-selective), timm:<name> or torchvision:<name>"
 )
 
 

@@ -52,6 +52,30 @@ from .options import device_options, model_option, weights_option
     help="Key file (JSON, keys stored hashed; `sinai serve keys add`): requests need a key.",
 )
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without --api-keys.")
+@click.option(
+    "--detect",
+    default="none",
+    show_default=True,
+    help="Stateful detection: 'blacklight' or 'blacklight:window=W,hashes=N,match=M,history=H' (per key).",
+)
+@click.option(
+    "--detect-policy",
+    type=click.Choice(["flag", "reject", "ban"]),
+    default="flag",
+    show_default=True,
+    help="A flagged query: answered and counted (flag), refused with 403 (reject), or the key banned (ban).",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Run the app under Ray Serve with N replicas (0: one uvicorn process, no Ray).",
+)
+@click.option("--replica-cpus", type=float, default=1.0, show_default=True, help="CPUs per Ray replica.")
+@click.option(
+    "--ray-address", default=None, help="Join this Ray cluster (e.g. auto) instead of starting a local one."
+)
 @click.option("--log-level", default="warning", show_default=True, help="uvicorn log level.")
 @device_options
 @click.pass_context
@@ -73,6 +97,11 @@ def serve(
     max_batch_forward: int,
     api_keys: str | None,
     insecure: bool,
+    detect: str,
+    detect_policy: str,
+    replicas: int,
+    replica_cpus: float,
+    ray_address: str | None,
     log_level: str,
     device: torch.device,
     cache_dir: str | None,
@@ -94,11 +123,23 @@ def serve(
         max_batch=max_batch, max_bytes=max_bytes, batching=batching, batch_wait_ms=batch_wait_ms,
         max_batch_forward=max_batch_forward, api_keys=api_keys, insecure=insecure, device=str(device),
         cache_dir=cache_dir, checkpoint=checkpoint, weights=weights, num_classes=num_classes,
-        log_level=log_level,
+        log_level=log_level, detect=detect, detect_policy=detect_policy,
     )  # fmt: skip
+    if replicas:
+        from ..serving.replicas import run as run_replicas
+
+        click.echo(
+            f"sinai serve: {model_name} with {config.defense_text} on http://{host}:{port} under Ray Serve, "
+            f"{replicas} replicas of {replica_cpus:g} CPUs (usage, detection and metrics per replica)",
+            err=True,
+        )
+        run_replicas(config, replicas=replicas, num_cpus=replica_cpus, address=ray_address)
+        return
     app = create_app(config)
     state = app.state.sinai
     keys = f"{len(state.keys)} API keys from {config.api_keys}" if state.keys else "no API keys"
+    if config.detect is not None:
+        keys += f", detection {config.detect.describe()} policy {detect_policy}"
     click.echo(
         f"sinai serve: {model_name} with {config.defense_text} on http://{host}:{port} "
         f"(output {output}, {keys}, batching {'on' if batching else 'off'}, device {device})",

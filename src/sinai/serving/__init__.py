@@ -7,11 +7,15 @@ an HTTP call, so the Oracle and every query attack run against an endpoint uncha
 
 from .app import create_app
 from .config import OUTPUTS, ServeConfig, is_loopback
+from .detect import POLICIES, Blacklight, Detector
 from .keys import add_key, hash_key, read_keys, remove_key
 from .server import ServerThread, serve
 
 __all__ = [
     "OUTPUTS",
+    "POLICIES",
+    "Blacklight",
+    "Detector",
     "ServeConfig",
     "ServerThread",
     "add_key",

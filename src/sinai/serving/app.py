@@ -10,9 +10,11 @@ a bad request is a 4xx, never a 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -36,6 +38,7 @@ from ..defenses import protect
 from .batcher import Batcher
 from .codec import BadRequest, check_batch, decode_body
 from .config import ServeConfig
+from .detect import Detector, Verdict
 from .keys import KeyEntry, KeyRing, KeyUsage, Refused
 
 log = logging.getLogger("sinai.serving")
@@ -104,6 +107,16 @@ class Metrics:
             "sinai_forward_images", "Images per forward (dynamic batching)", buckets=BATCH_BUCKETS, registry=r
         )
         self.queue = Gauge("sinai_queue_requests", "Requests waiting for a forward", registry=r)
+        self.detections = Counter(
+            "sinai_detections", "Images flagged by stateful detection", ["policy"], registry=r
+        )
+        self.detected_requests = Counter(
+            "sinai_detected_requests", "Requests with a flagged image, by action", ["action"], registry=r
+        )
+        self.remembered = Gauge(
+            "sinai_detector_remembered_queries", "Query fingerprints the detector holds", registry=r
+        )
+        self.tracked = Gauge("sinai_detector_clients", "Clients (keys) the detector tracks", registry=r)
 
     def forward(self, requests: int, images: int) -> None:
         self.forwards.inc()
@@ -119,6 +132,8 @@ class ServerState:
     keys: KeyRing | None
     anonymous: KeyUsage
     metrics: Metrics
+    detector: Detector | None = None
+    detect_executor: ThreadPoolExecutor | None = None
 
     def authenticate(self, request: Request) -> KeyUsage:
         """The caller's usage record; 401 without a valid key when the server has keys."""
@@ -130,6 +145,17 @@ class ServerState:
                 401, "missing or invalid API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
             )
         return usage
+
+    def client(self, request: Request, usage: KeyUsage) -> str:
+        """Who stateful detection tracks: the key's name, or the client's address without keys."""
+        if self.keys is not None:
+            return f"key:{usage.entry.name}"
+        return f"addr:{request.client.host if request.client else 'unknown'}"
+
+    async def inspect(self, client: str, x: np.ndarray) -> Verdict:
+        """The detector's verdict on ``x``, computed in its own thread (one at a time, in order)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.detect_executor, self.detector.inspect, client, x)
 
     def info(self) -> dict[str, object]:
         cfg = self.config
@@ -165,6 +191,14 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 _REASONS = {400: "malformed", 401: "auth", 413: "too_large", 415: "unsupported", 422: "invalid"}
+
+
+class Detected(Exception):
+    """A request refused by stateful detection (403): ``reason`` is ``detected`` or ``banned``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -218,12 +252,19 @@ def create_app(config: ServeConfig, *, model: nn.Module | None = None) -> FastAP
         metrics=metrics,
     )
     metrics.queue.set_function(lambda: state.batcher.queued)
+    if config.detect is not None:
+        state.detector = Detector(config.detect, policy=config.detect_policy)
+        state.detect_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinai-detect")
+        metrics.remembered.set_function(lambda: state.detector.remembered)
+        metrics.tracked.set_function(lambda: len(state.detector.clients))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.batcher.start()
         yield
         await state.batcher.stop()
+        if state.detect_executor is not None:
+            state.detect_executor.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="sinai", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.sinai = state
@@ -247,13 +288,36 @@ def create_app(config: ServeConfig, *, model: nn.Module | None = None) -> FastAP
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
         start = time.perf_counter()
+        detector, verdict = state.detector, None
         try:
             with state.batcher.arriving():
                 usage = state.authenticate(request)
+                client = state.client(request, usage) if detector is not None else ""
+                if detector is not None and detector.is_banned(client):
+                    raise Detected("banned", "this client is banned: an earlier query was flagged as part of "
+                                   "a query-based attack (stateful detection)")  # fmt: skip
                 body = await _read_body(request, config.max_bytes)
                 x = check_batch(decode_body(body, request.headers.get("content-type")), model.input_shape,
                                 max_batch=config.max_batch)  # fmt: skip
                 usage.admit(len(x))
+                if detector is not None:
+                    verdict = await state.inspect(client, x)
+                    if verdict.flagged:
+                        metrics.detections.labels(detector.policy).inc(verdict.flagged)
+                        action = {"flag": "flagged", "reject": "rejected", "ban": "banned"}[detector.policy]
+                        metrics.detected_requests.labels(action).inc()
+                        if detector.policy != "flag":
+                            raise Detected(
+                                "detected",
+                                f"query rejected: {verdict.flagged} of {len(x)} images match an earlier "
+                                "query of this client (stateful detection); the images were charged"
+                                + ("; this client is now banned" if verdict.banned else ""),
+                            )
+        except Detected as err:
+            usage.rejected += 1
+            metrics.rejections.labels(err.reason).inc()
+            metrics.requests.labels("/v1/predict", 403).inc()
+            return _error(403, err.message)
         except BadRequest as err:
             metrics.rejections.labels(_REASONS.get(err.status, "invalid")).inc()
             metrics.requests.labels("/v1/predict", err.status).inc()
@@ -265,6 +329,10 @@ def create_app(config: ServeConfig, *, model: nn.Module | None = None) -> FastAP
             return _error(err.status, err.message, headers)
         out = await state.batcher.submit(x)
         answer: dict[str, object] = {"output": config.output, "queries": len(x), "used": usage.queries}
+        headers = None
+        if verdict is not None:
+            answer["flagged"] = verdict.flagged
+            headers = {"X-Sinai-Flagged": str(verdict.flagged)}
         if config.output == "topk":
             answer["topk"] = {"classes": out["classes"].tolist(), "probs": out["probs"].tolist()}
         else:
@@ -272,7 +340,7 @@ def create_app(config: ServeConfig, *, model: nn.Module | None = None) -> FastAP
         metrics.images.inc(len(x))
         metrics.requests.labels("/v1/predict", 200).inc()
         metrics.latency.observe(time.perf_counter() - start)
-        return JSONResponse(answer)
+        return JSONResponse(answer, headers=headers)
 
     @app.get("/v1/info")
     async def info(request: Request) -> Response:
@@ -292,7 +360,10 @@ def create_app(config: ServeConfig, *, model: nn.Module | None = None) -> FastAP
             metrics.requests.labels("/v1/usage", err.status).inc()
             return _error(err.status, err.message)
         metrics.requests.labels("/v1/usage", 200).inc()
-        return JSONResponse(record.to_dict())
+        answer = record.to_dict()
+        if state.detector is not None:
+            answer["detection"] = state.detector.usage(state.client(request, record))
+        return JSONResponse(answer)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

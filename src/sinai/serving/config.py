@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..checks import check_count, check_positive
 from ..defenses import Defense, parse_defense
+from .detect import POLICIES, Blacklight
 
 OUTPUTS = ("probs", "logits", "labels", "topk")
 """What ``POST /v1/predict`` answers: probabilities, raw logits, the top-1 label, or the top-k
@@ -63,6 +64,8 @@ class ServeConfig:
     weights: str = "pretrained"
     num_classes: int | None = None
     log_level: str = "warning"
+    detect: Blacklight | str | None = None
+    detect_policy: str = "flag"
     defense_text: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
@@ -104,6 +107,17 @@ class ServeConfig:
             raise ValueError(
                 f"refusing to serve on non-loopback address {self.host} without API keys: pass --api-keys "
                 "FILE (see `sinai serve keys add`), or --insecure to serve anyone who can reach it"
+            )
+        if isinstance(self.detect, str):
+            text = self.detect.strip()
+            object.__setattr__(
+                self, "detect", None if text.lower() in ("", "none") else Blacklight.parse(text)
+            )
+        if self.detect is not None and not isinstance(self.detect, Blacklight):
+            raise ValueError(f"detect must be 'blacklight[:options]' or None, got {self.detect!r}")
+        if self.detect_policy not in POLICIES:
+            raise ValueError(
+                f"detect_policy must be one of {', '.join(POLICIES)}, got {self.detect_policy!r}"
             )
         if self.num_classes is not None:
             check_positive("num_classes", self.num_classes, integer=True)

@@ -21,6 +21,7 @@ from .eval import eval_command
 from .models import sites, train
 from .report import report
 from .serve import serve
+from .sweep import sweep
 from .tune import tune
 
 
@@ -45,6 +46,7 @@ def cli() -> None:
 
 for _command in (demo, calibrate, tune, report, eval_command, sites, train, bench, analyze, check, serve):
     cli.add_command(_command)
+cli.add_command(sweep)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,6 +52,10 @@ def _model_batches(text: str) -> list[tuple[str, int]]:
 @click.option(
     "--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON."
 )
+@click.option(
+    "--large", is_flag=True,
+    help="Also timm:vit_base_patch16_224@16 and timm:resnet50@16 (random weights; slow on a CPU).",
+)  # fmt: skip
 @device_options
 def bench_defenses(
     models: list[tuple[str, int]] | None,
@@ -59,16 +63,18 @@ def bench_defenses(
     rounds: int,
     iters: int,
     json_out: str | None,
+    large: bool,
     device: torch.device,
     cache_dir: str | None,
 ) -> None:
     """Protected-forward / unprotected-forward time per preset, same model and batch (target <= 1.05x)."""
-    from ..bench.defenses import BENCH_PRESETS, DEFAULT_MODELS, bench_models
+    from ..bench.defenses import BENCH_PRESETS, DEFAULT_MODELS, LARGE_MODELS, bench_models
     from ..reports.console import bench_defenses_table
 
     start = time.perf_counter()
+    models = [*(models or DEFAULT_MODELS), *(LARGE_MODELS if large else ())]
     rows = bench_models(
-        models or DEFAULT_MODELS, defense_names or BENCH_PRESETS, device=device, rounds=rounds, iters=iters,
+        models, defense_names or BENCH_PRESETS, device=device, rounds=rounds, iters=iters,
         cache_dir=cache_dir,
     )  # fmt: skip
     click.echo(
@@ -119,6 +125,13 @@ def bench_defenses(
 @click.option(
     "--hsja-iters", type=int, default=10, show_default=True, help="HopSkipJump iterations (all tools)."
 )
+@click.option(
+    "--large", is_flag=True,
+    help="Also timm:vit_base_patch16_224 and timm:resnet50 (random weights, random images labelled by "
+    "the model, batch 16; --large-images, --large-budget): slow on a CPU.",
+)  # fmt: skip
+@click.option("--large-images", type=int, default=16, show_default=True)
+@click.option("--large-budget", type=int, default=50, show_default=True)
 @seed_option()
 @device_options
 def bench_attacks(
@@ -134,6 +147,9 @@ def bench_attacks(
     peer_budget: int,
     hsja_images: int,
     hsja_iters: int,
+    large: bool,
+    large_images: int,
+    large_budget: int,
     seed: int,
     device: torch.device,
     cache_dir: str | None,
@@ -161,6 +177,22 @@ def bench_attacks(
         "forward_share = fraction of the attack's time inside the model"
     )
     click.echo(bench_attacks_table(rows))
+    if large:
+        from ..bench.attacks import random_weight_setup
+        from ..bench.defenses import LARGE_MODELS
+
+        for name, batch in LARGE_MODELS:
+            big, bx, by = random_weight_setup(
+                name, large_images, device=device, cache_dir=cache_dir, seed=seed
+            )
+            big_rows = measure_attacks(
+                big, bx, by, attack_names or ATTACKS, budget=large_budget, batch_size=batch, rounds=rounds,
+                seed=seed,
+            )  # fmt: skip
+            click.echo(
+                f"\n{name} (random weights), {large_images} images, budget {large_budget}, batch {batch}:"
+            )
+            click.echo(bench_attacks_table(big_rows))
     if not peers:
         return
     peer_rows = compare_square(
@@ -256,3 +288,34 @@ def bench_serve_command(
                 indent=2,
             )
         )
+
+
+@bench.command("sweep")
+@model_option("mnist-cnn")
+@click.option("--shards", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--shard-size", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--budget", type=click.IntRange(min=1), default=200, show_default=True, help="Square queries.")
+@click.option("--workers", type=click.IntRange(min=2), default=2, show_default=True)
+@click.option(
+    "--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the numbers as JSON."
+)
+@device_options
+def bench_sweep_command(
+    model_name: str, shards: int, shard_size: int, budget: int, workers: int, json_out: str | None,
+    device: torch.device, cache_dir: str | None,
+) -> None:  # fmt: skip
+    """One plan of CPU-bound shards serially, with N local workers and N Ray workers: speedup, Ray's
+    overhead per task, and the papers' protocol in hours from the measured cost per query."""
+    import os
+
+    from ..bench.sweep import bench_sweep, bench_table
+
+    result = bench_sweep(
+        model=model_name, shards=shards, shard_size=shard_size, budget=budget, workers=workers,
+        device=str(device), cache_dir=cache_dir, log=lambda m: click.echo(m, err=True),
+    )  # fmt: skip
+    click.echo(f"{os.cpu_count()} CPUs, device {device}, one torch thread per worker")
+    click.echo(bench_table(result))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result.as_dict(), indent=2))
+

@@ -56,14 +56,23 @@ TUNED = {"SINAI": ("attn", "gelu", "relu"), "SINAI-Attn": ("attn",), "SINAI-FFN"
 @passes_option
 @click.option("--norm", type=click.Choice(NORMS), default="linf", show_default=True)
 @click.option("--eps", type=float, default=None, help="Attack budget (default per dataset/model).")
-@click.option("--storage", default=None, help="Optuna RDB URL (default sqlite:///OUT/study.sqlite).")
+@click.option(
+    "--storage", default=None,
+    help="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or journal:FILE (Optuna's journal "
+    "file, for NFS); default sqlite:///OUT/study.sqlite.",
+)  # fmt: skip
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Trial workers on the one study (processes, one torch thread each); > 1 needs --storage "
+    "postgresql://... or journal:FILE.",
+)  # fmt: skip
 @click.option("--study-name", default=None, help="Default: MODEL-DEFENSE.")
 @seed_option()
 @out_option("runs/tune")
 def tune(
     source: ModelSource, defense: str, delta: tuple[float, ...], trials: int, population: int, ranges: str,
     images: int, screen: object, full: object, passes: int, norm: str, eps: float | None,
-    storage: str | None, study_name: str | None, seed: int, out: str,
+    storage: str | None, workers: int, study_name: str | None, seed: int, out: str,
 ) -> None:  # fmt: skip
     """Optuna NSGA-II over SINAI's stds and ratios: max clean and robust accuracy, clean >= base - delta."""
     from ..attacks import ThreatModel
@@ -93,6 +102,7 @@ def tune(
             population=population, passes=passes, screen=screen, full=full, threat=ThreatModel(norm, eps),
             attack_kwargs=default_attack_args("square", loaded.data, norm), storage=storage,
             study_name=study_name or f"{source.name}-{defense}", store=store, seed=seed, log=say,
+            workers=workers,
         )  # fmt: skip
     files = write_tuning(result, folder, source.name)
     click.echo(f"base clean accuracy {100 * result.base:.2f}%; Pareto front (feasible, screened):")

@@ -192,6 +192,24 @@ def defense_from_params(params: Mapping[str, float]) -> Defense:
 
 
 # ------------------------------------------------------------------------------------------ tuning
+JOURNAL = "journal:"
+"""``journal:FILE``: Optuna's journal file storage (append-only; for parallel workers on NFS)."""
+
+
+def parallel_storage(storage: str) -> bool:
+    """Whether several trial workers may share ``storage`` (PostgreSQL/MySQL or a journal file; SQLite
+    breaks under parallel writers)."""
+    return storage.startswith((JOURNAL, "postgresql", "mysql"))
+
+
+def _trial_worker(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, kwargs: dict) -> None:
+    """A spawned trial worker: the same study, trials only (the parent promotes and chooses)."""
+    torch.set_num_threads(1)
+    location = kwargs.pop("store_location")
+    with ResultStore(location) as store:
+        tune(model, images, labels, store=store, progress=False, trials_only=True, **kwargs)
+
+
 def open_study(
     storage: str, study_name: str, config: Mapping[str, object], sampler: optuna.samplers.BaseSampler
 ) -> optuna.Study:
@@ -199,9 +217,17 @@ def open_study(
     try:
         with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna, stable since 2.9
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=90)
+            if storage.startswith(JOURNAL):  # one append-only file, safe on NFS for many workers
+                backend = optuna.storages.journal.JournalFileBackend(storage[len(JOURNAL) :])
+                rdb = optuna.storages.JournalStorage(backend)
+            else:
+                engine = {"connect_args": {"connect_timeout": 10}} if storage.startswith("postgresql") else {}
+                rdb = optuna.storages.RDBStorage(
+                    storage, heartbeat_interval=30, grace_period=90, engine_kwargs=engine
+                )
     except Exception as exc:  # SQLAlchemy / Optuna raise many kinds for a bad URL or unwritable file
-        raise ValueError(f"cannot open Optuna storage {storage!r}: {exc}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot open Optuna storage {storage!r}: {reason}") from None
     study = optuna.create_study(
         storage=rdb,
         study_name=study_name,
@@ -249,14 +275,29 @@ def tune(
     batch_size: int = 256,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
-) -> TuneResult:
+    workers: int = 1,
+    trials_only: bool = False,
+    sampler_seed: int | None = None,
+) -> TuneResult | None:
     """Tune SINAI's decision variables on ``images`` (a validation set); see the module docstring.
 
     Clean accuracy uses all ``images``; robust accuracy seeded class-covering subsets of them
     (``screen`` for every trial, ``full`` for promoted ones). The constraint uses the largest delta;
     each delta gets its own choice. ``promote``: besides the feasible Pareto front, the best ``promote``
     screened trials under each delta are re-evaluated with the full protocol.
+
+    ``workers`` > 1: that many trial workers on the one study (this process and ``workers - 1`` spawned
+    ones, one torch thread each), which needs a ``storage`` that takes parallel writers (PostgreSQL or
+    ``journal:FILE``); the trials stop at ``trials`` complete ones in all, and this process promotes and
+    chooses once every worker is done. ``trials_only``: run trials, return None (a spawned worker).
     """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers > 1 and not parallel_storage(storage):
+        raise ValueError(
+            f"{workers} trial workers need a storage that takes parallel writers: postgresql://... or "
+            f"journal:FILE, not {storage!r}"
+        )
     deltas = tuple(sorted(float(d) for d in deltas))
     if not deltas or not all(0 < d < 1 for d in deltas):
         raise ValueError(f"delta must be a fraction in (0, 1) such as 0.01 for 1%, got {deltas}")
@@ -320,7 +361,9 @@ def tune(
         "eps": threat.eps,
         "seed": seed,
     }
-    sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
+    sampler = optuna.samplers.NSGAIISampler(
+        population_size=population, seed=seed if sampler_seed is None else sampler_seed
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(storage, study_name, config, sampler)
     complete = lambda: study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -335,10 +378,37 @@ def tune(
             feasible = [t.values[1] for t in complete() if t.values[0] >= bound]
             bar.set_postfix(best_robust=f"{100 * max(feasible):.1f}%" if feasible else "-", refresh=False)
 
+    helpers = []
+    if done < trials and workers > 1:
+        import multiprocessing
+
+        location = getattr(store, "url", None) or str(store.path)
+        shared = dict(
+            deltas=deltas, space=space, model_name=model_name, trials=trials, population=population,
+            passes=passes, screen=screen, full=full, promote=promote, threat=threat,
+            attack_kwargs=dict(attack_kwargs or {}), storage=storage, study_name=study_name, seed=seed,
+            batch_size=batch_size, store_location=location,
+        )  # fmt: skip
+        ctx = multiprocessing.get_context("spawn")
+        helpers = [  # each its own sampler stream: the same seed would propose the same first trials
+            ctx.Process(
+                target=_trial_worker,
+                args=(model, images, labels, {**shared, "sampler_seed": seed + 1000 * (i + 1)}),
+            )
+            for i in range(workers - 1)
+        ]
+        for proc in helpers:
+            proc.start()
     if done < trials:
         stop = optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,))
         study.optimize(objective, n_trials=trials - done, callbacks=[tick, stop])
+    for proc in helpers:
+        proc.join()
+        if proc.exitcode != 0:
+            say(f"trial worker {proc.pid} ended with exit code {proc.exitcode}")
     bar.close()
+    if trials_only:
+        return None
 
     results = [
         TrialResult(

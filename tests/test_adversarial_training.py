@@ -161,7 +161,7 @@ def test_cli_trains_pgd_at_reports_time_and_the_model_loads_by_name(tmp_path, mo
         (["mnist-cnn", "--adv", "pgd", "--steps", "0"], "steps must be a positive int, got 0"),
         (["mnist-vit", "--adv", "pgd"], "adversarial training is not available for mnist-vit"),
         (["mnist-cnn", "--eps", "0.2"], "--eps set adversarial training: add --adv pgd"),
-        (["mnist-cnn", "--surrogate", "--adv", "pgd"], "--surrogate trains the registered surrogate"),
+        (["mnist-cnn", "--surrogate", "--adv", "pgd"], "--adv and --surrogate are different recipes"),
         (["mnist-vit", "--surrogate"], "no surrogate is registered for mnist-vit"),
         (["mnist-cnn:eps=0.2"], "mnist-cnn takes no ':' options"),
         (["mnist-cnn-at:eps=big"], "eps must be a number, got 'big'"),

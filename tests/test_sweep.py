@@ -141,17 +141,32 @@ def test_same_numbers_serial_local_with_a_worker_killed_and_ray(checkpoint, tmp_
         assert redone.attempts == 2 and redone.owner != victim.owner  # run again, by another worker
         assert all(len(db.results(i)) == 20 for i, _, _ in db.runs())
 
-    # 2 Ray workers on a local cluster bound to 127.0.0.1.
+    # 2 Ray workers on a local cluster bound to 127.0.0.1; one is killed with kill -9 mid-shard: Ray
+    # retries its task, which takes the shard over in the ledger.
     import ray
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
              log_to_driver=False)  # fmt: skip
+    box.clear()
     try:
-        status, outcome = run_sweep(plan, store=on_ray, executor="ray", workers=2, device="cpu")
+        driver = threading.Thread(
+            target=lambda: box.update(
+                result=run_sweep(plan, store=on_ray, executor="ray", workers=2, device="cpu", log=log.append)
+            )
+        )
+        driver.start()
+        victim = kill_a_worker_mid_shard(on_ray, log)
+        driver.join(timeout=300)
     finally:
         ray.shutdown()
-    assert status.done and outcome.done == 10
+    status, outcome = box["result"]
+    assert status.done and outcome.failed == 0
+    with ResultStore(on_ray) as db:
+        tasks = db.tasks()
+        assert len(tasks) == 10 and all(t.state == "done" and t.completions == 1 for t in tasks)
+        redone = next(t for t in tasks if (t.run_id, t.shard) == (victim.run_id, victim.shard))
+        assert redone.attempts == 2 and redone.owner != victim.owner
     reference = rows(serial)
     assert len(reference) == 2 and rows(local) == reference and rows(on_ray) == reference
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..defenses import Defense, NoiseSpec, Site, find_sites, protect, selected_count, smallest_mask
 from ..defenses.hooks import Generators, SiteHook
+from ..defenses.protect import smallest_indices
 from ..defenses.spec import SELECTIVE_KINDS, check_kind
 from ..evaluation.clean import clean_accuracy
 from .common import RobustCheck, Row, calibrate_std, check_ratios, check_stds, noisy_accuracy
@@ -80,12 +81,20 @@ class _Selective(SiteHook):
         owner, name = self.owner, self.site.name
         call = owner._calls[name] = owner._calls.get(name, -1) + 1
         gen = owner.generator(z.device)
-        noise = torch.empty(z.shape, dtype=z.dtype, device=z.device).normal_(0.0, owner.std, generator=gen)
         critical = owner.rule.startswith("critical")
         score = z if owner.rule.endswith("value") else owner._scores[(name, call)]
-        mask = select_mask(score, owner.ratio, largest=critical)
-        owner.last_masks[(name, call)] = mask
-        return torch.addcmul(z, noise, mask)
+        draw = lambda shape: torch.empty(shape, dtype=z.dtype, device=z.device).normal_(  # noqa: E731
+            0.0, owner.std, generator=gen
+        )
+        # the production defense's selection and draw (protect.py: noise for the selected logits only, added
+        # where they are): with the value rule and the same seed, the same noise
+        idx = smallest_indices(score, owner.ratio, largest=critical)
+        if idx is None:
+            owner.last_masks[(name, call)] = torch.ones(z.shape, dtype=torch.bool, device=z.device)
+            return z + draw(z.shape)
+        mask = torch.zeros((z.shape[0], z[0].numel()), dtype=torch.bool, device=z.device)
+        owner.last_masks[(name, call)] = mask.scatter_(1, idx, True).view_as(z)
+        return z.reshape(z.shape[0], -1).scatter_add(1, idx, draw(idx.shape)).view_as(z)
 
 
 class SelectiveNoise(nn.Module):

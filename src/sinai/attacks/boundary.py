@@ -10,6 +10,10 @@ source step). Both candidates are queried (one oracle call, two queries per imag
 when the final candidate is adversarial. Every ``adapt_every`` steps each size is multiplied by
 ``step_adaptation`` when more than half of its recent candidates were adversarial and divided by it
 when fewer than a fifth were (the paper's dynamic step-size adjustment).
+
+Each image runs this as its own state machine (start tries, line search, walk; :mod:`sinai.attacks.phases`):
+one oracle call per step answers the next queries of all live images, whatever their phases, and an
+image's queries are the same alone as in a batch.
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ from __future__ import annotations
 import torch
 
 from .base import register_attack
-from .decision import DecisionAttack, ask, bisect, blend, random_start, view4
+from .decision import DecisionAttack, blend, view4
 from .oracle import Oracle
+from .phases import Calls, by_count
 from .streams import ImageStreams
+
+START, SEARCH, WALK, DONE = range(4)
+"""An image's phase: random start tries, line search towards x, the walk along the boundary."""
 
 
 @register_attack("boundary")
@@ -49,60 +57,114 @@ class Boundary(DecisionAttack):
         self.start_tries, self.start_tol = int(start_tries), float(start_tol)
 
     def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
-        """Attack all live images together; return the current adversarial point (x where none)."""
-        streams = ImageStreams(x, seed)
-        num, shape = len(x), tuple(x.shape[1:])
-        x_adv = x.clone()
-        has = torch.zeros(num, dtype=torch.bool, device=x.device)
-        idx = oracle.live()
-        start, found = random_start(oracle, x, y, idx, streams, tries=self.start_tries)
-        if found.any():
-            idx, start = idx[found], start[found]
-            one = torch.ones(len(idx), device=x.device)
-            xi = x[idx]
-            _, hi, _ = bisect(
-                oracle, idx, y, lambda p, t: blend(xi[p], start[p], t), 0 * one, one, self.start_tol
-            )
-            x_adv[idx], has[idx] = blend(xi, start, hi), True
+        """Attack all live images, each in its own phase; return the current adversarial point (x where
+        none)."""
+        return _Run(self, oracle, x, y, seed).loop()
 
-        spherical = torch.full((num,), self.spherical_step, device=x.device)
-        source = torch.full((num,), self.source_step, device=x.device)
-        steps = torch.zeros(num, dtype=torch.long, device=x.device)
-        sph_wins, src_wins = torch.zeros_like(steps), torch.zeros_like(steps)
+
+class _Run:
+    """One Boundary Attack run: per-image state, one oracle call per step for all live images."""
+
+    def __init__(self, attack: Boundary, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
+        self.a, self.oracle, self.x, self.y = attack, oracle, x, y
+        self.streams = ImageStreams(x, seed)
+        num, self.shape, dev = len(x), tuple(x.shape[1:]), x.device
+        self.phase = torch.full((num,), START, dtype=torch.long, device=dev)
+        self.tries = torch.zeros(num, dtype=torch.long, device=dev)
+        self.x_adv, self.start = x.clone(), x.clone()
+        self.lo, self.hi = torch.zeros(num, device=dev), torch.ones(num, device=dev)
+        self.spherical = torch.full((num,), attack.spherical_step, device=dev)
+        self.source = torch.full((num,), attack.source_step, device=dev)
+        self.steps = torch.zeros(num, dtype=torch.long, device=dev)
+        self.sph_wins, self.src_wins = torch.zeros_like(self.steps), torch.zeros_like(self.steps)
+
+    def loop(self) -> torch.Tensor:
         while True:
-            idx = oracle.live(among=has)
+            idx = self.oracle.live()
+            idx = idx[self.phase[idx] != DONE]
+            searching = idx[self.phase[idx] == SEARCH]
+            self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.a.start_tol])
             if not len(idx):
                 break
-            xi, xa = x[idx], x_adv[idx]
-            diff = xi - xa
-            dist = diff.flatten(1).norm(dim=1).clamp_min(1e-12)
-            unit = diff / view4(dist)
-            eta = streams.normal(idx, shape)
-            eta = eta * view4(spherical[idx] * dist / eta.flatten(1).norm(dim=1).clamp_min(1e-12))
-            eta = eta - unit * view4((eta * unit).flatten(1).sum(1))  # orthogonal to x - x_adv
-            moved = xa + eta - xi
-            sph = xi + moved * view4(
-                dist / moved.flatten(1).norm(dim=1).clamp_min(1e-12)
-            )  # back on the sphere
-            full = xi + (sph - xi) * view4(1 - source[idx])  # source step: distance times (1 - source)
-            sph, full = sph.clamp(0.0, 1.0), full.clamp(0.0, 1.0)
-            cand = torch.stack([sph, full], 1).view(-1, *shape)
-            ok, adv = ask(oracle, cand, idx.repeat_interleave(2), y)
+            calls, handlers = Calls(), []
+            phase = self.phase[idx]
+            for code, ask_fn in ((START, self.ask_start), (SEARCH, self.ask_search), (WALK, self.ask_walk)):
+                group = idx[phase == code]
+                if len(group):
+                    handlers += ask_fn(calls, group)
+            for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
+                handler(ok, adv)
+        searching = torch.nonzero(self.phase == SEARCH).flatten()  # cut short: hi is still adversarial
+        self.x_adv[searching] = blend(self.x[searching], self.start[searching], self.hi[searching])
+        return self.x_adv
+
+    def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:
+        handlers = []
+        for binary, group in by_count(idx, self.tries[idx] % 2):  # every other try a random binary image
+            noise = self.streams.uniform(group, self.shape)
+            if binary:
+                noise = (noise < 0.5).float()
+            calls.add(noise, group)
+
+            def answer(ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, noise=noise) -> None:
+                won = group[adv]
+                self.start[won], self.lo[won], self.hi[won], self.phase[won] = noise[adv], 0.0, 1.0, SEARCH
+                missed = group[ok & ~adv]
+                self.tries[missed] += 1
+                self.phase[missed[self.tries[missed] >= self.a.start_tries]] = DONE
+
+            handlers.append(answer)
+        return handlers
+
+    def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
+        """The blended-noise start: binary search on the line from x to the adversarial noise."""
+        mid = (self.lo[idx] + self.hi[idx]) / 2
+        calls.add(blend(self.x[idx], self.start[idx], mid), idx)
+
+        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
+            self.hi[idx[adv]] = mid[adv]
+            self.lo[idx[ok & ~adv]] = mid[ok & ~adv]
+            self.end_search(idx[ok & (self.hi[idx] - self.lo[idx] <= self.a.start_tol)])
+
+        return [answer]
+
+    def end_search(self, idx: torch.Tensor) -> None:
+        self.x_adv[idx] = blend(self.x[idx], self.start[idx], self.hi[idx])
+        self.phase[idx] = WALK
+
+    def ask_walk(self, calls: Calls, idx: torch.Tensor) -> list:
+        """One orthogonal step and one source step per image (two queries)."""
+        a, shape = self.a, self.shape
+        xi, xa = self.x[idx], self.x_adv[idx]
+        diff = xi - xa
+        dist = diff.flatten(1).norm(dim=1).clamp_min(1e-12)
+        direction = diff / view4(dist)
+        eta = self.streams.normal(idx, shape)
+        eta = eta * view4(self.spherical[idx] * dist / eta.flatten(1).norm(dim=1).clamp_min(1e-12))
+        eta = eta - direction * view4((eta * direction).flatten(1).sum(1))  # orthogonal to x - x_adv
+        moved = xa + eta - xi
+        sph = xi + moved * view4(dist / moved.flatten(1).norm(dim=1).clamp_min(1e-12))  # back on the sphere
+        full = xi + (sph - xi) * view4(1 - self.source[idx])  # source step: distance times (1 - source)
+        sph, full = sph.clamp(0.0, 1.0), full.clamp(0.0, 1.0)
+        calls.add(torch.stack([sph, full], 1).view(-1, *shape), idx.repeat_interleave(2))
+
+        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
             ok, adv = ok.view(-1, 2), adv.view(-1, 2)
             answered = ok.all(1)
             keep = answered & adv[:, 1]
-            x_adv[idx[keep]] = full[keep]
-            idx, adv = idx[answered], adv[answered]
-            steps[idx] += 1
-            sph_wins[idx] += adv[:, 0].long()
-            src_wins[idx] += adv[:, 1].long()
-            due = steps[idx] % self.adapt_every == 0
+            self.x_adv[idx[keep]] = full[keep]
+            live, adv = idx[answered], adv[answered]
+            self.steps[live] += 1
+            self.sph_wins[live] += adv[:, 0].long()
+            self.src_wins[live] += adv[:, 1].long()
+            due = self.steps[live] % a.adapt_every == 0
             if due.any():
-                for rate_wins, size in ((sph_wins, spherical), (src_wins, source)):
-                    rate = rate_wins[idx].float() / self.adapt_every
+                for rate_wins, size in ((self.sph_wins, self.spherical), (self.src_wins, self.source)):
+                    rate = rate_wins[live].float() / a.adapt_every
                     up, down = due & (rate > 0.5), due & (rate < 0.2)
-                    size[idx[up]] *= self.step_adaptation
-                    size[idx[down]] /= self.step_adaptation
-                    rate_wins[idx[due]] = 0
-                source.clamp_(max=0.5)
-        return x_adv
+                    size[live[up]] *= a.step_adaptation
+                    size[live[down]] /= a.step_adaptation
+                    rate_wins[live[due]] = 0
+                self.source[live] = self.source[live].clamp(max=0.5)
+
+        return [answer]

@@ -14,16 +14,33 @@ lambda^(-2t/3) (``lam`` = 0.6, more probes later), with ``iterations`` chosen so
 has at least ``min_samples`` probes given the budget left after the start (an estimate of ~15 binary
 search queries per iteration is set aside). The allocation depends only on the oracle's budget, so an
 image's run does not depend on the others.
+
+Probes live in the low-frequency DCT subspace by default, as in the authors' experiments (Sec. 4: the
+boundary's normal is estimated in a subspace of low frequencies, far fewer dimensions than the image):
+eta = sigma D_H^T C D_W per channel, D the orthonormal DCT-II rows of the ``ceil(dct_ratio * H)`` (and W)
+lowest frequencies and C standard normal; ``dct_ratio`` 1.0 is the full input space (then eta ~ N(0,
+sigma^2 I) exactly, since D is orthonormal). The default ratio 1/3 follows the authors' code (a
+75 x 75 basis for 224 x 224 images).
+
+Each image runs this as its own state machine (start tries, line search, probes, step out;
+:mod:`sinai.attacks.phases`): one oracle call per step answers the next queries of all live images,
+whatever their phases, and an image's queries are the same alone as in a batch.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import register_attack
-from .decision import DecisionAttack, ask, bisect, blend, random_start, view4
+from .decision import DecisionAttack, blend, view4
 from .oracle import Oracle
+from .phases import Calls, by_count, probe_chunk
 from .streams import ImageStreams
+
+START, SEARCH, PROBES, GROW, DONE = range(5)
+"""An image's phase: random start tries, line search to x_B, normal-estimate probes, step out along r_t."""
 
 #: Queries set aside per iteration for the step-out and binary search.
 SEARCH_QUERIES = 15
@@ -58,9 +75,16 @@ class GeoDA(DecisionAttack):
         max_grows: int = 10,
         start_tries: int = 100,
         tol: float = 0.1,
+        dct_ratio: float = 1 / 3,
     ) -> None:
         if not (sigma > 0 and 0 < lam < 1 and min_samples >= 1 and grow > 1 and max_grows >= 0):
             raise ValueError("need sigma > 0, 0 < lam < 1, min_samples >= 1, grow > 1 and max_grows >= 0")
+        if isinstance(dct_ratio, bool) or not isinstance(dct_ratio, (int, float)) or not 0 < dct_ratio <= 1:
+            raise ValueError(
+                f"dct_ratio must be in (0, 1] (the share of the lowest DCT frequencies per side the probes "
+                f"use; 1 = the full input space), got {dct_ratio!r}"
+            )
+        self.dct_ratio = float(dct_ratio)
         if start_tries < 1 or not tol > 0:
             raise ValueError("start_tries must be >= 1 and tol > 0")
         self.sigma, self.lam, self.min_samples = float(sigma), float(lam), int(min_samples)
@@ -71,73 +95,168 @@ class GeoDA(DecisionAttack):
             float(tol),
         )
 
-    def to_boundary(
-        self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, outer: torch.Tensor
-    ) -> torch.Tensor:
-        """The boundary point on the line from x[idx] to the adversarial ``outer`` (binary search).
-
-        It stops ``tol`` x sigma sqrt(d) from the boundary (in l2), well inside the probes' reach.
-        """
-        xi, one = x[idx], torch.ones(len(idx), device=x.device)
-        length = (outer - xi).flatten(1).norm(dim=1).clamp_min(1e-12)
-        tol = self.tol * self.sigma * xi[0].numel() ** 0.5 / length
-        _, hi, _ = bisect(oracle, idx, y, lambda p, t: blend(xi[p], outer[p], t), 0 * one, one, tol)
-        return blend(xi, outer, hi)
-
     def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
-        """Attack all live images together; return the best boundary point (x where none was found)."""
-        streams = ImageStreams(x, seed)
-        num, shape = len(x), tuple(x.shape[1:])
-        x_b, best = x.clone(), x.clone()
-        best_norm = torch.full((num,), float("inf"), device=x.device)
-        has = torch.zeros(num, dtype=torch.bool, device=x.device)
-        idx = oracle.live()
-        start, found = random_start(oracle, x, y, idx, streams, tries=self.start_tries)
-        if found.any():
-            idx = idx[found]
-            x_b[idx] = best[idx] = self.to_boundary(oracle, x, y, idx, start[found])
-            best_norm[idx] = (x_b[idx] - x[idx]).flatten(1).norm(dim=1)
-            has[idx] = True
+        """Attack all live images, each in its own phase; return the best boundary point (x where none)."""
+        return _Run(self, oracle, x, y, seed).loop()
+
+
+def dct_rows(n: int, k: int, *, device: torch.device | None = None) -> torch.Tensor:
+    """The ``k`` lowest-frequency rows of the orthonormal DCT-II matrix of size ``n`` (k, n)."""
+    f = torch.arange(k, dtype=torch.float64, device=device)[:, None]
+    i = torch.arange(n, dtype=torch.float64, device=device)[None, :]
+    rows = torch.cos(math.pi * (2 * i + 1) * f / (2 * n)) * math.sqrt(2 / n)
+    rows[0] /= math.sqrt(2)
+    return rows.float()
+
+
+class _Run:
+    """One GeoDA run: per-image state, one oracle call per step for all live images."""
+
+    def __init__(self, attack: GeoDA, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
+        self.a, self.oracle, self.x, self.y = attack, oracle, x, y
+        self.streams = ImageStreams(x, seed)
+        num, self.shape, dev = len(x), tuple(x.shape[1:]), x.device
+        self.d = x[0].numel()
+        c, h, w = self.shape
+        self.rows_h = dct_rows(h, math.ceil(attack.dct_ratio * h), device=dev)
+        self.rows_w = dct_rows(w, math.ceil(attack.dct_ratio * w), device=dev)
+        self.coeffs = (c, len(self.rows_h), len(self.rows_w))
+        self.full = self.coeffs == (c, h, w)  # full space: plain Gaussian probes
+        self.chunk = probe_chunk(self.d)
         # The start costs a few tries and ~10 binary-search queries: plan with the rest of the budget.
-        plan = allocation(oracle.budget // oracle.eot - 2 * SEARCH_QUERIES, self.lam, self.min_samples)
-        t = 0
+        self.plan = allocation(
+            oracle.budget // oracle.eot - 2 * SEARCH_QUERIES, attack.lam, attack.min_samples
+        )
+        self.phase = torch.full((num,), START, dtype=torch.long, device=dev)
+        self.tries = torch.zeros(num, dtype=torch.long, device=dev)
+        self.x_b, self.best, self.outer = x.clone(), x.clone(), x.clone()
+        self.best_norm = torch.full((num,), float("inf"), device=dev)
+        self.lo, self.hi, self.tol = (torch.zeros(num, device=dev) for _ in range(3))
+        self.iteration = torch.full((num,), -1, dtype=torch.long, device=dev)  # -1: before the first probes
+        self.samples, self.drawn = (torch.zeros(num, dtype=torch.long, device=dev) for _ in range(2))
+        self.w, self.r = torch.zeros_like(x), torch.zeros_like(x)
+        self.answered = torch.ones(num, dtype=torch.bool, device=dev)
+        self.scale = torch.ones(num, device=dev)
+        self.grows = torch.zeros(num, dtype=torch.long, device=dev)
+
+    def loop(self) -> torch.Tensor:
         while True:
-            idx = oracle.live(among=has)
+            idx = self.oracle.live()
+            idx = idx[self.phase[idx] != DONE]
+            searching = idx[self.phase[idx] == SEARCH]
+            self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.tol[searching]])
             if not len(idx):
                 break
-            samples = plan[min(t, len(plan) - 1)]
-            t += 1
-            xb, xi = x_b[idx], x[idx]
-            eta = self.sigma * streams.normal(idx, (samples, *shape))
-            cand = (xb[:, None] + eta).clamp(0.0, 1.0)
-            ok, adv = ask(oracle, cand.view(-1, *shape), idx.repeat_interleave(samples), y)
-            answered = ok.view(-1, samples).all(1)
-            phi = torch.where(adv.view(-1, samples), 1.0, -1.0)
-            w = (phi.view(-1, samples, 1, 1, 1) * eta).sum(1)
-            idx, xb, xi, w = idx[answered], xb[answered], xi[answered], w[answered]
-            if not len(idx):
-                continue
-            # The minimal l2 step from x onto the hyperplane through x_B with normal w.
-            w_sq = w.flatten(1).pow(2).sum(1).clamp_min(1e-30)
-            r = w * view4((w * (xb - xi)).flatten(1).sum(1) / w_sq)
-            outer = xb.clone()
-            scale = torch.ones(len(idx), device=x.device)
-            pending = torch.ones(len(idx), dtype=torch.bool, device=x.device)
-            for _ in range(self.max_grows + 1):
-                pos = torch.nonzero(pending).flatten()
-                if not len(pos):
-                    break
-                cand = (xi[pos] + view4(scale[pos]) * r[pos]).clamp(0.0, 1.0)
-                ok, adv = ask(oracle, cand, idx[pos], y)
-                outer[pos[adv]] = cand[adv]
-                pending[pos[adv | ~ok]] = False
-                scale[pos[ok & ~adv]] *= self.grow
-            live = ~oracle.done[idx]
-            idx, outer = idx[live], outer[live]
-            if not len(idx):
-                continue
-            x_b[idx] = self.to_boundary(oracle, x, y, idx, outer)
-            norms = (x_b[idx] - x[idx]).flatten(1).norm(dim=1)
-            better = norms < best_norm[idx]
-            best[idx[better]], best_norm[idx[better]] = x_b[idx[better]], norms[better]
-        return best
+            calls, handlers = Calls(), []
+            phase = self.phase[idx]
+            asks = ((START, self.ask_start), (SEARCH, self.ask_search), (PROBES, self.ask_probes))
+            for code, ask_fn in (*asks, (GROW, self.ask_grow)):
+                group = idx[phase == code]
+                if len(group):
+                    handlers += ask_fn(calls, group)
+            for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
+                handler(ok, adv)
+        self.end_search(torch.nonzero(self.phase == SEARCH).flatten())  # cut short: hi is still adversarial
+        return self.best
+
+    def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:
+        handlers = []
+        for binary, group in by_count(idx, self.tries[idx] % 2):  # every other try a random binary image
+            noise = self.streams.uniform(group, self.shape)
+            if binary:
+                noise = (noise < 0.5).float()
+            calls.add(noise, group)
+
+            def answer(ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, noise=noise) -> None:
+                self.begin_search(group[adv], noise[adv])
+                missed = group[ok & ~adv]
+                self.tries[missed] += 1
+                self.phase[missed[self.tries[missed] >= self.a.start_tries]] = DONE
+
+            handlers.append(answer)
+        return handlers
+
+    # -- the line from x to `outer`, searched to tol x sigma sqrt(d) from the boundary (in l2)
+    def begin_search(self, idx: torch.Tensor, outer: torch.Tensor) -> None:
+        if not len(idx):
+            return
+        self.outer[idx], self.phase[idx], self.lo[idx], self.hi[idx] = outer, SEARCH, 0.0, 1.0
+        length = (outer - self.x[idx]).flatten(1).norm(dim=1).clamp_min(1e-12)
+        self.tol[idx] = self.a.tol * self.a.sigma * self.d**0.5 / length
+
+    def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
+        mid = (self.lo[idx] + self.hi[idx]) / 2
+        calls.add(blend(self.x[idx], self.outer[idx], mid), idx)
+
+        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
+            self.hi[idx[adv]] = mid[adv]
+            self.lo[idx[ok & ~adv]] = mid[ok & ~adv]
+            self.end_search(idx[ok & (self.hi[idx] - self.lo[idx] <= self.tol[idx])])
+
+        return [answer]
+
+    def end_search(self, idx: torch.Tensor) -> None:
+        """x_B found: keep the best; next, the probes of the next iteration."""
+        if not len(idx):
+            return
+        self.x_b[idx] = blend(self.x[idx], self.outer[idx], self.hi[idx])
+        norms = (self.x_b[idx] - self.x[idx]).flatten(1).norm(dim=1)
+        better = norms < self.best_norm[idx]
+        self.best[idx[better]], self.best_norm[idx[better]] = self.x_b[idx[better]], norms[better]
+        self.iteration[idx] += 1
+        it = self.iteration[idx].clamp(max=len(self.plan) - 1)
+        self.samples[idx] = torch.tensor(self.plan, device=idx.device)[it]
+        self.drawn[idx], self.w[idx], self.answered[idx], self.phase[idx] = 0, 0.0, True, PROBES
+
+    # -- probes x_B + eta: w = sum phi_i eta_i (Algorithm 1), in the DCT subspace
+    def probes(self, idx: torch.Tensor, m: int) -> torch.Tensor:
+        """sigma-scaled probe directions (len(idx), m, C, H, W) from the images' streams."""
+        if self.full:
+            return self.a.sigma * self.streams.normal(idx, (m, *self.shape))
+        coeffs = self.streams.normal(idx, (m, *self.coeffs))
+        return self.a.sigma * (self.rows_h.T @ coeffs @ self.rows_w)
+
+    def ask_probes(self, calls: Calls, idx: torch.Tensor) -> list:
+        handlers = []
+        for m, group in by_count(idx, (self.samples[idx] - self.drawn[idx]).clamp(max=self.chunk)):
+            eta = self.probes(group, m)
+            cand = (self.x_b[group][:, None] + eta).clamp(0.0, 1.0)
+            calls.add(cand.view(-1, *self.shape), group.repeat_interleave(m))
+
+            def answer(
+                ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, m: int = m, eta=eta
+            ) -> None:
+                phi = torch.where(adv.view(-1, m), 1.0, -1.0)
+                self.w[group] += (phi.view(-1, m, 1, 1, 1) * eta).sum(1)
+                self.answered[group] &= ok.view(-1, m).all(1)
+                self.drawn[group] += m
+                self.end_probes(group[self.drawn[group] >= self.samples[group]])
+
+            handlers.append(answer)
+        return handlers
+
+    def end_probes(self, idx: torch.Tensor) -> None:
+        """The minimal l2 step from x onto the hyperplane through x_B with normal w; then step out."""
+        self.phase[idx[~self.answered[idx]]] = DONE  # the oracle stopped answering: finished
+        idx = idx[self.answered[idx]]
+        if not len(idx):
+            return
+        w = self.w[idx]
+        w_sq = w.flatten(1).pow(2).sum(1).clamp_min(1e-30)
+        self.r[idx] = w * view4((w * (self.x_b[idx] - self.x[idx])).flatten(1).sum(1) / w_sq)
+        self.scale[idx], self.grows[idx], self.phase[idx] = 1.0, 0, GROW
+
+    # -- move out along r_t until adversarial (x grow each miss), then search back for the next x_B
+    def ask_grow(self, calls: Calls, idx: torch.Tensor) -> list:
+        cand = (self.x[idx] + view4(self.scale[idx]) * self.r[idx]).clamp(0.0, 1.0)
+        calls.add(cand, idx)
+
+        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
+            self.begin_search(idx[adv], cand[adv])
+            missed = idx[ok & ~adv]
+            self.scale[missed] *= self.a.grow
+            self.grows[missed] += 1
+            stuck = missed[self.grows[missed] > self.a.max_grows]  # search back from x_B itself
+            self.begin_search(stuck, self.x_b[stuck])
+
+        return [answer]

@@ -15,8 +15,10 @@ Chen, Jordan & Wainwright, "HopSkipJumpAttack: A Query-Efficient Decision-Based 
   the linf box around x (linf), to threshold theta = d^(-3/2) (l2) or d^(-2) (linf) (for linf,
   relative to the starting radius).
 
-All images advance together (one oracle call per step for the whole live set; the gradient probes
-of every image go in one call, chunked to bound memory), with per-image random streams.
+Each image runs this sequence as its own state machine (start tries, line search, probes, step search;
+:mod:`sinai.attacks.phases`): at every step each live image makes its next query (or its next chunk of
+probes), and one oracle call answers all of them, so the batch stays full while images are in different
+phases; an image's queries are the same alone as in a batch.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import math
 import torch
 
 from .base import register_attack
-from .decision import DecisionAttack, ask, bisect, blend, box, random_start, view4
+from .decision import DecisionAttack, blend, box, view4
 from .oracle import Oracle
+from .phases import Calls, by_count, probe_chunk
 from .streams import ImageStreams
 from .threat import distance
 
-#: Largest number of probe elements (images x samples x pixels) built at once.
-CHUNK_ELEMENTS = 1 << 24
+START, SEARCH, ESTIMATE, STEP, DONE = range(5)
+"""An image's phase: random start tries, line search to the boundary, gradient probes, step-size search."""
 
 
 @register_attack("hsja")
@@ -68,111 +71,178 @@ class HopSkipJump(DecisionAttack):
         """Binary-search threshold: gamma d^(-3/2) for l2, gamma d^(-2) for linf."""
         return self.gamma / (d * math.sqrt(d)) if norm == "l2" else self.gamma / d**2
 
-    def to_boundary(
-        self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, outer: torch.Tensor
-    ) -> torch.Tensor:
-        """Binary search between x[idx] (clean side) and the adversarial ``outer``: the boundary point."""
-        xi, d, norm = x[idx], x[0].numel(), oracle.threat.norm
-        if norm == "l2":
-            one = torch.ones(len(idx), device=x.device)
-            _, hi, _ = bisect(
-                oracle, idx, y, lambda p, t: blend(xi[p], outer[p], t), 0 * one, one, self.theta(d, norm)
-            )
-            return blend(xi, outer, hi)
-        r0 = distance(outer, xi, "linf")
-        _, hi, _ = bisect(
-            oracle,
-            idx,
-            y,
-            lambda p, r: box(xi[p], outer[p], r),
-            torch.zeros_like(r0),
-            r0,
-            self.theta(d, norm) * r0,
-        )
-        return box(xi, outer, hi)
-
-    def estimate_direction(
-        self,
-        oracle: Oracle,
-        x_b: torch.Tensor,
-        y: torch.Tensor,
-        idx: torch.Tensor,
-        delta: torch.Tensor,
-        samples: int,
-        streams: ImageStreams,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Baseline-corrected Monte-Carlo direction at the boundary points ``x_b``: (v, answered)."""
-        shape, d = tuple(x_b.shape[1:]), x_b[0].numel()
-        total = torch.zeros_like(x_b)
-        plus = torch.zeros(len(idx), device=x_b.device)
-        answered = torch.ones(len(idx), dtype=torch.bool, device=x_b.device)
-        chunk = max(1, CHUNK_ELEMENTS // max(1, len(idx) * d))
-        probes_u, probes_phi = [], []
-        for start in range(0, samples, chunk):
-            m = min(chunk, samples - start)
-            u = streams.normal(idx, (m, d))
-            u = u / u.norm(dim=2, keepdim=True).clamp_min(1e-12)
-            cand = (x_b[:, None] + view4(delta)[:, None] * u.view(len(idx), m, *shape)).clamp(0.0, 1.0)
-            ok, adv = ask(oracle, cand.view(-1, *shape), idx.repeat_interleave(m), y)
-            answered &= ok.view(len(idx), m).all(1)
-            phi = adv.view(len(idx), m).float() * 2 - 1
-            plus += phi.sum(1)
-            probes_u.append(u)
-            probes_phi.append(phi)
-        mean = plus / samples
-        baseline = torch.where(mean.abs() < 1, mean, torch.zeros_like(mean))  # eq. 16 (plain if all agree)
-        for u, phi in zip(probes_u, probes_phi, strict=True):
-            total += ((phi - baseline[:, None])[..., None] * u).sum(1).view_as(x_b)
-        if oracle.threat.norm == "l2":
-            return total / total.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1), answered
-        return total.sign(), answered
-
     def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
-        """Attack all live images together; return the last boundary point (x where none was found)."""
-        streams = ImageStreams(x, seed)
-        num, d, norm = len(x), x[0].numel(), oracle.threat.norm
-        theta = self.theta(d, norm)
-        x_adv = x.clone()
-        has = torch.zeros(num, dtype=torch.bool, device=x.device)
-        idx = oracle.live()
-        start, found = random_start(oracle, x, y, idx, streams, tries=self.start_tries)
-        if found.any():
-            idx = idx[found]
-            x_adv[idx] = self.to_boundary(oracle, x, y, idx, start[found])
-            has[idx] = True
-        t = torch.ones(num, dtype=torch.long, device=x.device)  # iteration per image
+        """Attack all live images, each in its own phase; return the last boundary point (x where none)."""
+        return _Run(self, oracle, x, y, seed).loop()
+
+
+class _Run:
+    """One HopSkipJump run: per-image state, one oracle call per step for all live images."""
+
+    def __init__(
+        self, attack: HopSkipJump, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, seed: int
+    ) -> None:
+        self.a, self.oracle, self.x, self.y = attack, oracle, x, y
+        self.streams = ImageStreams(x, seed)
+        num, self.d, self.norm = len(x), x[0].numel(), oracle.threat.norm
+        self.shape, dev = tuple(x.shape[1:]), x.device
+        self.theta = attack.theta(self.d, self.norm)
+        self.chunk = probe_chunk(self.d)
+        self.phase = torch.full((num,), START, dtype=torch.long, device=dev)
+        self.tries = torch.zeros(num, dtype=torch.long, device=dev)
+        self.x_adv, self.outer = x.clone(), x.clone()
+        self.lo, self.hi, self.tol = (torch.zeros(num, device=dev) for _ in range(3))
+        self.t = torch.zeros(num, dtype=torch.long, device=dev)  # 1 after the first line search
+        self.samples, self.drawn = (torch.zeros(num, dtype=torch.long, device=dev) for _ in range(2))
+        self.sum_phi_u, self.sum_u = (
+            torch.zeros(num, self.d, device=dev),
+            torch.zeros(num, self.d, device=dev),
+        )
+        self.plus, self.delta, self.dist = (torch.zeros(num, device=dev) for _ in range(3))
+        self.answered = torch.ones(num, dtype=torch.bool, device=dev)
+        self.v, self.step = torch.zeros_like(x), torch.zeros(num, device=dev)
+        self.halvings = torch.zeros(num, dtype=torch.long, device=dev)
+
+    def loop(self) -> torch.Tensor:
         while True:
-            idx = oracle.live(among=has)
-            if self.max_iter is not None:
-                idx = idx[t[idx] <= self.max_iter]
+            idx = self.oracle.live()
+            idx = idx[self.phase[idx] != DONE]
+            searching = idx[self.phase[idx] == SEARCH]
+            self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.tol[searching]])
+            idx = idx[self.phase[idx] != DONE]
             if not len(idx):
                 break
-            xb, xi = x_adv[idx], x[idx]
-            dist = oracle.threat.distance(xb, xi)
-            scale = math.sqrt(d) * theta if norm == "l2" else d * theta
-            delta = scale * dist
-            ti = int(t[idx].max())  # all images start together, so t is shared; max() for safety
-            samples = min(int(self.init_samples * math.sqrt(ti)), self.max_samples)
-            v, ok = self.estimate_direction(oracle, xb, y, idx, delta, samples, streams)
-            idx, xb, xi, v, dist = idx[ok], xb[ok], xi[ok], v[ok], dist[ok]
-            if not len(idx):
-                continue
-            # Geometric step-size search: halve xi until x_t + xi v is adversarial.
-            xi_step = dist / torch.sqrt(t[idx].float())
-            outer = xb.clone()
-            pending = torch.ones(len(idx), dtype=torch.bool, device=x.device)
-            for _ in range(self.max_halvings):
-                pos = torch.nonzero(pending).flatten()
-                if not len(pos):
-                    break
-                cand = (xb[pos] + view4(xi_step[pos]) * v[pos]).clamp(0.0, 1.0)
-                answered, adv = ask(oracle, cand, idx[pos], y)
-                outer[pos[adv]] = cand[adv]
-                pending[pos[adv | ~answered]] = False
-                xi_step[pos[answered & ~adv]] /= 2
-            live = ~oracle.done[idx]
-            idx, outer, xi = idx[live], outer[live], xi[live]
-            if len(idx):
-                x_adv[idx] = self.to_boundary(oracle, x, y, idx, outer)
-            t[idx] += 1
-        return x_adv
+            calls, handlers = Calls(), []
+            phase = self.phase[idx]
+            asks = ((START, self.ask_start), (SEARCH, self.ask_search), (ESTIMATE, self.ask_probes))
+            for code, ask_fn in (*asks, (STEP, self.ask_step)):
+                group = idx[phase == code]
+                if len(group):
+                    handlers += ask_fn(calls, group)
+            for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
+                handler(ok, adv)
+        # line searches the oracle cut short still end at an adversarial hi
+        searching = torch.nonzero(self.phase == SEARCH).flatten()
+        self.x_adv[searching] = self.point(searching, self.hi[searching])
+        return self.x_adv
+
+    # -- line search between x (clean) and `outer` (adversarial): on the line (l2) or the linf radius
+    def point(self, idx: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        fn = blend if self.norm == "l2" else box
+        return fn(self.x[idx], self.outer[idx], r)
+
+    def begin_search(self, idx: torch.Tensor, outer: torch.Tensor) -> None:
+        if not len(idx):
+            return
+        self.outer[idx], self.phase[idx] = outer, SEARCH
+        self.lo[idx] = 0.0
+        if self.norm == "l2":
+            self.hi[idx], self.tol[idx] = 1.0, self.theta
+        else:
+            r0 = distance(outer, self.x[idx], "linf")
+            self.hi[idx], self.tol[idx] = r0, self.theta * r0
+
+    def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
+        mid = (self.lo[idx] + self.hi[idx]) / 2
+        calls.add(self.point(idx, mid), idx)
+
+        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
+            self.hi[idx[adv]] = mid[adv]
+            self.lo[idx[ok & ~adv]] = mid[ok & ~adv]
+            self.end_search(idx[ok & (self.hi[idx] - self.lo[idx] <= self.tol[idx])])
+
+        return [answer]
+
+    def end_search(self, idx: torch.Tensor) -> None:
+        """The boundary point is found: next, the probes of iteration t (or done after max_iter)."""
+        if not len(idx):
+            return
+        self.x_adv[idx] = self.point(idx, self.hi[idx])
+        self.t[idx] += 1
+        if self.a.max_iter is not None:
+            over = self.t[idx] > self.a.max_iter
+            self.phase[idx[over]] = DONE
+            idx = idx[~over]
+        t = self.t[idx].double()
+        self.samples[idx] = (self.a.init_samples * t.sqrt()).long().clamp(max=self.a.max_samples)
+        self.drawn[idx], self.plus[idx], self.answered[idx] = 0, 0.0, True
+        self.sum_phi_u[idx], self.sum_u[idx] = 0.0, 0.0
+        self.dist[idx] = self.oracle.threat.distance(self.x_adv[idx], self.x[idx])
+        scale = math.sqrt(self.d) * self.theta if self.norm == "l2" else self.d * self.theta
+        self.delta[idx] = scale * self.dist[idx]
+        self.phase[idx] = ESTIMATE
+
+    # -- random start
+    def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:
+        handlers = []
+        for binary, group in by_count(idx, self.tries[idx] % 2):  # every other try a random binary image
+            noise = self.streams.uniform(group, self.shape)
+            if binary:
+                noise = (noise < 0.5).float()
+            calls.add(noise, group)
+
+            def answer(ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, noise=noise) -> None:
+                self.begin_search(group[adv], noise[adv])
+                missed = group[ok & ~adv]
+                self.tries[missed] += 1
+                self.phase[missed[self.tries[missed] >= self.a.start_tries]] = DONE
+
+            handlers.append(answer)
+        return handlers
+
+    # -- gradient-direction probes (eq. 16), in chunks of at most `probe_chunk` per image and call
+    def ask_probes(self, calls: Calls, idx: torch.Tensor) -> list:
+        handlers = []
+        left = (self.samples[idx] - self.drawn[idx]).clamp(max=self.chunk)
+        for m, group in by_count(idx, left):
+            u = self.streams.normal(group, (m, self.d))
+            u = u / u.norm(dim=2, keepdim=True).clamp_min(1e-12)
+            cand = self.x_adv[group][:, None] + view4(self.delta[group])[:, None] * u.view(
+                len(group), m, *self.shape
+            )
+            calls.add(cand.clamp(0.0, 1.0).view(-1, *self.shape), group.repeat_interleave(m))
+
+            def answer(
+                ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, m: int = m, u=u
+            ) -> None:
+                phi = adv.view(len(group), m).float() * 2 - 1
+                self.answered[group] &= ok.view(len(group), m).all(1)
+                self.sum_phi_u[group] += (phi[..., None] * u).sum(1)
+                self.sum_u[group] += u.sum(1)
+                self.plus[group] += phi.sum(1)
+                self.drawn[group] += m
+                self.end_probes(group[self.drawn[group] >= self.samples[group]])
+
+            handlers.append(answer)
+        return handlers
+
+    def end_probes(self, idx: torch.Tensor) -> None:
+        """The baseline-corrected estimate sum (phi - b) u = sum phi u - b sum u; then the step search."""
+        if not len(idx):
+            return
+        self.phase[idx[~self.answered[idx]]] = DONE  # the oracle stopped answering: finished
+        idx = idx[self.answered[idx]]
+        mean = self.plus[idx] / self.samples[idx]
+        baseline = torch.where(mean.abs() < 1, mean, torch.zeros_like(mean))  # plain if all agree
+        total = (self.sum_phi_u[idx] - baseline[:, None] * self.sum_u[idx]).view(len(idx), *self.shape)
+        if self.norm == "l2":
+            self.v[idx] = total / total.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        else:
+            self.v[idx] = total.sign()
+        self.step[idx] = self.dist[idx] / self.t[idx].float().sqrt()
+        self.halvings[idx], self.phase[idx] = 0, STEP
+
+    # -- geometric step-size search: halve xi until x_t + xi v is adversarial
+    def ask_step(self, calls: Calls, idx: torch.Tensor) -> list:
+        cand = (self.x_adv[idx] + view4(self.step[idx]) * self.v[idx]).clamp(0.0, 1.0)
+        calls.add(cand, idx)
+
+        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
+            self.begin_search(idx[adv], cand[adv])
+            missed = idx[ok & ~adv]
+            self.step[missed] /= 2
+            self.halvings[missed] += 1
+            stuck = missed[self.halvings[missed] >= self.a.max_halvings]  # search back from x_t itself
+            self.begin_search(stuck, self.x_adv[stuck])
+
+        return [answer]

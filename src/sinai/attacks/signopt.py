@@ -12,6 +12,10 @@ g(theta) passes (then its g is found by a binary search), otherwise alpha is hal
 
 Start (from the OPT attack): ``start_directions`` Gaussian directions queried at once; the first one
 labelled adversarial is searched for its g. The binary searches stop at ``tol`` relative to g.
+
+Each image runs this as its own state machine (start, binary search, sign probes, step search;
+:mod:`sinai.attacks.phases`): one oracle call per step answers the next queries of all live images,
+whatever their phases, and an image's queries are the same alone as in a batch.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ from __future__ import annotations
 import torch
 
 from .base import register_attack
-from .decision import DecisionAttack, ask, bisect, on_ray, view4
+from .decision import DecisionAttack, view4
 from .oracle import Oracle
+from .phases import Calls, by_count, probe_chunk
 from .streams import ImageStreams
+
+START, SEARCH, PROBES, STEP, DONE = range(5)
+"""An image's phase: start directions, binary search of g, sign probes, step-size search."""
 
 
 def unit(t: torch.Tensor) -> torch.Tensor:
@@ -56,76 +64,141 @@ class SignOPT(DecisionAttack):
             float(tol),
         )
 
-    def search(
-        self,
-        oracle: Oracle,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        idx: torch.Tensor,
-        theta: torch.Tensor,
-        hi: torch.Tensor,
-    ) -> torch.Tensor:
-        """g(theta) for directions labelled adversarial at distance ``hi`` (binary search on [0, hi])."""
-        _, g, _ = bisect(oracle, idx, y, on_ray(x[idx], theta), torch.zeros_like(hi), hi, self.tol * hi)
-        return g
-
     def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
-        """Attack all live images together; return x + g(theta) theta (x where no start was found)."""
-        streams = ImageStreams(x, seed)
-        num, shape, n = len(x), tuple(x.shape[1:]), x[0].numel()
-        theta = torch.zeros_like(x)
-        g = torch.full((num,), float("inf"), device=x.device)
+        """Attack all live images, each in its own phase; return x + g(theta) theta (x where none)."""
+        return _Run(self, oracle, x, y, seed).loop()
 
-        # Start: the first of `start_directions` random directions that is adversarial far out.
-        idx = oracle.live()
-        m = self.start_directions
-        dirs = streams.normal(idx, (m, *shape))
-        cand = (x[idx][:, None] + dirs).clamp(0.0, 1.0)
-        ok, adv = ask(oracle, cand.view(-1, *shape), idx.repeat_interleave(m), y)
-        adv = adv.view(-1, m)
-        has = adv.any(1)
-        first = adv.float().argmax(1)
-        if has.any():
-            pos = torch.nonzero(has).flatten()
-            t0 = unit(dirs[pos, first[pos]])
-            hi = (cand[pos, first[pos]] - x[idx[pos]]).flatten(1).norm(dim=1) * 1.0001
-            hi = torch.maximum(hi, dirs[pos, first[pos]].flatten(1).norm(dim=1))  # beyond the clipped corner
-            theta[idx[pos]] = t0
-            g[idx[pos]] = self.search(oracle, x, y, idx[pos], t0, hi)
 
-        alpha = torch.full((num,), self.alpha, device=x.device)
+class _Run:
+    """One Sign-OPT run: per-image state, one oracle call per step for all live images."""
+
+    def __init__(self, attack: SignOPT, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
+        self.a, self.oracle, self.x, self.y = attack, oracle, x, y
+        self.streams = ImageStreams(x, seed)
+        num, self.n, self.shape, dev = len(x), x[0].numel(), tuple(x.shape[1:]), x.device
+        self.chunk = probe_chunk(self.n)
+        self.phase = torch.full((num,), START, dtype=torch.long, device=dev)
+        self.theta, self.g = torch.zeros_like(x), torch.full((num,), float("inf"), device=dev)
+        self.alpha = torch.full((num,), attack.alpha, device=dev)
+        # binary search of g along `ray` on [lo, hi]; `first`: the start's search (else a step's)
+        self.ray = torch.zeros_like(x)
+        self.lo, self.hi, self.tol = (torch.zeros(num, device=dev) for _ in range(3))
+        self.first = torch.zeros(num, dtype=torch.bool, device=dev)
+        self.grad, self.drawn = torch.zeros_like(x), torch.zeros(num, dtype=torch.long, device=dev)
+        self.answered = torch.ones(num, dtype=torch.bool, device=dev)
+        self.halvings = torch.zeros(num, dtype=torch.long, device=dev)
+
+    def loop(self) -> torch.Tensor:
         while True:
-            idx = oracle.live(among=torch.isfinite(g))
+            idx = self.oracle.live()
+            idx = idx[self.phase[idx] != DONE]
+            searching = idx[self.phase[idx] == SEARCH]
+            self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.tol[searching]])
+            idx = idx[self.phase[idx] != DONE]
             if not len(idx):
                 break
-            # Sign gradient estimate: one query per random direction u_k.
-            th, gi = theta[idx], g[idx]
-            u = streams.normal(idx, (self.k, n)).view(len(idx), self.k, *shape)
-            probe = unit((th[:, None] + self.beta * u).reshape(-1, *shape)).view(len(idx), self.k, *shape)
-            cand = (x[idx][:, None] + view4(gi)[:, None] * probe).clamp(0.0, 1.0)
-            ok, adv = ask(oracle, cand.view(-1, *shape), idx.repeat_interleave(self.k), y)
-            answered = ok.view(-1, self.k).all(1)
-            signs = torch.where(adv.view(-1, self.k), -1.0, 1.0)
-            grad = (signs.view(len(idx), self.k, 1, 1, 1) * u).sum(1) / self.k
-            idx, th, gi, grad = idx[answered], th[answered], gi[answered], grad[answered]
-            # Step search: halve alpha until the fast check at g(theta) passes.
-            pending = torch.ones(len(idx), dtype=torch.bool, device=x.device)
-            for _ in range(self.max_halvings + 1):
-                pos = torch.nonzero(pending & ~oracle.done[idx]).flatten()
-                if not len(pos):
-                    break
-                new = unit(th[pos] - view4(alpha[idx[pos]]) * grad[pos])
-                ok, adv = ask(oracle, (x[idx[pos]] + view4(gi[pos]) * new).clamp(0.0, 1.0), idx[pos], y)
-                won = pos[adv]
-                if len(won):
-                    g_new = self.search(oracle, x, y, idx[won], new[adv], gi[won])
-                    better = g_new < g[idx[won]]
-                    theta[idx[won[better]]], g[idx[won[better]]] = new[adv][better], g_new[better]
-                    alpha[idx[won]] *= 2
-                    pending[won] = False
-                lost = pos[ok & ~adv]
-                alpha[idx[lost]] /= 2
-            alpha[idx[pending]] = self.alpha  # no step found: start the next search afresh
-        found = torch.isfinite(g)
-        x_adv = (x + view4(torch.where(found, g, 0.0)) * theta).clamp(0.0, 1.0)
-        return x_adv
+            calls, handlers = Calls(), []
+            phase = self.phase[idx]
+            asks = ((START, self.ask_start), (SEARCH, self.ask_search), (PROBES, self.ask_probes))
+            for code, ask_fn in (*asks, (STEP, self.ask_step)):
+                group = idx[phase == code]
+                if len(group):
+                    handlers += ask_fn(calls, group)
+            for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
+                handler(ok, adv)
+        # searches the oracle cut short still end at an adversarial hi
+        self.end_search(torch.nonzero(self.phase == SEARCH).flatten(), finished=True)
+        found = torch.isfinite(self.g)
+        return (self.x + view4(torch.where(found, self.g, 0.0)) * self.theta).clamp(0.0, 1.0)
+
+    # -- start: the first of `start_directions` random directions that is adversarial far out
+    def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:
+        m, shape = self.a.start_directions, self.shape
+        dirs = self.streams.normal(idx, (m, *shape))
+        cand = (self.x[idx][:, None] + dirs).clamp(0.0, 1.0)
+        calls.add(cand.view(-1, *shape), idx.repeat_interleave(m))
+
+        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
+            adv = adv.view(-1, m)
+            has, first = adv.any(1), adv.float().argmax(1)
+            self.phase[idx[~has]] = DONE
+            pos = torch.nonzero(has).flatten()
+            if not len(pos):
+                return
+            chosen = dirs[pos, first[pos]]
+            hi = (cand[pos, first[pos]] - self.x[idx[pos]]).flatten(1).norm(dim=1) * 1.0001
+            hi = torch.maximum(hi, chosen.flatten(1).norm(dim=1))  # beyond the clipped corner
+            self.begin_search(idx[pos], unit(chosen), hi, first=True)
+
+        return [answer]
+
+    # -- binary search of g(ray) on [0, hi], to tol relative to hi
+    def begin_search(self, idx: torch.Tensor, ray: torch.Tensor, hi: torch.Tensor, *, first: bool) -> None:
+        self.ray[idx], self.lo[idx], self.hi[idx] = ray, 0.0, hi
+        self.tol[idx], self.first[idx], self.phase[idx] = self.a.tol * hi, first, SEARCH
+
+    def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
+        mid = (self.lo[idx] + self.hi[idx]) / 2
+        calls.add((self.x[idx] + view4(mid) * self.ray[idx]).clamp(0.0, 1.0), idx)
+
+        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
+            self.hi[idx[adv]] = mid[adv]
+            self.lo[idx[ok & ~adv]] = mid[ok & ~adv]
+            self.end_search(idx[ok & (self.hi[idx] - self.lo[idx] <= self.tol[idx])])
+
+        return [answer]
+
+    def end_search(self, idx: torch.Tensor, *, finished: bool = False) -> None:
+        """g of the searched ray is hi: the start's sets theta; a step's replaces theta where nearer (and
+        doubles alpha). Next: the sign probes of the next iteration."""
+        if not len(idx):
+            return
+        first, g_new = self.first[idx], self.hi[idx]
+        better = first | (g_new < self.g[idx])
+        won = idx[better]
+        self.theta[won], self.g[won] = self.ray[won], g_new[better]
+        self.alpha[idx[~first]] *= 2
+        self.phase[idx] = DONE if finished else PROBES
+        self.drawn[idx], self.grad[idx], self.answered[idx] = 0, 0.0, True
+
+    # -- sign estimate of the directional derivative: one query per random direction u_k
+    def ask_probes(self, calls: Calls, idx: torch.Tensor) -> list:
+        handlers, k, shape = [], self.a.k, self.shape
+        for m, group in by_count(idx, (k - self.drawn[idx]).clamp(max=self.chunk)):
+            u = self.streams.normal(group, (m, self.n)).view(len(group), m, *shape)
+            probe = unit((self.theta[group][:, None] + self.a.beta * u).reshape(-1, *shape))
+            cand = self.x[group][:, None] + view4(self.g[group])[:, None] * probe.view(len(group), m, *shape)
+            calls.add(cand.clamp(0.0, 1.0).view(-1, *shape), group.repeat_interleave(m))
+
+            def answer(
+                ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, m: int = m, u=u
+            ) -> None:
+                signs = torch.where(adv.view(-1, m), -1.0, 1.0)
+                self.grad[group] += (signs.view(len(group), m, 1, 1, 1) * u).sum(1)
+                self.answered[group] &= ok.view(-1, m).all(1)
+                self.drawn[group] += m
+                done = group[self.drawn[group] >= k]
+                self.phase[done[~self.answered[done]]] = DONE  # the oracle stopped answering: finished
+                done = done[self.answered[done]]
+                self.grad[done] /= k
+                self.halvings[done], self.phase[done] = 0, STEP
+
+            handlers.append(answer)
+        return handlers
+
+    # -- step search: halve alpha until the fast check at g(theta) passes
+    def ask_step(self, calls: Calls, idx: torch.Tensor) -> list:
+        new = unit(self.theta[idx] - view4(self.alpha[idx]) * self.grad[idx])
+        calls.add((self.x[idx] + view4(self.g[idx]) * new).clamp(0.0, 1.0), idx)
+
+        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
+            self.begin_search(idx[adv], new[adv], self.g[idx[adv]], first=False)
+            missed = idx[ok & ~adv]
+            self.alpha[missed] /= 2
+            self.halvings[missed] += 1
+            stuck = missed[self.halvings[missed] > self.a.max_halvings]  # no step: start afresh
+            self.alpha[stuck] = self.a.alpha
+            self.phase[stuck], self.drawn[stuck], self.grad[stuck] = PROBES, 0, 0.0
+            self.answered[stuck] = True
+
+        return [answer]

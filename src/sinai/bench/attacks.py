@@ -117,6 +117,22 @@ def measure_attacks(
     return rows
 
 
+def random_weight_setup(
+    name: str, images: int, *, device: torch.device | str = "cpu", cache_dir: str | None = None, seed: int = 0
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A zoo model with random weights, ``images`` seeded uniform images of its input shape and, as
+    labels, its own predictions (every image starts correctly classified): the large models of
+    ``sinai bench attacks --large`` need no dataset on disk."""
+    from ..models.zoo import load_model
+
+    model = load_model(name, weights="random", device=device, cache_dir=cache_dir, progress=False)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand((images, *model.input_shape), generator=gen).to(device)
+    with torch.no_grad():
+        y = predict(model, x).to(device)
+    return model, x, y
+
+
 @dataclass(frozen=True)
 class PeerRow:
     tool: str

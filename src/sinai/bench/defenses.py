@@ -114,6 +114,9 @@ DEFAULT_MODELS: tuple[tuple[str, int], ...] = (
 )
 """(model, batch) pairs: the embedded models and two mid-size ImageNet-shaped ones (random weights)."""
 
+LARGE_MODELS: tuple[tuple[str, int], ...] = (("timm:vit_base_patch16_224", 16), ("timm:resnet50", 16))
+"""The full-size models of the papers (random weights, batch 16): an option (``--large``), slow on a CPU."""
+
 
 def bench_models(
     models: Sequence[tuple[str, int]] = DEFAULT_MODELS,

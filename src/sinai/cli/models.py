@@ -24,7 +24,7 @@ def sites(model_name: str, weights: str, device: torch.device, cache_dir: str | 
         model = build_embedded(model_name)
     else:
         model = load_model(model_name, weights=weights, device=device, cache_dir=cache_dir)
-    for kind, found in describe_sites(model).items():
+    for kind, found in describe_sites(model, how=True).items():  # name [hook ...] or [intercepted ...]
         shown = ", ".join(found[:6]) + (f", ... ({len(found)} in all)" if len(found) > 6 else "")
         click.echo(f"{kind:8s} {len(found):3d}  {shown or '-'}")
 

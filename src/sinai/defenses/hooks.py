@@ -49,6 +49,12 @@ class SiteHook:
             return module.register_forward_pre_hook(self._pre)
         if self.site.hook == "post":
             return module.register_forward_hook(self._post)
+        if self.site.hook == "mha_mask":
+            return module.register_forward_pre_hook(self._mha_mask, with_kwargs=True)
+        if self.site.hook == "intercept":
+            from .intercept import Interceptor
+
+            return Interceptor(self).attach()
         return module.register_forward_pre_hook(self._attn_mask, with_kwargs=True)
 
     def _pre(self, module: nn.Module, args: tuple) -> tuple | None:
@@ -84,6 +90,38 @@ class SiteHook:
                 mask = torch.zeros(mask.shape, device=x.device, dtype=x.dtype).masked_fill(~mask, -math.inf)
             logits = logits + mask
         return args, {**kwargs, "attn_mask": logits}
+
+    _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
+
+    def _mha_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        """``nn.MultiheadAttention``: its float ``attn_mask`` (N * heads, L, S), batch-major as the module
+        splits heads, is added to the logits before softmax; a boolean mask there means True = masked."""
+        if not self.enabled():
+            return None
+        bound = dict(zip(self._MHA_ARGS, args, strict=False)) | kwargs
+        query, key = bound["query"], bound["key"]
+        heads = module.num_heads
+        if query.dim() == 3:
+            n, length, source = (
+                (query.shape[0], query.shape[1], key.shape[1])
+                if module.batch_first
+                else (query.shape[1], query.shape[0], key.shape[0])
+            )
+        else:  # unbatched (L, E)
+            n, length, source = 1, query.shape[0], key.shape[0]
+        logits = self.attn_logits((n, heads, length, source), query)
+        if logits is None:
+            return None
+        mask = bound.get("attn_mask")
+        if mask is not None:
+            if mask.dtype == torch.bool:  # True = not allowed to attend, in nn.MultiheadAttention
+                mask = torch.zeros(mask.shape, device=query.device, dtype=query.dtype).masked_fill(
+                    mask, -math.inf
+                )
+            logits = logits + (mask.reshape(n, heads, length, source) if mask.dim() == 3 else mask)
+        shape = (n * heads, length, source) if query.dim() == 3 else (heads, length, source)
+        # is_causal with a mask lets the module drop the mask for a causal kernel: the noise must stay
+        return (), {**bound, "attn_mask": logits.reshape(shape), "is_causal": False}
 
 
 class Generators:

@@ -30,19 +30,43 @@ def selected_count(ratio: float, n: int) -> int:
 
 
 def smallest_mask(z: torch.Tensor, ratio: float) -> torch.Tensor | None:
-    """Per sample, a mask of exactly the ``ceil(ratio * n)`` smallest entries of ``z`` (``None`` = all).
-
-    ``topk(sorted=False)`` + scatter is exact under ties and faster than ``kthvalue`` + compare on CPU.
-    """
-    flat = z.reshape(z.shape[0], -1)
-    n = flat.shape[1]
-    k = selected_count(ratio, n)
-    if k >= n:
+    """Per sample, a mask of exactly the ``ceil(ratio * n)`` smallest entries of ``z`` (``None`` = all):
+    the entries :func:`smallest_indices` picks."""
+    idx = smallest_indices(z, ratio)
+    if idx is None:
         return None
-    mask = torch.zeros(flat.shape, dtype=torch.bool, device=z.device)
-    if k > 0:
-        mask.scatter_(1, flat.topk(k, dim=1, largest=False, sorted=False).indices, True)
-    return mask.view_as(z)
+    mask = torch.zeros((z.shape[0], z[0].numel()), dtype=torch.bool, device=z.device)
+    return mask.scatter_(1, idx, True).view_as(z)
+
+
+_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+                   torch.bfloat16: torch.int16}  # fmt: skip
+
+
+def order_keys(flat: torch.Tensor) -> torch.Tensor:
+    """Integers in the order of the floats ``flat`` (CPU): the IEEE bits, negatives' magnitude bits flipped.
+
+    Ties stay ties (but -0.0 sorts before +0.0); ``topk`` on them is ~20% faster on CPU than on the floats.
+    """
+    bits = flat.contiguous().view(_SAME_WIDTH_INT[flat.dtype])
+    width = bits.element_size() * 8
+    return bits ^ ((bits >> (width - 1)) & ((1 << (width - 1)) - 1))
+
+
+def smallest_indices(z: torch.Tensor, ratio: float, *, largest: bool = False) -> torch.Tensor | None:
+    """Per sample, the flat indices (B, k) of exactly the ``k = ceil(ratio * n)`` smallest (``largest``:
+    largest) entries of ``z``, in no particular order; ``None`` when ``k = n`` (all of them).
+
+    ``topk(sorted=False)`` is exact under ties and faster than ``kthvalue`` + compare; on CPU it runs on
+    :func:`order_keys` (integers in the same order).
+    """
+    flat = z.detach().reshape(z.shape[0], -1)
+    k = selected_count(ratio, flat.shape[1])
+    if k >= flat.shape[1]:
+        return None
+    if flat.device.type == "cpu" and flat.dtype in _SAME_WIDTH_INT:
+        flat = order_keys(flat)
+    return flat.topk(k, dim=1, largest=largest, sorted=False).indices
 
 
 class _Injector(SiteHook):
@@ -60,16 +84,20 @@ class _Injector(SiteHook):
     def _noise(self, shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         if self._vector is None:  # the scalar path, unchanged
             return self.owner.noise(shape, like, self.spec.std)
-        if shape[-1] != len(self._vector):
+        return self.owner.noise(shape, like, 1.0).mul_(self._std_vector(shape[-1], like))
+
+    def _std_vector(self, features: int, like: torch.Tensor) -> torch.Tensor:
+        """The vector std on ``like``'s device and dtype, checked against the site's ``features``."""
+        if features != len(self._vector):
             raise ValueError(
-                f"site {self.site.name or self.site.kind!r} has {shape[-1]} features in its last dimension, "
+                f"site {self.site.name or self.site.kind!r} has {features} features in its last dimension, "
                 f"but the std vector has {len(self._vector)} entries"
             )
         key = (like.device, like.dtype)
         std = self._vectors.get(key)
         if std is None:
             std = self._vectors[key] = self._vector.to(device=like.device, dtype=like.dtype)
-        return self.owner.noise(shape, like, 1.0).mul_(std)
+        return std
 
     def enabled(self) -> bool:
         return self.owner.active
@@ -82,16 +110,28 @@ class _Injector(SiteHook):
                     smallest_threshold(z, self.spec.ratio)
                 )
             return z
+        if self.spec.ratio < 1.0 and self.spec.selection == "exact":
+            return self._selected(z)
         noise = self._noise(z.shape, z)
         if self.spec.ratio >= 1.0:
             return z + noise
-        if self.spec.selection == "threshold":
-            mask = z <= self.owner.threshold(self.site.name, call)
-        else:
-            mask = smallest_mask(z, self.spec.ratio)
-            if mask is None:
-                return z + noise
-        return torch.addcmul(z, noise, mask)
+        return torch.addcmul(z, noise, z <= self.owner.threshold(self.site.name, call))
+
+    def _selected(self, z: torch.Tensor) -> torch.Tensor:
+        """Exact selection, fused: noise is drawn for the ``k`` selected entries of each sample only and
+        added where they are (one ``scatter_add``), never for the ``n - k`` others and with no mask."""
+        idx = smallest_indices(z, self.spec.ratio)
+        if idx is None:
+            return z + self._noise(z.shape, z)
+        flat = z.reshape(z.shape[0], -1)
+        if idx.shape[1] == 0:
+            return z
+        if self._vector is None:
+            noise = self.owner.noise(idx.shape, z, self.spec.std)
+        else:  # the std of each selected entry's feature (its index in the last dimension)
+            std = self._std_vector(z.shape[-1], z)
+            noise = self.owner.noise(idx.shape, z, 1.0).mul_(std[idx % z.shape[-1]])
+        return flat.scatter_add(1, idx, noise).view_as(z)
 
     def attn_logits(self, shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor | None:
         if self.owner.recording is not None:
@@ -318,4 +358,11 @@ def site_counts(defended: DefendedModel) -> dict[str, int]:
     return counts
 
 
-__all__: Sequence[str] = ["DefendedModel", "protect", "selected_count", "smallest_mask", "site_counts"]
+__all__: Sequence[str] = [
+    "DefendedModel",
+    "protect",
+    "selected_count",
+    "smallest_indices",
+    "smallest_mask",
+    "site_counts",
+]

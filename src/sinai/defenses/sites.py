@@ -7,9 +7,14 @@ A site is a module plus how its hook reaches the tensor to perturb:
   output of named layers;
 - ``attn``: a pre-hook on each timm ``Attention`` that supplies a float ``attn_mask``; SDPA and the
   manual path both compute ``softmax(q @ k.T * scale + mask)``, so the noise lands on the logits
-  before softmax and the fused kernel is kept;
+  before softmax and the fused kernel is kept. The same on each ``nn.MultiheadAttention`` (torchvision's
+  ViT), whose float ``attn_mask`` is added to the logits before softmax too (hook ``mha_mask``);
 - ``gelu`` / ``relu``: a pre-hook on every ``nn.GELU`` / ``nn.ReLU`` module, which sees exactly the
   pre-activation logits (torchvision's shared ReLU fires it at each of its calls);
+- intercepted ``attn`` / ``gelu`` / ``relu`` (hook ``intercept``): attention written out by hand
+  (``(q @ k.transpose(-2, -1)) * scale`` then ``.softmax(-1)``, or ``F.scaled_dot_product_attention``) and
+  ``F.gelu`` / ``F.relu`` called inside a module's forward, found by tracing one forward and replaced
+  while that module's own forward runs (:mod:`sinai.defenses.intercept`; models with ``input_shape``);
 - ``output``: a forward hook on the root module, which sees the model's output logits (AAA,
   :mod:`sinai.defenses.aaa`; the hook checks at every forward that they are (N, classes) logits);
 - ``approx``: a forward hook on every ``nn.Conv2d`` that carries a learned approximation branch (its child
@@ -33,14 +38,26 @@ from .spec import SITE_KINDS, Defense, NoiseSpec, check_kind
 class Site:
     """One injection point: ``kind``, the module's qualified ``name`` ("" = root) and the ``module``.
 
-    ``hook`` says how the tensor is reached: ``"pre"`` (first positional input), ``"post"`` (output)
-    or ``"attn_mask"`` (the attention module's mask keyword).
+    ``hook`` says how the tensor is reached: ``"pre"`` (first positional input), ``"post"`` (output),
+    ``"attn_mask"`` (a timm attention module's mask keyword), ``"mha_mask"`` (``nn.MultiheadAttention``'s
+    ``attn_mask``) or ``"intercept"``: the calls of ``function`` (``softmax``, ``sdpa``, ``gelu``, ``relu``)
+    numbered ``calls`` within the module's own forward (:mod:`sinai.defenses.intercept`).
     """
 
     kind: str
     name: str
     module: nn.Module
     hook: str
+    function: str = ""
+    calls: tuple[int, ...] = ()
+
+    @property
+    def how(self) -> str:
+        """How the site is reached, for ``sinai sites``: ``hook`` or ``intercepted F.gelu`` and the like."""
+        if self.hook != "intercept":
+            return "hook" if self.hook in ("pre", "post") else f"hook {self.hook}"
+        call = {"softmax": "softmax", "sdpa": "F.scaled_dot_product_attention"}.get(self.function)
+        return f"intercepted {call or 'F.' + self.function}"
 
 
 def _is_timm_attention(module: nn.Module) -> bool:
@@ -53,6 +70,10 @@ def _is_timm_attention(module: nn.Module) -> bool:
     # Other timm attention variants qualify when their forward takes an additive attn_mask.
     params = inspect.signature(module.forward).parameters if hasattr(module, "num_heads") else {}
     return type(module).__module__.startswith("timm.") and "attn_mask" in params
+
+
+def _is_mha(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention)
 
 
 def _is_gelu(module: nn.Module) -> bool:
@@ -140,15 +161,52 @@ def find_sites(
         elif kind == "approx":
             found[kind] = [Site(kind, n, m, "post") for n, m in modules.items() if _has_approx(m)]
         else:
-            match = {"attn": _is_timm_attention, "gelu": _is_gelu, "relu": lambda m: isinstance(m, nn.ReLU)}
-            hook = "attn_mask" if kind == "attn" else "pre"
-            found[kind] = [Site(kind, n, m, hook) for n, m in modules.items() if match[kind](m)]
+            found[kind] = [
+                Site(kind, n, m, hook)
+                for n, m in modules.items()
+                if (hook := _module_hook(kind, m)) is not None
+            ]
+    traced = [k for k in found if k in INTERCEPTED_KINDS]
+    if traced:
+        _add_intercepted(model, found, traced)
     return found
 
 
-def describe_sites(model: nn.Module) -> dict[str, list[str]]:
-    """Names of the sites of every kind, for ``sinai sites`` and error messages."""
-    return {kind: [s.name or f"<{kind}>" for s in sites] for kind, sites in find_sites(model).items()}
+INTERCEPTED_KINDS = ("attn", "gelu", "relu")
+"""Kinds that may also be found by tracing a forward (:mod:`sinai.defenses.intercept`)."""
+
+
+def _module_hook(kind: str, module: nn.Module) -> str | None:
+    """The hook that reaches a ``kind`` site at ``module``, or ``None`` when it is no such site."""
+    if kind == "attn":
+        return "attn_mask" if _is_timm_attention(module) else "mha_mask" if _is_mha(module) else None
+    if kind == "gelu":
+        return "pre" if _is_gelu(module) else None
+    return "pre" if kind == "relu" and isinstance(module, nn.ReLU) else None
+
+
+def _add_intercepted(model: nn.Module, found: dict[str, list[Site]], kinds: list[str]) -> None:
+    """Add the sites of ``kinds`` that a traced forward finds inside modules' own forwards."""
+    from .intercept import KIND_OF_FUNCTION, functional_sites
+
+    modules = dict(model.named_modules())
+    hooked = {id(m) for m in modules.values() if any(_module_hook(k, m) for k in INTERCEPTED_KINDS)}
+    order = {n: i for i, n in enumerate(modules)}
+    for name, function, calls in functional_sites(model, hooked):
+        kind = KIND_OF_FUNCTION[function]
+        if kind in kinds and name in modules:
+            found[kind].append(Site(kind, name, modules[name], "intercept", function, calls))
+    for kind in kinds:
+        found[kind].sort(key=lambda s: order.get(s.name, 0))
+
+
+def describe_sites(model: nn.Module, *, how: bool = False) -> dict[str, list[str]]:
+    """Names of the sites of every kind, for ``sinai sites`` and error messages; ``how=True`` follows each
+    name by how it is reached in brackets (``[hook attn_mask]``, ``[intercepted F.gelu]``, ...)."""
+    return {
+        kind: [(s.name or f"<{kind}>") + (f" [{s.how}]" if how else "") for s in sites]
+        for kind, sites in find_sites(model).items()
+    }
 
 
 def settle(defense: Defense, model: nn.Module) -> tuple[Defense, dict[str, list[Site]]]:

@@ -136,6 +136,30 @@ def evaluate(
     )
 
 
+def attack_shard(
+    defended: DefendedModel,
+    config: EvalConfig,
+    shard: int,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    dataset_indices: Sequence[int],
+    *,
+    first: int,
+    randomized: bool,
+    batch_size: int = 128,
+) -> list[ImageResult]:
+    """Attack shard ``shard`` of a run (its images start at image ``first``) exactly as :func:`evaluate`
+    does: noise and attack reseeded from (seed, shard), so the results do not depend on who runs the
+    shard or when (what a sweep worker runs; nothing is stored). ``randomized``: the defended model
+    draws noise (votes apply)."""
+    if not len(images) == len(labels) == len(dataset_indices):
+        raise ValueError(
+            f"{len(images)} images, {len(labels)} labels and {len(dataset_indices)} dataset indices"
+        )
+    shards = _Shards(defended, config, None, -1, randomized, batch_size)  # type: ignore[arg-type] - unstored
+    return shards._attack_shard(shard, images, labels, list(dataset_indices), first, lambda _queries=0: None)
+
+
 @dataclass
 class _Shards:
     """Attacks a run's images shard by shard, each seeded from (seed, shard) and stored in one transaction."""

@@ -11,8 +11,9 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..evaluation.store import ResultStore
+from ..evaluation.store import ResultStore, is_postgres
 from .executors import EXECUTORS, Outcome, run_local, run_ray
 from .plan import Plan, load_plan, parse_plan
 from .runs import CLEAN_SHARD, SweepRun, WorkerEnv, expand
@@ -80,8 +81,18 @@ def run_sweep(
     location = store or plan.default_store()
     from ..device import resolve_device
 
+    # Calibrate/tune stages run in expand, here in the driver, before their runs' tasks exist; their
+    # working files go beside a SQLite store (else under the plan's out folder).
+    folder = Path(plan.out or f"runs/sweep/{plan.name}") if is_postgres(location) else Path(location).parent
     with ResultStore(location, timeout=10) as db:
-        runs = expand(plan, db, device=resolve_device(device), cache_dir=cache_dir, log=say)
+        runs = expand(
+            plan,
+            db,
+            device=resolve_device(device),
+            cache_dir=cache_dir,
+            stages=str(folder / "stages"),
+            log=say,
+        )
         db.set_meta(_meta_key(plan), json.dumps([[r.run_id, r.label, r.tasks] for r in runs]))
         run_ids = [r.run_id for r in runs]
         released = db.release(run_ids, lease=lease)
@@ -99,10 +110,7 @@ def run_sweep(
     if not todo:
         outcome = Outcome()
     elif executor == "ray":
-        # The clean task of each run first: Ray starts them in submission order.
-        todo.sort(key=lambda t: (t[1] != CLEAN_SHARD, t))
-        outcome = run_ray(location, env, todo, address=address, workers=workers, retries=retries, lease=lease,
-                          log=say)  # fmt: skip
+        outcome = _ray_rounds(location, env, todo, run_ids, address, workers, retries, lease, say)
     else:
         outcome = run_local(location, env, run_ids, workers=workers, retries=retries, lease=lease, log=say)
     with ResultStore(location) as db:
@@ -112,6 +120,43 @@ def run_sweep(
             if run.run_id not in finished and tasks and all(t.state == "done" for t in tasks):
                 db.finish(run.run_id)
         return status_of(db, runs), outcome
+
+
+def _ray_rounds(
+    location: str,
+    env: WorkerEnv,
+    todo: list[tuple[int, int]],
+    run_ids: list[int],
+    address: str | None,
+    workers: int,
+    retries: int,
+    lease: float,
+    say: Callable[[str], None],
+) -> Outcome:
+    """Submit ``todo`` to Ray, then again (up to ``retries`` rounds) what the ledger still holds undone:
+    a task whose Ray retry found it still held by its dead worker, or that failed with attempts left."""
+    total = Outcome()
+    for _ in range(retries):
+        todo.sort(key=lambda t: (t[1] != CLEAN_SHARD, t))  # clean tasks first: Ray starts in order
+        outcome = run_ray(location, env, todo, address=address, workers=workers, retries=retries, lease=lease,
+                          log=say)  # fmt: skip
+        total.done += outcome.done
+        total.lost += outcome.lost
+        total.seconds += outcome.seconds
+        total.errors += outcome.errors
+        with ResultStore(location) as db:
+            db.release(run_ids, lease=lease)
+            tasks = db.tasks(run_ids)
+        todo = [
+            (t.run_id, t.shard)
+            for t in tasks
+            if t.state == "pending" or (t.state == "failed" and t.attempts < retries)
+        ]
+        if not todo:
+            break
+        say(f"{len(todo)} task(s) left undone by Ray; submitting them again")
+    total.failed = sum(t.state == "failed" for t in tasks)
+    return total
 
 
 def sweep_status(plan: Plan, *, store: str | None = None) -> SweepStatus:
@@ -197,8 +242,6 @@ def _duration(seconds: float) -> str:
 def snapshot(plan: Plan, store: str, folder: str) -> str:
     """Copy the plan's runs from ``store`` (e.g. PostgreSQL) into ``FOLDER/results.sqlite`` for ``sinai
     report``; returns the file."""
-    from pathlib import Path
-
     target = Path(folder) / "results.sqlite"
     saved = None
     with ResultStore(store, timeout=10) as db:

@@ -6,7 +6,10 @@ names the plan's line and the valid values. ``expand`` turns the plan into runs,
 
     name = "mnist-small"                 # default: the file's stem
     models = ["mnist-cnn", "mnist-vit"]  # or {name = "timm:resnet50", checkpoint = "w.pth", data = "cifar10"}
-    defenses = ["none", "RND:std=0.05", {defense = "FND:std=0.5", method = "FND", level = "≈1%"}]
+    defenses = ["none", "RND:std=0.05", {defense = "FND:std=0.5", method = "FND", level = "≈1%"},
+                {calibrate = "FND", drop = [0.01, 0.02]},    # stages: found on the validation images
+                {tune = "SINAI", delta = 0.01, trials = 20}]
+    validation = 200                     # validation images (stages), disjoint from the evaluated ones
     attacks = ["square", "signhunter"]
     budgets = [100, 1000]                # robust accuracy at each; one attack with the largest
     images = 100                         # N seeded class-covering images per model
@@ -52,6 +55,7 @@ KEYS = {
     "attacks": list,
     "budgets": list,
     "images": int,
+    "validation": int,
     "shard_size": int,
     "seed": int,
     "norm": str,
@@ -66,6 +70,10 @@ KEYS = {
 
 MODEL_KEYS = ("name", "checkpoint", "data")
 DEFENSE_KEYS = ("defense", "method", "level")
+CALIBRATE_KEYS = ("calibrate", "drop", "method", "level")
+TUNE_KEYS = ("tune", "delta", "trials", "population", "screen", "full", "method", "level")
+TUNED_PRESETS = ("SINAI",)
+"""What a ``tune`` stage tunes (Optuna NSGA-II over SINAI's site stds and ratios, SINAI section 4.3)."""
 
 
 @dataclass(frozen=True)
@@ -76,10 +84,30 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A defense found on the plan's validation images before its runs are expanded (RFD section 4.1,
+    SINAI sections 4.3 and 5.1): ``calibrate`` bisects the std of a one-kind preset to each clean-accuracy
+    ``drops``; ``tune`` runs Optuna NSGA-II on SINAI under the largest of ``drops`` and chooses the best
+    configuration at each (one study for all of them)."""
+
+    kind: str  # "calibrate" | "tune"
+    preset: str
+    drops: tuple[float, ...]
+    trials: int = 20
+    population: int = 4
+    screen: tuple[int, int] | None = None  # (images, budget) of every trial; default (<=50, 200)
+    full: tuple[int, int] | None = None  # of the promoted trials; default (<=100, the largest budget)
+
+
+@dataclass(frozen=True)
 class DefenseEntry:
+    """A defense of the plan: ``text`` (fixed), or the preset of a ``stage`` at one of its ``drop``s."""
+
     text: str
     method: str | None = None
     level: str | None = None
+    stage: Stage | None = None
+    drop: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +120,7 @@ class Plan:
     attacks: tuple[str, ...]
     budgets: tuple[int, ...]
     images: int
+    validation: int | None = None
     shard_size: int = 100
     seed: int = 0
     norm: str = "linf"
@@ -192,6 +221,9 @@ def parse_plan(text: str, *, source: str = "<plan>", name: str = "sweep") -> Pla
 
     defenses = []
     for item in data["defenses"]:
+        if isinstance(item, dict) and ("calibrate" in item or "tune" in item):
+            defenses += _stage_entries(item, data, lines)
+            continue
         entry = _table(item, "defense", DEFENSE_KEYS, "defenses", lines)
         try:
             parse_defense(entry["defense"])
@@ -220,7 +252,7 @@ def parse_plan(text: str, *, source: str = "<plan>", name: str = "sweep") -> Pla
     budgets = data["budgets"]
     if not budgets or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in budgets):
         raise lines.error(lines.of_key("budgets"), f"budgets must be positive integers, got {budgets!r}")
-    for key in ("images", "shard_size", "batch_size"):
+    for key in ("images", "validation", "shard_size", "batch_size"):
         if key in data and data[key] < 1:
             raise lines.error(lines.of_key(key), f"{key} must be at least 1, got {data[key]}")
     if data.get("seed", 0) < 0:
@@ -238,6 +270,7 @@ def parse_plan(text: str, *, source: str = "<plan>", name: str = "sweep") -> Pla
         attacks=tuple(attacks),
         budgets=tuple(sorted(set(budgets))),
         images=data["images"],
+        validation=data.get("validation"),
         shard_size=data.get("shard_size", 100),
         seed=data.get("seed", 0),
         norm=norm,
@@ -294,3 +327,75 @@ def _table(item: object, main: str, keys: Sequence[str], what: str, lines: _Line
             )
         return dict(item)
     raise lines.error(lines.of_key(what), f"a {what} entry is a string or a table, got {item!r}")
+
+
+def _stage_entries(item: dict, data: dict, lines: _Lines) -> list[DefenseEntry]:
+    """A ``{calibrate = ...}`` or ``{tune = ...}`` defense entry: one entry per drop (a list of drops is
+    one stage: one calibration each, or one tuning study choosing at each)."""
+    kind = "calibrate" if "calibrate" in item else "tune"
+    keys, drop_key = (CALIBRATE_KEYS, "drop") if kind == "calibrate" else (TUNE_KEYS, "delta")
+    name = item[kind]
+    line = lines.of_value(str(name), "defenses") if isinstance(name, str) else lines.of_key("defenses")
+
+    def bad(message: str) -> ValueError:
+        return lines.error(line, f"{kind} entry {item!r}: {message}")
+
+    if "calibrate" in item and "tune" in item:
+        raise bad("an entry either calibrates or tunes")
+    unknown = sorted(set(item) - set(keys))
+    if unknown:
+        raise bad(f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(keys)}")
+    if "validation" not in data:
+        raise bad("a plan with calibrate/tune entries needs 'validation = N' (the validation images)")
+    if not isinstance(name, str):
+        raise bad(f"{kind} names a preset (a string)")
+    from ..defenses import preset
+    from ..defenses.spec import PRESETS
+
+    if kind == "calibrate":
+        try:
+            defense = preset(name)
+        except (KeyError, ValueError):
+            defense = None
+        if defense is None or len(defense.specs) != 1 or not defense.randomized:
+            one_kind = [p for p in PRESETS if len(PRESETS[p][0]) == 1 and preset(p).randomized]
+            raise bad(f"calibrate needs a one-kind noise preset: {', '.join(one_kind)}")
+        name = defense.name
+    elif name not in TUNED_PRESETS:
+        raise bad(f"tune tunes {', '.join(TUNED_PRESETS)}, not {name!r}")
+    drops = item.get(drop_key)
+    drops = drops if isinstance(drops, list) else [drops]
+    if not drops or not all(
+        isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d < 1 for d in drops
+    ):
+        raise bad(f"{drop_key} must be a fraction in (0, 1) such as 0.01 for 1%, or a list of them")
+    drops = sorted({float(d) for d in drops})
+    for key in ("method", "level"):
+        if key in item and not isinstance(item[key], str):
+            raise bad(f"{key} must be a string")
+    if "level" in item and len(drops) > 1:
+        raise bad("level labels one drop; give one entry per drop, or leave level out")
+    fields: dict[str, object] = {}
+    for key, least in (("trials", 1), ("population", 2)):
+        if key in item:
+            value = item[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise bad(f"{key} must be an integer >= {least}")
+            fields[key] = value
+    for key in ("screen", "full"):
+        if key in item:
+            value = item[key]
+            ok = isinstance(value, list) and len(value) == 2
+            ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+            if not ok:
+                raise bad(f"{key} is [images, budget] (two positive integers)")
+            if isinstance(data["validation"], int) and value[0] > data["validation"]:
+                raise bad(
+                    f"{key} asks for {value[0]} images; the plan has {data['validation']} validation images"
+                )
+            fields[key] = tuple(value)
+    stage = Stage(kind, name, tuple(drops), **fields)
+    method = item.get("method", name)
+    return [
+        DefenseEntry(name, method, item.get("level", f"≈{100 * d:g}%"), stage=stage, drop=d) for d in drops
+    ]

@@ -23,7 +23,7 @@ from ..defenses import DefendedModel, Defense, parse_defense
 from ..evaluation.clean import clean_accuracy
 from ..evaluation.config import EvalConfig
 from ..evaluation.defaults import default_attack_args, default_eps
-from ..evaluation.protocol import _shard_seed, _Shards  # noqa: F401 - the protocol's shard runner
+from ..evaluation.protocol import attack_shard
 from ..evaluation.store import SCHEMA_VERSION, ResultStore, settings_key
 from .plan import DefenseEntry, ModelEntry, Plan, import_modules
 
@@ -32,10 +32,16 @@ CLEAN_SHARD = -1
 
 
 def eval_config(
-    plan: Plan, model: ModelEntry, defense: DefenseEntry, attack: str, dataset: str
+    plan: Plan,
+    model: ModelEntry,
+    defense: DefenseEntry,
+    attack: str,
+    dataset: str,
+    resolved: Defense | None = None,
 ) -> EvalConfig:
-    """The configuration ``sinai eval`` would build for this cell of the plan."""
-    eps = plan.eps if plan.eps is not None else default_eps(model.name, dataset, plan.norm)
+    """The configuration ``sinai eval`` would build for this cell of the plan (``resolved``: the defense
+    a calibrate/tune stage found, instead of the entry's text)."""
+    eps = plan_eps(plan, model, dataset)
     describe: dict[str, object] = {"model": model.name, "checkpoint": model.checkpoint, "dataset": dataset}
     if defense.method:
         describe["method"] = defense.method
@@ -43,7 +49,7 @@ def eval_config(
     return EvalConfig(
         attack=attack,
         attack_args=default_attack_args(attack, dataset, plan.norm) | dict(plan.attack_args.get(attack, {})),
-        defense=parse_defense(defense.text),
+        defense=resolved if resolved is not None else parse_defense(defense.text),
         threat=ThreatModel(plan.norm, eps),
         budgets=plan.budgets,
         seed=plan.seed,
@@ -51,6 +57,10 @@ def eval_config(
         describe=describe,
         **plan.run,
     )
+
+
+def plan_eps(plan: Plan, model: ModelEntry, dataset: str) -> float:
+    return plan.eps if plan.eps is not None else default_eps(model.name, dataset, plan.norm)
 
 
 @dataclass(frozen=True)
@@ -75,26 +85,49 @@ def expand(
     *,
     device: torch.device | str = "cpu",
     cache_dir: str | None = None,
+    stages: str | None = None,
     log=None,  # noqa: ANN001 - Callable[[str], None] | None
 ) -> list[SweepRun]:
     """Create the plan's runs and their tasks in ``store`` (existing ones are kept) and return them.
 
     Each model is loaded once here: a run's key holds the part of its defense that applies to the
-    model (SINAI on a CNN is its ReLU part), as in :func:`~sinai.evaluation.evaluate`.
+    model (SINAI on a CNN is its ReLU part), as in :func:`~sinai.evaluation.evaluate`. With
+    ``validation`` images, the evaluated images are disjoint from them, and the calibrate/tune stages
+    run here first, on the validation images (their results kept in the store's meta; their working
+    files under ``stages``, default the store's folder/stages): a run of a stage's defense is created
+    only once the stage is done.
     """
     from ..models.data import load_dataset, select_images
     from ..models.zoo import default_dataset, load_model
+    from .stages import run_stage, split_indices
 
     say = log or (lambda _msg: None)
     runs: list[SweepRun] = []
     for entry in plan.models:
+        before = len(runs)
         model = load_model(entry.name, checkpoint=entry.checkpoint, device=device, cache_dir=cache_dir)
         data = entry.data or default_dataset(entry.name, num_classes=model.num_classes)
         dataset = load_dataset(data, root=plan.data_root, image_size=model.input_shape[-1])
-        indices = select_images(dataset.labels, plan.images, plan.seed, dataset.num_classes).tolist()
+        validation = None
+        if plan.validation:
+            val, ev = split_indices(
+                dataset.labels, plan.validation, plan.images, plan.seed, dataset.num_classes
+            )
+            indices, validation = ev.tolist(), (dataset, val)
+        else:
+            indices = select_images(dataset.labels, plan.images, plan.seed, dataset.num_classes).tolist()
         for defense in plan.defenses:
+            resolved = None
+            if defense.stage is not None:
+                assert validation is not None  # parse_plan requires validation with stages
+                resolved = run_stage(
+                    plan, entry, defense, model, data, *validation, store=store, folder=stages,
+                    device=device, log=say,
+                )  # fmt: skip
+                if resolved is None:
+                    continue
             for attack in plan.attacks:
-                config = eval_config(plan, entry, defense, attack, data)
+                config = eval_config(plan, entry, defense, attack, data, resolved)
                 defended = DefendedModel(model, config.defense, seed=config.seed)
                 try:
                     if defended.defense != config.defense:
@@ -109,7 +142,7 @@ def expand(
                 label = f"{entry.name} | {defense.method or shown}"
                 label += f" {defense.level}" if defense.level else ""
                 runs.append(SweepRun(run_id, f"{label} | {attack}", shards + 1))
-        say(f"{entry.name}: {len(plan.defenses) * len(plan.attacks)} runs of {len(indices)} {data} images")
+        say(f"{entry.name}: {len(runs) - before} runs of {len(indices)} {data} images")
     return runs
 
 
@@ -244,11 +277,11 @@ class Worker:
                 raise ValueError(f"run {run_id} has no shard {shard}")
             first = shard * config.shard_size
             stop = min(first + config.shard_size, len(x))
-            runner = _Shards(defended, config, self.store, run_id, randomized, self.env.batch_size)
             indices = settings["dataset_indices"][first:stop]
-            results = runner._attack_shard(
-                shard, x[first:stop], y[first:stop], indices, first, lambda q=0: None
-            )
+            results = attack_shard(
+                defended, config, shard, x[first:stop], y[first:stop], indices, first=first,
+                randomized=randomized, batch_size=self.env.batch_size,
+            )  # fmt: skip
             return results, None
         finally:
             defended.remove()

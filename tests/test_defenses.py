@@ -344,7 +344,7 @@ def test_a_new_preset_is_one_decorated_definition(monkeypatch):
 
     assert list_defenses() == (
         "none", "RND", "SND", "FND", "SINAI", "SINAI-Attn", "SINAI-FFN", "AAA", "SINAI-selective", "MFDV"
-    )
+    )  # fmt: skip
     monkeypatch.setattr(spec, "_BUILDERS", dict(spec._BUILDERS))
     before = dict(spec._PRESETS)
     try:

@@ -318,4 +318,3 @@ def bench_sweep_command(
     click.echo(bench_table(result))
     if json_out:
         Path(json_out).write_text(json.dumps(result.as_dict(), indent=2))
-

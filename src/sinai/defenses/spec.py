@@ -329,6 +329,11 @@ class Defense:
                 "use mc=1 (the default)"
             )
 
+    def __reduce__(self) -> tuple:
+        """Pickle and deep-copy through the constructor (the read-only ``specs`` view cannot be pickled):
+        Ray, worker processes and ``copy.deepcopy`` of a protected model need it."""
+        return (type(self), (dict(self.specs), self.name, self.require, self.mc))
+
     def restricted_to(self, kinds: set[str] | frozenset[str]) -> Defense:
         """The same defense with only the site kinds in ``kinds`` (what applies to a given model)."""
         return replace(self, specs={k: s for k, s in self.specs.items() if k in kinds})

@@ -19,6 +19,7 @@ reused, a trial cut mid-way is failed by Optuna's heartbeat and sampled anew.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import warnings
@@ -202,9 +203,14 @@ def parallel_storage(storage: str) -> bool:
     return storage.startswith((JOURNAL, "postgresql", "mysql"))
 
 
-def _trial_worker(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, kwargs: dict) -> None:
-    """A spawned trial worker: the same study, trials only (the parent promotes and chooses)."""
+def _trial_worker(payload: bytes, kwargs: dict) -> None:
+    """A spawned trial worker: the same study, trials only (the parent promotes and chooses).
+
+    ``payload`` is the model, images and labels saved with ``torch.save``: passed as plain bytes, not as
+    tensors, whose pickling by ``torch.multiprocessing`` hands file descriptors to the child (which
+    fails when the parent's descriptors are in use elsewhere, e.g. under a test runner)."""
     torch.set_num_threads(1)
+    model, images, labels = torch.load(io.BytesIO(payload), weights_only=False)
     location = kwargs.pop("store_location")
     with ResultStore(location) as store:
         tune(model, images, labels, store=store, progress=False, trials_only=True, **kwargs)
@@ -390,10 +396,12 @@ def tune(
             batch_size=batch_size, store_location=location,
         )  # fmt: skip
         ctx = multiprocessing.get_context("spawn")
+        buffer = io.BytesIO()
+        torch.save((model, images.cpu(), labels.cpu()), buffer)
         helpers = [  # each its own sampler stream: the same seed would propose the same first trials
             ctx.Process(
                 target=_trial_worker,
-                args=(model, images, labels, {**shared, "sampler_seed": seed + 1000 * (i + 1)}),
+                args=(buffer.getvalue(), {**shared, "sampler_seed": seed + 1000 * (i + 1)}),
             )
             for i in range(workers - 1)
         ]

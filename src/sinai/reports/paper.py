@@ -135,6 +135,9 @@ def load_runs(store: ResultStore, *, include_stages: bool = False) -> list[Run]:
     for run_id, settings, _finished in store.runs():
         if settings.get("stage") and not include_stages:
             continue  # a tuning trial's screening run, not a table row
+        results = store.results(run_id)
+        if not results and settings["attack"] != "none":
+            continue  # an attack run stopped before its first shard finished: nothing to report yet
         method, level = _method(settings)
         clean = store.clean(run_id)
         runs.append(
@@ -146,7 +149,7 @@ def load_runs(store: ResultStore, *, include_stages: bool = False) -> list[Run]:
                 eot=int(settings["eot"]),
                 budget=max(settings["budgets"]),
                 clean=100 * statistics.fmean(clean) if clean else None,
-                results=store.results(run_id),
+                results=results,
                 settings=settings,
             )
         )

@@ -385,18 +385,8 @@ def mnist_cnn_mfdv() -> EmbeddedModel:
     ``MFDV`` (one noisy pass per query) or ``MFDV:mc=15`` (the paper's mean of 15 passes)."""
     from sinai.models.mfdv import MfdvTraining
 
-    return EmbeddedModel(
-        CnnArch(channels=(16, 32), hidden=128),
-        TrainConfig(
-            epochs=8,
-            batch_size=64,
-            lr=3e-3,
-            weight_decay=5e-4,
-            seed=0,
-            augment=2,
-            mfdv=MfdvTraining(lambda1=1e-3),
-        ),
-    )
+    base = mnist_cnn()
+    return dataclasses.replace(base, train=dataclasses.replace(base.train, mfdv=MfdvTraining(lambda1=1e-3)))
 
 
 @embedded_model("mnist-vit-mfdv", variant_of="mnist-vit", usage="lambda1=L")
@@ -407,18 +397,8 @@ def mnist_vit_mfdv() -> EmbeddedModel:
     training takes ~30 CPU-minutes)."""
     from sinai.models.mfdv import MfdvTraining
 
-    return EmbeddedModel(
-        VitArch(patch_size=7, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0),
-        TrainConfig(
-            epochs=50,
-            batch_size=64,
-            lr=2e-3,
-            weight_decay=0.05,
-            seed=0,
-            augment=2,
-            mfdv=MfdvTraining(lambda1=3e-2),
-        ),
-    )
+    base = mnist_vit()
+    return dataclasses.replace(base, train=dataclasses.replace(base.train, mfdv=MfdvTraining(lambda1=3e-2)))
 
 
 def _resolve(name: str) -> tuple[str, EmbeddedModel]:

@@ -23,7 +23,7 @@ import torch
 from .base import register_attack
 from .decision import DecisionAttack, blend, view4
 from .oracle import Oracle
-from .phases import Calls, by_count
+from .phases import Calls, ask_random_starts
 from .streams import ImageStreams
 
 START, SEARCH, WALK, DONE = range(4)
@@ -99,22 +99,10 @@ class _Run:
         return self.x_adv
 
     def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:
-        handlers = []
-        for binary, group in by_count(idx, self.tries[idx] % 2):  # every other try a random binary image
-            noise = self.streams.uniform(group, self.shape)
-            if binary:
-                noise = (noise < 0.5).float()
-            calls.add(noise, group)
+        def found(won: torch.Tensor, start: torch.Tensor) -> None:
+            self.start[won], self.lo[won], self.hi[won], self.phase[won] = start, 0.0, 1.0, SEARCH
 
-            def answer(ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, noise=noise) -> None:
-                won = group[adv]
-                self.start[won], self.lo[won], self.hi[won], self.phase[won] = noise[adv], 0.0, 1.0, SEARCH
-                missed = group[ok & ~adv]
-                self.tries[missed] += 1
-                self.phase[missed[self.tries[missed] >= self.a.start_tries]] = DONE
-
-            handlers.append(answer)
-        return handlers
+        return ask_random_starts(self, calls, idx, done=DONE, found=found)
 
     def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
         """The blended-noise start: binary search on the line from x to the adversarial noise."""

@@ -36,7 +36,7 @@ import torch
 from .base import register_attack
 from .decision import DecisionAttack, blend, view4
 from .oracle import Oracle
-from .phases import Calls, by_count, probe_chunk
+from .phases import Calls, ask_random_starts, by_count, probe_chunk
 from .streams import ImageStreams
 
 START, SEARCH, PROBES, GROW, DONE = range(5)
@@ -160,21 +160,7 @@ class _Run:
         return self.best
 
     def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:
-        handlers = []
-        for binary, group in by_count(idx, self.tries[idx] % 2):  # every other try a random binary image
-            noise = self.streams.uniform(group, self.shape)
-            if binary:
-                noise = (noise < 0.5).float()
-            calls.add(noise, group)
-
-            def answer(ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, noise=noise) -> None:
-                self.begin_search(group[adv], noise[adv])
-                missed = group[ok & ~adv]
-                self.tries[missed] += 1
-                self.phase[missed[self.tries[missed] >= self.a.start_tries]] = DONE
-
-            handlers.append(answer)
-        return handlers
+        return ask_random_starts(self, calls, idx, done=DONE, found=self.begin_search)
 
     # -- the line from x to `outer`, searched to tol x sigma sqrt(d) from the boundary (in l2)
     def begin_search(self, idx: torch.Tensor, outer: torch.Tensor) -> None:

@@ -11,6 +11,8 @@ as in a batch (RayS, :mod:`sinai.attacks.rays`, was the first attack built this 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .decision import ask
@@ -57,4 +59,35 @@ def by_count(idx: torch.Tensor, counts: torch.Tensor) -> list[tuple[int, torch.T
     return [(int(c), idx[counts == c]) for c in torch.unique(counts).tolist()]
 
 
-__all__ = ["PROBE_ELEMENTS", "Calls", "by_count", "probe_chunk"]
+def ask_random_starts(
+    attack: object,
+    calls: Calls,
+    idx: torch.Tensor,
+    *,
+    done: int,
+    found: Callable[[torch.Tensor, torch.Tensor], None],
+) -> list:
+    """The random-start phase the decision attacks share: each image in ``idx`` asks one random image
+    (every other try a binary one) from its own stream; ``found(images, starts)`` takes those whose start
+    is adversarial, and an image that misses ``attack.a.start_tries`` times is ``done``.
+
+    ``attack`` carries ``streams``, ``shape``, ``tries``, ``phase`` and ``a.start_tries``.
+    """
+    handlers = []
+    for binary, group in by_count(idx, attack.tries[idx] % 2):
+        noise = attack.streams.uniform(group, attack.shape)
+        if binary:
+            noise = (noise < 0.5).float()
+        calls.add(noise, group)
+
+        def answer(ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, noise=noise) -> None:
+            found(group[adv], noise[adv])
+            missed = group[ok & ~adv]
+            attack.tries[missed] += 1
+            attack.phase[missed[attack.tries[missed] >= attack.a.start_tries]] = done
+
+        handlers.append(answer)
+    return handlers
+
+
+__all__ = ["PROBE_ELEMENTS", "Calls", "ask_random_starts", "by_count", "probe_chunk"]

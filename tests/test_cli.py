@@ -7,7 +7,9 @@ from click.testing import CliRunner
 from conftest import SHORT_RECIPES, use_recipes
 
 import sinai.demo
+import sinai.sweep.plan
 from sinai.cli import cli
+from sinai.evaluation.store import ResultStore
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,17 @@ def test_demo_bad_input_is_a_clear_error(tmp_path, args, message):
     assert message in result.output
 
 
-DEMO_ARGS = ("--quick", "--images", "20", "--budget", "100", "--attacks", "square,signhunter,nes,rays")
+DEMO_ARGS = (
+    "--quick",
+    "--workers",
+    "1",
+    "--images",
+    "20",
+    "--budget",
+    "100",
+    "--attacks",
+    "square,signhunter,nes,rays",
+)
 
 
 def test_demo_quick_runs_end_to_end_and_resumes(cache, tmp_path, monkeypatch):
@@ -122,11 +134,14 @@ def test_demo_quick_runs_end_to_end_and_resumes(cache, tmp_path, monkeypatch):
     header = next(line for line in result.output.splitlines() if line.startswith("| model"))
     assert all(f"{attack} 100" in header for attack in ("square", "signhunter", "nes"))
     assert "rays 100" in result.output and "signflip" not in result.output  # table 2: the asked attacks only
-    calibrations = json.loads((out / "calibration.json").read_text())
-    assert len(calibrations) == 2 * 2 + 3 * 2  # RND, FND (+ SINAI-Attn on the ViT) at 1% and 2%
+    with ResultStore(out / "results.sqlite") as db:
+        keys = [row[0] for row in db.db.execute("SELECT key FROM meta WHERE key LIKE 'stage:%'")]
+    assert sum(k.startswith("stage:calibrate") for k in keys) == 2 * 2 + 3 * 2  # RND, FND, ViT's SINAI-Attn
     for model in ("mnist-cnn", "mnist-vit"):
-        tuning = json.loads((out / "tune" / model / "tuning.json").read_text())
-        assert len(tuning["trials"]) == 4 and (out / "tune" / model / "pareto.png").exists()
+        (folder,) = (out / "stages").glob(f"{model}-SINAI-*")
+        tuning = json.loads((folder / "tuning.json").read_text())
+        assert len(tuning["trials"]) == 4 and (folder / "pareto.png").exists()
+    assert "1 local worker(s)" in result.output and "plan demo-quick: " in result.output  # a sweep plan
     files = ("table1.md", "table1.csv", "table1.json", "table2.md", "robust_vs_queries.png", "tradeoff.png")
     for name in files:
         assert (out / "report" / name).exists()
@@ -134,7 +149,7 @@ def test_demo_quick_runs_end_to_end_and_resumes(cache, tmp_path, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("a finished stage was computed again")
 
-    monkeypatch.setattr(sinai.demo, "calibrate", no_work)
+    monkeypatch.setattr("sinai.tuning.calibrate.calibrate", no_work)
     monkeypatch.setattr("sinai.evaluation.protocol.Oracle", no_work)
     monkeypatch.setattr("sinai.tuning.tune.protect", no_work)
     again = run("demo", *DEMO_ARGS, "--out", str(out), "--device", "cpu")
@@ -146,13 +161,24 @@ def test_demo_quick_runs_end_to_end_and_resumes(cache, tmp_path, monkeypatch):
     assert [line for line in vit_only.output.splitlines() if line.startswith("| mnist-")] == table
 
 
-def test_demo_calibration_file_keeps_what_another_demo_wrote(tmp_path):
-    path = tmp_path / "calibration.json"
-    sinai.demo.save_calibration(path, "mnist-cnn|RND|0.01|500|0", {"std": 0.1})
-    sinai.demo.save_calibration(path, "mnist-vit|RND|0.01|500|0", {"std": 0.2})
-    assert json.loads(path.read_text()) == {
-        "mnist-cnn|RND|0.01|500|0": {"std": 0.1},
-        "mnist-vit|RND|0.01|500|0": {"std": 0.2},
+def test_demo_is_a_plan_that_sinai_sweep_runs(tmp_path):
+    result = run("demo", "--quick", "--models", "mnist-cnn", "--attacks", "square,transfer", "--plan")
+    assert result.exit_code == 0, result.output
+    plan = sinai.sweep.plan.parse_plan(result.output, name="demo")
+    assert [m.name for m in plan.models] == ["mnist-cnn"] and plan.attacks == ("square", "transfer")
+    assert plan.budgets == (200,) and plan.attack_args["transfer"]["queries"] == 200
+    stages = {(e.stage.kind, e.stage.preset) for e in plan.defenses if e.stage is not None}
+    assert stages == {
+        ("calibrate", "RND"),
+        ("calibrate", "FND"),
+        ("calibrate", "SINAI-Attn"),
+        ("tune", "SINAI"),
+    }
+    full = sinai.sweep.plan.parse_plan(run("demo", "--plan", "--trained").output)
+    assert {(e.method, e.variant) for e in full.defenses if e.variant} == {
+        ("PGD-AT", "adv"),
+        ("SINAI-selective", "selective"),
+        ("MFDV", "mfdv"),
     }
 
 

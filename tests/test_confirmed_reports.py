@@ -125,7 +125,11 @@ def test_tables_1_and_2_have_a_conf_column_after_each_attack_column(folder) -> N
         assert any(f"N = {N}" in note and "decision" in note for note in table.notes)
     markdown = t1.markdown()
     assert "square 1k conf." in markdown and "| –" in markdown  # Base's empty conf. cell
-    assert "**28.6**" in markdown and "**71.4**" not in markdown  # 71.4: the conf. 1k cell, unmarked
+    assert "**" not in markdown  # one defended row: nothing to be significantly better than
+    j = t1.columns.index("square 1k conf.")
+    assert t1.intervals[t1.rows.index(("m", "RND", "≈1%")), j] == pytest.approx(
+        tuple(100 * v for v in wilson_interval(5, 7))
+    )  # conf. cells carry their interval too
     text = paper_tables([t1])
     assert "square 10k conf." in text and "fresh noisy passes" in text
 
@@ -201,19 +205,20 @@ def test_eval_table_shows_both_readings_with_intervals() -> None:
     headers = [h.strip() for h in text.splitlines()[0].strip("|").split("|")]
     cells = [c.strip() for c in text.splitlines()[2].strip("|").split("|")]
     budgets = ["square @1000", "square @1000 conf.", "square @10000", "square @10000 conf."]
-    assert headers[4:] == [*budgets, "median queries (broken)"]
-    assert cells[4:8] == [
+    assert headers[5:] == [*budgets, "median queries (broken)"]
+    assert cells[5:9] == [
         _interval_text(4, 7),
         _interval_text(5, 7),
         _interval_text(2, 7),
         _interval_text(4, 7),
     ]
-    assert cells[6:8] == ["28.6 [8.2, 64.1]", "57.1 [25.0, 84.2]"]
+    assert cells[7:9] == ["28.6 [8.2, 64.1]", "57.1 [25.0, 84.2]"]
     # Successes: images 1-4 with rates 0.9, 0.3, 0.2, 0.8: two of four confirmed, mean 0.55.
-    assert lines == [
+    assert lines[0] == (
         f"confirmation: 2 of 4 verified successes are misclassified by a majority of {N} fresh passes "
         "(mean rate 0.55)"
-    ]
+    )
+    assert lines[1].startswith("[low, high]: 95% interval over the 7 images")
 
 
 def test_eval_table_of_a_white_box_run_has_no_confirmation_line() -> None:
@@ -221,21 +226,26 @@ def test_eval_table_of_a_white_box_run_has_no_confirmation_line() -> None:
     assert "pgd @10000 conf." in text and "confirmation:" not in text
 
 
-def test_eval_table_without_confirmation_is_unchanged() -> None:
+def test_eval_table_without_confirmation_has_the_decision_columns_only() -> None:
     result = _eval_result("square", OLD)
     text = eval_table("m", result, 0.95)
     headers = [h.strip() for h in text.splitlines()[0].strip("|").split("|")]
     cells = [c.strip() for c in text.splitlines()[2].strip("|").split("|")]
-    assert len(text.splitlines()) == 3
+    assert len(text.splitlines()) == 4  # the table and the line saying what the intervals are
     assert headers == [
         "model",
         "defense",
         "clean acc %",
+        "std over passes",
         "drop %",
         "square @1000",
         "square @10000",
         "median queries (broken)",
     ]
-    assert cells[2:] == ["85.00 ± 5.00", "10.00", "57.1", "57.1", "255"]
+    low, high = wilson_interval(0.85 * 7, 7)  # the mean over the 2 passes, over the 7 images
+    assert cells[2:] == [
+        f"85.0 [{100 * low:.1f}, {100 * high:.1f}]", "5.00", "10.00",
+        _interval_text(4, 7), _interval_text(4, 7), "255",
+    ]  # fmt: skip
     clean_only = eval_table("m", _eval_result("none", [WRONG]), 0.95)
-    assert "conf." not in clean_only and len(clean_only.splitlines()) == 3
+    assert "conf." not in clean_only and len(clean_only.splitlines()) == 4

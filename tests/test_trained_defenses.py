@@ -160,7 +160,19 @@ def test_preset_on_the_wrong_checkpoint_is_one_line(cache) -> None:
 
 
 def test_demo_trained_adds_the_trained_defenses(cache, tmp_path) -> None:
-    use = ("--quick", "--models", "mnist-cnn", "--attacks", "square", "--images", "10", "--budget", "20")
+    use = (
+        "--quick",
+        "--workers",
+        "1",
+        "--models",
+        "mnist-cnn",
+        "--attacks",
+        "square",
+        "--images",
+        "10",
+        "--budget",
+        "20",
+    )
     out = tmp_path / "demo"
     result = run("demo", *use, "--trials", "2", "--trained", "--out", str(out), "--cache-dir", str(cache))
     assert result.exit_code == 0, result.output
@@ -168,7 +180,7 @@ def test_demo_trained_adds_the_trained_defenses(cache, tmp_path) -> None:
     assert any(row.startswith("SINAI-selective") for row in rows) and any(
         row.startswith("MFDV") for row in rows
     )
-    assert "load or train its MFDV model mnist-cnn-mfdv" in result.output
+    assert "load or train its mfdv variant mnist-cnn-mfdv" in result.output
     whitebox_free = json.loads((out / "report" / "table1.json").read_text())  # query attacks only: no BitOPs
     assert not any("BitOPs" in c for c in whitebox_free["columns"])
 

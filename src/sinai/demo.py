@@ -1,4 +1,7 @@
-"""``sinai demo``: the main job on the embedded default (two MNIST models, nothing downloaded).
+"""``sinai demo``: the main job on the embedded default (two MNIST models, nothing downloaded), run as a
+built-in sweep plan (:func:`demo_plan`; ``sinai demo --plan`` prints it) by the same machinery as
+``sinai sweep`` — ledger, executors and stages — so it resumes, and runs on several processes or a Ray
+cluster (``--workers``, ``--executor ray``).
 
 1. Train (once, cached) or load the embedded CNN and ViT, and (full demo) the CNN's PGD-AT model
    ``mnist-cnn-at``: its undefended row "PGD-AT" is the defense every reader compares noise against.
@@ -12,39 +15,30 @@
 5. Evaluate the undefended model and every calibrated / tuned defense under Square, SignHunter, NES,
    the decision-based RayS and SignFlip and the transfer attack from the undefended model (Square
    crafted on the base model with the demo's budget, judged on the defended one; ``attacks`` picks
-   others) with the papers' protocol; a defense that appears twice (one tuned configuration for both
-   drops) is attacked once.
+   others) with the papers' protocol.
 6. Write the report folder (tables as Markdown/CSV/JSON, plots); ``sinai demo`` prints its tables, the
    ``worst_case`` table last: per defense, the robust accuracy no attack got below (an image counts
    only if no attack broke it) and its gap to the best query attack.
 
-Every stage resumes: calibrations are saved as they finish, the Optuna study and all evaluations live in
-SQLite files, so a killed demo picks up where it stopped and a finished one only re-prints its report.
+Every stage resumes: calibrations and tuning choices are kept in the store, every finished shard is a
+row of the ledger, so a killed demo picks up where it stopped and a finished one only re-prints its report.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .attacks import ATTACKS, ThreatModel
-from .defenses import Defense, preset
-from .evaluation.config import EvalConfig
 from .evaluation.defaults import MNIST_EPS, default_attack_args
-from .evaluation.protocol import EvalResult, evaluate
-from .evaluation.store import ResultStore
-from .models.data import mnist, select_images
-from .models.embedded import ADVERSARIAL, VARIANTS
-from .models.zoo import load_model
-from .reports.report import Report, make_report, write_tuning
-from .tuning.calibrate import calibrate
-from .tuning.tune import Fidelity, tune
+from .reports.report import STORE_NAME, Report, make_report
+from .sweep import SweepStatus, run_sweep
+from .sweep.plan import parse_plan
+from .tuning.tune import Fidelity
 
 MODELS = ("mnist-cnn", "mnist-vit")
 TRAINED = (("selective", "SINAI-selective"), ("mfdv", "MFDV"))
@@ -109,43 +103,89 @@ def check_names(names: Sequence[str], known: Sequence[str], what: str) -> tuple[
     return tuple(dict.fromkeys(names))
 
 
-def split(n_val: int, n_eval: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Disjoint, class-covering validation and evaluation indices into the MNIST test split."""
-    labels = mnist("test").labels
-    val = select_images(labels, n_val, seed, num_classes=10)
-    rest = torch.ones(len(labels), dtype=torch.bool)
-    rest[val] = False
-    remaining = torch.nonzero(rest).flatten()
-    ev = remaining[select_images(labels[remaining], n_eval, seed + 1, num_classes=10)]
-    return val, ev
+def _toml(value: object) -> str:
+    """``value`` as TOML (strings, numbers, booleans, lists and inline tables of them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML for {value!r}")
 
 
-def save_calibration(path: Path, key: str, value: dict) -> None:
-    """Add one calibration to the file, keeping what another demo sharing the folder wrote meanwhile."""
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    saved[key] = value
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(saved, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def _level(drop: float) -> str:
-    return f"≈{100 * drop:g}%"
-
-
-@dataclass(frozen=True)
-class DemoResult:
-    """What a demo wrote: the report (its tables and files), on ``images`` evaluation images per model
-    under ``threat``."""
-
-    report: Report
-    images: int
-    threat: ThreatModel
+def demo_plan(
+    *,
+    quick: bool = False,
+    eval_images: int | None = None,
+    budget: int | None = None,
+    trials: int | None = None,
+    attacks: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
+    trained: bool = False,
+    seed: int = 0,
+) -> str:
+    """The demo as a sweep plan's TOML text (see the module docstring); ``sinai sweep`` runs it as well.
+    Bad sizes or names raise ``ValueError``."""
+    cfg = replace(DemoConfig.preset(quick), trained=trained)
+    _positive("the number of evaluation images", eval_images)
+    _positive("the query budget", budget)
+    _positive("the number of trials", trials)
+    budget = budget or cfg.budget
+    attacks = check_names(attacks, ATTACKS, "attack") if attacks else demo_attacks()
+    models = check_names(models, MODELS, "model") if models else MODELS
+    defenses: list[object] = ["none"]
+    if cfg.adversarial:  # PGD-AT: the undefended adversarially trained network noise is compared to
+        defenses.append({"defense": "none", "method": "PGD-AT", "variant": "adv"})
+    if cfg.trained:
+        defenses += [{"defense": method, "method": method, "variant": kind} for kind, method in TRAINED]
+    defenses += [{"calibrate": method, "drop": list(cfg.drops)} for method in CALIBRATED]
+    screen, full = [cfg.screen.images, cfg.screen.budget], [cfg.full.images, cfg.full.budget]
+    defenses.append(
+        {"tune": "SINAI", "delta": list(cfg.drops), "trials": trials or cfg.trials,
+         "population": cfg.population, "screen": screen, "full": full}
+    )  # fmt: skip
+    lines = [
+        f"# sinai demo{' --quick' if quick else ''}: the built-in plan (run it with `sinai sweep FILE`)",
+        f'name = "demo{"-quick" if quick else ""}"',
+        f"models = {_toml(list(models))}",
+        "defenses = [",
+        *(f"    {_toml(d)}," for d in defenses),
+        "]",
+        f"attacks = {_toml(list(attacks))}",
+        f"budgets = [{budget}]",
+        f"images = {eval_images or cfg.eval_images}",
+        f"validation = {cfg.val_images}",
+        f"seed = {seed}",
+        'norm = "linf"',
+        f"eps = {MNIST_EPS['linf']}",
+        f"passes = {cfg.passes}",
+    ]
+    for attack in attacks:
+        args = demo_attack_args(attack, "linf", budget)
+        if args:
+            lines += ["", f"[attack_args.{attack}]", *(f"{k} = {_toml(v)}" for k, v in args.items())]
+    return "\n".join(lines) + "\n"
 
 
 def _positive(what: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value}")
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What a demo wrote: the report (its tables and files), on ``images`` evaluation images per model
+    under ``threat``, and the sweep's final status."""
+
+    report: Report
+    images: int
+    threat: ThreatModel
+    status: SweepStatus
 
 
 def run_demo(
@@ -159,112 +199,37 @@ def run_demo(
     models: Sequence[str] | None = None,
     trained: bool = False,
     seed: int = 0,
+    executor: str = "local",
+    workers: int = 1,
+    address: str | None = None,
     device: torch.device | str = "cpu",
     cache_dir: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> DemoResult:
-    """Run the demo (see the module docstring); ``log`` is told every step. Bad sizes or names raise
-    ``ValueError``."""
-    cfg = replace(DemoConfig.preset(quick), trained=trained)
-    _positive("the number of evaluation images", eval_images)
-    _positive("the query budget", budget)
-    _positive("the number of trials", trials)
-    n_eval = eval_images or cfg.eval_images
-    budget = budget or cfg.budget
-    trials = trials or cfg.trials
-    attacks = check_names(attacks, ATTACKS, "attack") if attacks else demo_attacks()
-    models = check_names(models, MODELS, "model") if models else MODELS
+    """Run the demo's built-in plan (:func:`demo_plan`) into ``out`` with ``executor`` and ``workers`` (as
+    ``sinai sweep`` would), then write its report; ``log`` is told every step."""
+    text = demo_plan(
+        quick=quick, eval_images=eval_images, budget=budget, trials=trials, attacks=attacks,
+        models=models, trained=trained, seed=seed,
+    )  # fmt: skip
+    plan = parse_plan(text, source="<sinai demo plan>", name="demo")
     say = log or (lambda _msg: None)
     out.mkdir(parents=True, exist_ok=True)
-    data = mnist("test")
-    val_idx, eval_idx = split(cfg.val_images, n_eval, seed)
-    xv, yv = data.load(val_idx).to(device), data.labels[val_idx].to(device)
-    xe, ye = data.load(eval_idx), data.labels[eval_idx]
-    threat = ThreatModel("linf", MNIST_EPS["linf"])
+    threat = ThreatModel(plan.norm, float(plan.eps))  # type: ignore[arg-type]
     say(
-        f"sinai demo{' --quick' if quick else ''}: {len(val_idx)} validation / {n_eval} evaluation MNIST "
-        f"images, linf eps {threat.eps}, {budget} queries, models {', '.join(models)}, "
-        f"attacks {', '.join(attacks)}; output {out}"
+        f"sinai demo{' --quick' if quick else ''}: {plan.validation} validation / {plan.images} evaluation "
+        f"MNIST images, linf eps {threat.eps}, {plan.budgets[-1]} queries, models "
+        f"{', '.join(m.name for m in plan.models)}, attacks {', '.join(plan.attacks)}; {workers} "
+        f"{executor} worker(s); output {out}"
     )
-    calib_path = out / "calibration.json"
-    calibrations: dict[str, dict] = json.loads(calib_path.read_text()) if calib_path.exists() else {}
-
-    rows: list[tuple[str, str, Defense, nn.Module]] = []  # (method, level, defense, model) per model
-    with ResultStore(out / "results.sqlite") as store:
-        for model_name in models:
-            say(f"{model_name}: load or train")
-            model = load_model(model_name, device=device, cache_dir=cache_dir)
-            rows = [("Base", "", Defense(name="none"), model)]
-            if cfg.adversarial and model_name in ADVERSARIAL:  # PGD-AT: the method noise is compared to
-                say(f"{model_name}: load or train its PGD-AT model {ADVERSARIAL[model_name]}")
-                at_model = load_model(ADVERSARIAL[model_name], device=device, cache_dir=cache_dir)
-                rows.append(("PGD-AT", "", Defense(name="none"), at_model))
-            if cfg.trained:
-                for kind, method in TRAINED:
-                    variant = VARIANTS[kind].get(model_name)
-                    if variant is None:
-                        continue
-                    say(f"{model_name}: load or train its {method} model {variant}")
-                    trained_model = load_model(variant, device=device, cache_dir=cache_dir)
-                    rows.append((method, "", preset(method), trained_model))
-
-            # ----------------------------------------------------------------- calibration
-            for method in CALIBRATED:
-                if method == "SINAI-Attn" and model_name != "mnist-vit":
-                    continue
-                for drop in cfg.drops:
-                    key = f"{model_name}|{method}|{drop:g}|{len(val_idx)}|{seed}"
-                    if key not in calibrations:
-                        c = calibrate(model, xv, yv, preset(method), drop=drop, passes=cfg.passes, seed=seed)
-                        calibrations[key] = c.as_dict()
-                        save_calibration(calib_path, key, calibrations[key])
-                    c = calibrations[key]
-                    say(
-                        f"{model_name}: {method} std {c['std']:.4g} -> drop {100 * c['drop']:.2f}% "
-                        f"(target {100 * drop:g}%{'' if c['reached'] else ', NOT reached'})"
-                    )
-                    kind = c["kind"]
-                    rows.append((method, _level(drop), preset(method, **{kind: {"std": c["std"]}}), model))
-
-            # ---------------------------------------------------------------------- tuning
-            folder = out / "tune" / model_name
-            folder.mkdir(parents=True, exist_ok=True)
-            say(f"{model_name}: tune SINAI ({trials} NSGA-II trials, δ {', '.join(map(_level, cfg.drops))})")
-            with ResultStore(folder / "results.sqlite") as tune_store:
-                result = tune(
-                    model, xv, yv, deltas=cfg.drops, model_name=model_name, trials=trials,
-                    population=cfg.population, passes=cfg.passes, screen=cfg.screen, full=cfg.full,
-                    threat=threat, storage=f"sqlite:///{(folder / 'study.sqlite').resolve()}",
-                    study_name=f"{model_name}-sinai", store=tune_store, seed=seed, log=say,
-                )  # fmt: skip
-            write_tuning(result, folder, model_name)
-            for drop, chosen in result.chosen.items():
-                if chosen is None:
-                    say(f"{model_name}: no tuned configuration within {_level(drop)} drop")
-                    continue
-                say(f"{model_name}: SINAI {_level(drop)}: {chosen.defense().describe()}")
-                rows.append(("SINAI", _level(drop), chosen.defense(), model))
-
-            # ------------------------------------------------------------------ evaluation
-            evaluated: dict[tuple[int, str, str], EvalResult] = {}  # (model, defense, attack) -> run
-            for method, level, defense, target in rows:
-                for attack in attacks:
-                    describe = {"model": model_name, "dataset": "mnist", "method": method, "level": level}
-                    network = getattr(target, "name", model_name)
-                    if network != model_name:  # the row's own network (PGD-AT, the trained defenses)
-                        describe["network"] = network
-                    same = evaluated.get((id(target), defense.describe(), attack))
-                    if same is not None:  # e.g. tuning chose one configuration for both drops
-                        say(f"{model_name}: {method} {level} under {attack}: same defense as above, reused")
-                        store.copy_run({**same.settings, **describe}, same.clean, same.results)
-                        continue
-                    say(f"{model_name}: {method} {level} under {attack}")
-                    config = EvalConfig(
-                        attack=attack, attack_args=demo_attack_args(attack, threat.norm, budget),
-                        defense=defense, threat=threat, budgets=(budget,), seed=seed, passes=cfg.passes,
-                        describe=describe,
-                    )  # fmt: skip
-                    evaluated[id(target), defense.describe(), attack] = evaluate(
-                        target, xe, ye, config, dataset_indices=eval_idx.tolist(), store=store
-                    )
-    return DemoResult(make_report(out), n_eval, threat)
+    status, outcome = run_sweep(
+        plan, store=str(out / STORE_NAME), executor=executor, workers=workers, address=address,
+        device=str(device), cache_dir=cache_dir, log=say,
+    )  # fmt: skip
+    if not status.done:
+        failed = sum(r.failed for r in status.runs)
+        raise RuntimeError(
+            f"the demo left {sum(r.left for r in status.runs)} task(s) undone ({failed} failed: "
+            f"{'; '.join(outcome.errors[:3]) or 'see the log'}); run it again to retry them"
+        )
+    return DemoResult(make_report(out), plan.images, threat, status)

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from .confirm import CONF, confirm_rate, has_confirmation, passes_text, robust_confirmed_at
-from .stats import wilson_interval
+from .stats import clean_interval, wilson_interval
 from .table import markdown_table
 
 if TYPE_CHECKING:
@@ -30,42 +30,57 @@ def _defense_label(defense: object) -> str:
 
 
 def eval_table(model_name: str, result: EvalResult, base: float) -> str:
-    """One row: clean accuracy (mean ± std over M passes), its drop from ``base`` (the undefended
-    accuracy), robust accuracy at every budget and the median queries of the broken images.
+    """One row: clean accuracy (mean over M passes, its 95% interval over the images, the std over the
+    passes), its drop from ``base`` (the undefended accuracy), robust accuracy at every budget with its
+    95% Wilson interval over the images and the median queries of the broken images; a line under the
+    table says what the intervals are.
 
     When the images carry confirmation data (see :mod:`.confirm`), every budget gets a second column,
-    ``<attack> @<budget> conf.``, robust accuracy by confirmation, both with their 95% Wilson interval
-    over the images; score and decision attacks also get a line under the table saying how many verified
-    successes the fresh passes confirmed."""
+    ``<attack> @<budget> conf.``, robust accuracy by confirmation, with its interval too; score and
+    decision attacks also get a line saying how many verified successes the fresh passes confirmed."""
     config = result.config
-    headers = ["model", "defense", "clean acc %", "drop %"]
+    results = result.results
+    n = int(result.settings.get("images") or len(results))
+    headers = ["model", "defense", "clean acc %", "std over passes", "drop %"]
     row: list[object] = [
         model_name,
         _defense_label(config.defense),
-        f"{100 * result.clean_mean:.2f} ± {100 * result.clean_std:.2f}",
+        _clean_with_interval(result.clean_mean, n),
+        f"{100 * result.clean_std:.2f}",
         f"{100 * (base - result.clean_mean):.2f}",
     ]
     lines = []
     if config.attack != "none":
-        results = result.results
-        if has_confirmation(results):
-            for b in config.budgets:
-                headers += [f"{config.attack} @{b}", f"{config.attack} @{b} {CONF}"]
-                row += [
-                    _rate_with_interval(sum(r.robust_at(b) for r in results), len(results)),
-                    _rate_with_interval(sum(robust_confirmed_at(r, b) for r in results), len(results)),
-                ]
+        confirmed = has_confirmation(results)
+        for b in config.budgets:
+            headers.append(f"{config.attack} @{b}")
+            row.append(_rate_with_interval(sum(r.robust_at(b) for r in results), len(results)))
+            if confirmed:
+                headers.append(f"{config.attack} @{b} {CONF}")
+                row.append(_rate_with_interval(sum(robust_confirmed_at(r, b) for r in results), len(results)))
+        if confirmed:
             from .worst import QUERY_KINDS, attack_kind  # the attack registry, only when needed
 
             if attack_kind(config.attack) in QUERY_KINDS:
                 lines.append(confirmation_line(results))
-        else:
-            headers += [f"{config.attack} @{b}" for b in config.budgets]
-            row += [f"{100 * result.robust_accuracy(b):.1f}" for b in config.budgets]
         spent = [r.success_at for r in results if r.success_at is not None]
         headers.append("median queries (broken)")
         row.append(int(statistics.median(spent)) if spent else "-")
+    passes = len(result.clean)
+    lines.append(
+        f"[low, high]: 95% interval over the {n} images (Wilson; clean accuracy: of the mean over the "
+        f"{passes} noisy pass{'es' if passes != 1 else ''})."
+    )
     return "\n".join([markdown_table(headers, [row]), *lines])
+
+
+def _clean_with_interval(mean: float, n: int) -> str:
+    """``91.3 [80.3, 96.5]``: a clean accuracy (mean over passes, %) and its 95% interval over ``n``
+    images (:func:`.stats.clean_interval`); the mean alone without images."""
+    if not n:
+        return f"{100 * mean:.2f}"
+    low, high = clean_interval(min(1.0, max(0.0, mean)), n)
+    return f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def _rate_with_interval(successes: int, n: int) -> str:
@@ -93,16 +108,25 @@ def confirmation_line(results: Sequence[ImageResult]) -> str:
 
 
 def snd_metrics(result: EvalResult) -> str | None:
-    """SND's metrics: attack success rate and mean perturbation norm per budget (Table 3) and P_mis
-    (Table 5); None when the run recorded no norms (no attack)."""
-    if not any(r.checkpoint_norms for r in result.results):
-        return None
+    """SND's metrics of a decision-based attack: attack success rate (with its 95% Wilson interval over
+    the correctly classified images) and mean perturbation norm per budget (Table 3) and P_mis (Table 5).
+
+    A score-based or white-box attack gets no table (its queries' norm is the budget eps, it says
+    nothing), only the P_mis line when the run measured it; None when there is nothing to print."""
+    from .worst import attack_kind  # the attack registry, only when needed
+
+    p_mis = None if result.p_mis is None else f"P_mis {result.p_mis:.4f}"
+    decision = result.config.attack != "none" and attack_kind(result.config.attack) == "decision"
+    if not decision or not any(r.checkpoint_norms for r in result.results):
+        return p_mis
+    attacked = [r for r in result.results if r.clean_correct]
     rows = []
     for b in result.config.budgets:
         mean = result.mean_norm(b)
-        rows.append([b, f"{100 * result.attack_success_rate(b):.1f}", "-" if mean is None else f"{mean:.4f}"])
+        broken = _rate_with_interval(sum(not r.robust_at(b) for r in attacked), len(attacked))
+        rows.append([b, broken, "-" if mean is None else f"{mean:.4f}"])
     text = markdown_table(["queries", "attack success %", f"mean {result.config.threat.norm} norm"], rows)
-    return text if result.p_mis is None else f"{text}\nP_mis {result.p_mis:.4f}"
+    return text if p_mis is None else f"{text}\n{p_mis}"
 
 
 def calibration_table(calibrations: Sequence[tuple[str, Calibration]]) -> str:
@@ -128,20 +152,24 @@ def calibration_table(calibrations: Sequence[tuple[str, Calibration]]) -> str:
 
 
 def tuning_table(result: TuneResult) -> str:
-    """The feasible Pareto front of a tuning run: clean accuracy, drop, screened and full robust accuracy."""
-    return markdown_table(
-        ["trial", "defense", "clean %", "drop %", "robust % (screen)", "robust % (full)"],
+    """The feasible Pareto front of a tuning run: clean accuracy, drop, screened and full robust accuracy;
+    a row "no feasible configuration within δ" for each delta no trial met."""
+    from ..tuning.tune import no_feasible_text
+
+    rows: list[list[object]] = [
         [
-            [
-                t.number,
-                t.defense().describe(),
-                round(100 * t.clean, 2),
-                round(100 * t.drop, 2),
-                round(100 * t.robust, 1),
-                "-" if t.robust_full is None else round(100 * t.robust_full, 1),
-            ]
-            for t in result.pareto
-        ],
+            t.number,
+            t.defense().describe(),
+            round(100 * t.clean, 2),
+            round(100 * t.drop, 2),
+            round(100 * t.robust, 1),
+            "-" if t.robust_full is None else round(100 * t.robust_full, 1),
+        ]
+        for t in result.pareto
+    ]
+    rows += [["-", no_feasible_text(d), "-", "-", "-", "-"] for d in result.unmet]
+    return markdown_table(
+        ["trial", "defense", "clean %", "drop %", "robust % (screen)", "robust % (full)"], rows
     )
 
 

@@ -16,9 +16,16 @@
   Tables 1, 2 and ``whitebox`` carry the same Worst case column, over every attack on the row.
 
 A run's row is named by the ``method`` and ``level`` it was described with (``sinai demo`` and
-``sinai calibrate``/``tune`` write them), else by its defense. Numbers are percentages; robust accuracy
-at budget Q comes from the per-image query index of the verified success, so one 10k run fills both
-the 1k and the 10k column. Cells the store cannot fill (a run with a smaller budget) stay empty.
+``sinai calibrate``/``tune`` write them), else by its defense; the ``defense`` column names the defense
+as deployed, with every std and ratio. Numbers are percentages; robust accuracy at budget Q comes from
+the per-image query index of the verified success, so one 10k run fills both the 1k and the 10k column,
+and every budget a run was asked for is a column. Cells the store cannot fill (a run with a smaller
+budget) stay empty.
+
+Every accuracy carries its 95% interval (Wilson over the images; clean accuracy: of the mean over the M
+noisy passes, see :mod:`.stats`). A cell is marked best (bold) only when an exact McNemar test on the
+same images finds its row better than every other defended row of the model in that column (p < 0.05);
+a tie, a lone defense and the Clean column (no per-image data of the passes) are never marked.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from ..attacks import ATTACKS
 from ..defenses import Defense
 from ..evaluation.store import ImageResult, ResultStore
 from .confirm import CONF, conf_note, has_confirmation, robust_confirmed_at
+from .stats import ALPHA, clean_interval, paired, wilson_interval
 from .table import markdown_table
 from .worst import (
     KINDS,
@@ -92,6 +100,29 @@ class Run:
         if budget > self.budget or not self.results:
             return None
         return 100 * sum(r.robust_at(budget) for r in self.results) / len(self.results)
+
+    def robust_outcomes(self, budget: int, *, confirmed: bool = False) -> dict[int, bool]:
+        """Per image (dataset index): robust at ``budget`` queries (``confirmed``: by confirmation), the
+        data of the paired tests between rows."""
+        robust: dict[int, bool] = {}
+        for r in self.results:
+            ok = robust_confirmed_at(r, budget) if confirmed else r.robust_at(budget)
+            robust[r.dataset_index] = robust.get(r.dataset_index, True) and ok
+        return robust
+
+    @property
+    def clean_n(self) -> int:
+        """The number of images its clean accuracy is a mean over (0 when unknown)."""
+        return int(self.settings.get("images") or len(self.results))
+
+    @property
+    def defense_text(self) -> str:
+        """The defense as deployed, with every std and ratio (``RND(input std=0.05)``; ``none``)."""
+        try:
+            defense = Defense.from_dict(self.settings["defense"])
+        except (KeyError, TypeError, ValueError):  # a store written by another version
+            return "?"
+        return defense.describe() if defense.specs else "none"
 
     @property
     def confirmed(self) -> bool:
@@ -162,14 +193,29 @@ def _row_order(key: tuple[str, str, str]) -> tuple:
     return (model, rank, method, level)
 
 
+INTERVAL_NOTE = (
+    "[low, high]: 95% Wilson interval over the images (Clean: of the mean over the M noisy passes, over "
+    "the same images)."
+)
+BEST_NOTE = (
+    "Bold: the defended row of a model that is significantly better than every other defended row of "
+    "that model in the column, on the same images (exact McNemar test on the images where the two rows "
+    f"differ, two-sided, p < {ALPHA:g}); a column without bold has no such row. Clean is never bold (no "
+    "per-image data of the noisy passes)."
+)
+
+
 @dataclass
 class Table:
     """A paper-style table: ``cells[row][column]`` in % (or a count / a norm where ``formats`` says),
     None where the store has no number.
 
-    ``intervals``: (row, column) -> (low, high) %, printed after the cell. ``formats``: column -> the
-    format spec of its Markdown cells (default ``.1f``). ``unranked``: columns never marked best.
-    ``notes``: lines printed (and written to the ``.md`` file) under the table.
+    ``intervals``: (row, column) -> (low, high) %, the 95% interval printed after the cell.
+    ``outcomes``: (row, column) -> per image (dataset index) counted or not: the data of the paired test
+    that decides ``best``. ``formats``: column -> the format spec of its Markdown cells (default ``.1f``).
+    ``unranked``: columns never marked best. ``notes``: lines printed (and written to the ``.md`` file)
+    under the table. ``defenses``: per row the defense as deployed, with its std and ratio.
+    ``tests``: per best cell, the runner-up row and the p-value of the paired test against it.
     """
 
     name: str
@@ -181,6 +227,13 @@ class Table:
     formats: dict[str, str] = field(default_factory=dict)
     unranked: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
+    outcomes: dict[tuple[int, int], dict[int, bool]] = field(default_factory=dict)
+    defenses: list[str] = field(default_factory=list)
+    tests: dict[tuple[int, int], tuple[int, float]] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=list)  # per row, the rows it is ranked against (model)
+
+    def defense(self, i: int) -> str:
+        return self.defenses[i] if i < len(self.defenses) else ""
 
     def _cell(self, i: int, j: int, best: set[tuple[int, int]]) -> str:
         v = self.cells[i][j]
@@ -199,8 +252,8 @@ class Table:
         body = []
         for i, (model, method, level) in enumerate(self.rows):
             values = [self._cell(i, j, best) for j in range(len(self.columns))]
-            body.append([model, method + (f" {level}" if level else ""), *values])
-        return markdown_table(["model", "method", *self.columns], body)
+            body.append([model, method + (f" {level}" if level else ""), self.defense(i), *values])
+        return markdown_table(["model", "method", "defense", *self.columns], body)
 
     def text(self) -> str:
         """The Markdown table and its notes."""
@@ -209,8 +262,13 @@ class Table:
     def _interval_columns(self) -> list[int]:
         return sorted({j for _, j in self.intervals})
 
+    def _row_name(self, i: int) -> str:
+        _model, method, level = self.rows[i]
+        return method + (f" {level}" if level else "")
+
     def write(self, folder: Path) -> list[Path]:
-        """``<name>.md`` (with the notes), ``.csv`` and ``.json`` in ``folder``."""
+        """``<name>.md`` (with the notes), ``.csv`` and ``.json`` in ``folder``; every column with an
+        interval gets ``<column> 95% low`` / ``95% high`` columns (CSV) and fields (JSON)."""
         folder.mkdir(parents=True, exist_ok=True)
         md, csv_path, js = (folder / f"{self.name}.{ext}" for ext in ("md", "csv", "json"))
         md.write_text(self.markdown() + "\n" + "".join(f"\n{note}\n" for note in self.notes))
@@ -230,7 +288,7 @@ class Table:
 
         with csv_path.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["model", "method", "level", *header])
+            writer.writerow(["model", "method", "level", "defense", *header])
             for i, ((model, method, level), values) in enumerate(zip(self.rows, self.cells, strict=True)):
                 line = []
                 for j, (column, v) in enumerate(zip(self.columns, values, strict=True)):
@@ -238,19 +296,31 @@ class Table:
                     if j in with_ci:
                         low, high = self.intervals.get((i, j), (None, None))
                         line += ["" if low is None else f"{low:.2f}", "" if high is None else f"{high:.2f}"]
-                writer.writerow([model, method, level, *line])
+                writer.writerow([model, method, level, self.defense(i), *line])
         rows = []
         for i, ((m, me, lv), values) in enumerate(zip(self.rows, self.cells, strict=True)):
-            row = {"model": m, "method": me, "level": lv, **dict(zip(self.columns, values, strict=True))}
+            row = {"model": m, "method": me, "level": lv, "defense": self.defense(i)}
+            row.update(zip(self.columns, values, strict=True))
             for j in with_ci:
                 if (i, j) in self.intervals:
-                    row[f"{self.columns[j]} 95% interval"] = list(self.intervals[i, j])
+                    low, high = self.intervals[i, j]
+                    row[f"{self.columns[j]} 95% low"], row[f"{self.columns[j]} 95% high"] = low, high
+                    row[f"{self.columns[j]} 95% interval"] = [low, high]
             rows.append(row)
+        best = []
+        for r, c in self.best:
+            entry: dict[str, object] = {"row": r, "method": self._row_name(r), "column": self.columns[c]}
+            if (r, c) in self.tests:
+                runner_up, p = self.tests[r, c]
+                entry |= {"runner_up": self._row_name(runner_up), "p_value": p}
+            best.append(entry)
         payload = {
             "table": self.name,
             "columns": self.columns,
             "rows": rows,
-            "best": [{"row": r, "column": self.columns[c]} for r, c in self.best],
+            "best": best,
+            "interval": "95% Wilson over the images",
+            "best_rule": f"exact McNemar test against every other defended row, two-sided, p < {ALPHA:g}",
             **({"notes": self.notes} if self.notes else {}),
         }
         js.write_text(json.dumps(payload, indent=2) + "\n")
@@ -258,19 +328,107 @@ class Table:
 
 
 def _mark_best(table: Table) -> None:
-    """Per model and column, the highest value among the defended rows (Base is the reference)."""
+    """Per model and column, the defended row (Base is the reference) with the highest value, marked
+    only when a paired test on the same images says it is better than every other defended row (see
+    :data:`BEST_NOTE`); ties and cells without per-image outcomes are never marked."""
     for j in range(len(table.columns)):
         if table.columns[j] in table.unranked:
             continue
-        for model in {r[0] for r in table.rows}:
+        group = table.groups or [r[0] for r in table.rows]
+        for model in sorted(set(group)):
             candidates = [
                 (table.cells[i][j], i)
                 for i, r in enumerate(table.rows)
-                if r[0] == model and r[1] != "Base" and table.cells[i][j] is not None
+                if group[i] == model
+                and r[1] != "Base"
+                and isinstance(table.cells[i][j], (int, float))
+                and (i, j) in table.outcomes
             ]
-            if candidates:
-                top = max(v for v, _ in candidates)
-                table.best += [(i, j) for v, i in candidates if v == top]
+            if len(candidates) < 2:
+                continue  # nothing to be better than
+            candidates.sort(key=lambda c: -c[0])
+            (top, i_top), rest = candidates[0], candidates[1:]
+            if rest[0][0] >= top:
+                continue  # a tie
+            try:
+                tests = [(i, paired(table.outcomes[i_top, j], table.outcomes[i, j])) for _, i in rest]
+            except ValueError:  # rows on disjoint images: no paired test, no claim
+                continue
+            if all(t.a_better() for _, t in tests):
+                runner_up, test = tests[0]
+                table.best.append((i_top, j))
+                table.tests[i_top, j] = (runner_up, test.p_value)
+
+
+def _finish(table: Table) -> Table:
+    """Mark the best cells and add the notes on intervals and best marking."""
+    _mark_best(table)
+    if table.intervals:
+        table.notes.append(INTERVAL_NOTE)
+    if table.outcomes:
+        table.notes.append(BEST_NOTE)
+    return table
+
+
+def _pct(interval: tuple[float, float]) -> tuple[float, float]:
+    return 100 * interval[0], 100 * interval[1]
+
+
+@dataclass
+class _Extras:
+    """The intervals and per-image outcomes of a table being built, filled cell by cell."""
+
+    intervals: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+    outcomes: dict[tuple[int, int], dict[int, bool]] = field(default_factory=dict)
+
+    def run(self, i: int, j: int, run: Run | None, budget: int, *, confirmed: bool = False) -> float | None:
+        """``run``'s robust accuracy (%) at ``budget`` (``confirmed``: by confirmation), with its
+        interval and outcomes; None without a run that went that far."""
+        if run is None or budget > run.budget or not run.results:
+            return None
+        n = len(run.results)
+        k = sum(robust_confirmed_at(r, budget) if confirmed else r.robust_at(budget) for r in run.results)
+        self.intervals[i, j] = _pct(wilson_interval(k, n))
+        self.outcomes[i, j] = run.robust_outcomes(budget, confirmed=confirmed)
+        return 100 * k / n
+
+    def clean(self, i: int, j: int, runs: Sequence[Run]) -> float | None:
+        """The first clean accuracy (%) among ``runs``, with its interval over its images."""
+        run = next((r for r in runs if r.clean is not None), None)
+        if run is None:
+            return None
+        if run.clean_n:
+            self.intervals[i, j] = _pct(clean_interval(min(1.0, max(0.0, run.clean / 100)), run.clean_n))
+        return run.clean
+
+    def worst(self, i: int, j: int, wc: WorstCase | None, *, confirmed: bool = False) -> float | None:
+        """A worst case (%) with its interval (and, by decision, its outcomes)."""
+        if wc is None:
+            return None
+        interval = wc.interval_confirmed if confirmed else wc.interval
+        if interval is not None:
+            self.intervals[i, j] = interval
+        if not confirmed and wc.n:
+            self.outcomes[i, j] = wc.outcomes
+        return wc.accuracy_confirmed if confirmed else wc.accuracy
+
+    def of(self, i: int, j: int, wc: WorstCase, run: Run | None) -> float | None:
+        """``run``'s robust accuracy (%) on the worst case's images, with its interval and outcomes."""
+        if run is None or not wc.n:
+            return None
+        outcomes = wc.outcomes_of(run)
+        self.intervals[i, j] = _pct(wilson_interval(sum(outcomes.values()), wc.n))
+        self.outcomes[i, j] = outcomes
+        return 100 * sum(outcomes.values()) / wc.n
+
+
+def _defense_texts(keys: Sequence[RowKey], runs: Sequence[Run]) -> list[str]:
+    """Per row, its defense as deployed (several, joined with `` / ``, when its runs differ)."""
+    texts = []
+    for key in keys:
+        found = dict.fromkeys(r.defense_text for r in runs if (r.model, r.method, r.level) == key)
+        texts.append(" / ".join(found))
+    return texts
 
 
 WORST = "Worst case"
@@ -286,10 +444,6 @@ WHITEBOX_ORDER = ("pgd", "fgsm", "mifgsm", "cw", "autoattack", "eotpgd", "npixel
 def _pick(runs: Sequence[Run]) -> Run | None:
     """The run that fills a cell: the largest budget, then the most images (the first such run)."""
     return max(runs, key=lambda r: (r.budget, len(r.results)), default=None)
-
-
-def _clean(runs: Sequence[Run]) -> float | None:
-    return next((r.clean for r in runs if r.clean is not None), None)
 
 
 def _label_order(runs: Sequence[Run]) -> list[str]:
@@ -326,11 +480,6 @@ class _Worst:
             return next(iter(cases.values()), None)
         counts = Counter(threat_key(r.settings) for r in table_runs if (r.model, r.method, r.level) == key)
         return cases[max(sorted(cases, key=threat_text), key=lambda t: counts[t])]
-
-    def cell(self, key: RowKey, table_runs: Sequence[Run]) -> float | None:
-        """The row's worst case (%) under the threat model of ``table_runs``; None without attacked runs."""
-        wc = self.case(key, table_runs)
-        return wc.accuracy if wc else None
 
     def notes(self, keys: Sequence[RowKey], table_runs: Sequence[Run]) -> list[str]:
         notes = [SHORT_RULE_NOTE]
@@ -388,31 +537,32 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
                     columns.append((label, attack, eot, budget, False))
                     if confirmed:
                         columns.append((f"{label} {CONF}", attack, eot, budget, True))
-        cells = []
-        for key in keys:
+        cells, extras = [], _Extras()
+        for i, key in enumerate(keys):
             mine = [r for r in group if (r.model, r.method, r.level) == key]
-            row: list[float | None] = [_clean(mine)]
-            for _label, attack, eot, budget, by_confirmation in columns[1:]:
+            row: list[float | None] = [extras.clean(i, 0, mine)]
+            for j, (_label, attack, eot, budget, by_confirmation) in enumerate(columns[1:], 1):
                 run = max(
                     (r for r in mine if r.attack == attack and r.eot == eot and r.budget >= budget),
                     key=lambda r: len(r.results),
                     default=None,
                 )
-                if run is None:
-                    row.append(None)
-                else:
-                    row.append(_confirmed_cell(run, budget) if by_confirmation else run.robust(budget))
+                if run is not None and by_confirmation and not _confirmable(run):
+                    run = None  # no confirmation data for successes it found: the conf. cell stays empty
+                row.append(extras.run(i, j, run, budget, confirmed=by_confirmation))
             if name != "table4":
-                row.append(worst.cell(key, group))
+                row.append(extras.worst(i, len(row), worst.case(key, group)))
             cells.append(row)
         labels = [c[0] for c in columns] + ([WORST] if name != "table4" else [])
         notes = worst.notes(keys, group) if name != "table4" else []
         conf_columns = {c[0] for c in columns if c[4]}
         if conf_columns:
             notes.append(conf_note(r for run in group if run.confirmed for r in run.results))
-        table = Table(name, labels, keys, cells, unranked=conf_columns, notes=notes)
-        _mark_best(table)
-        tables[name] = table
+        table = Table(
+            name, labels, keys, cells, unranked=conf_columns, notes=notes, intervals=extras.intervals,
+            outcomes=extras.outcomes, defenses=_defense_texts(keys, group),
+        )  # fmt: skip
+        tables[name] = _finish(table)
     whitebox = _whitebox_table([r for r in attacked if r.kind == "white-box"], worst)
     worst_table = _worst_case_table(attacked, worst)
     selective = _selective_table(runs, worst)
@@ -421,12 +571,10 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
     return [tables[name] for name in order if name in tables]
 
 
-def _confirmed_cell(run: Run, budget: int) -> float | None:
-    """A conf. cell: the run's robust accuracy by confirmation, None for a run without confirmation
-    data, unless it has no verified success to confirm (then both readings are the same number)."""
-    if run.confirmed or not any(r.clean_correct and r.success_at is not None for r in run.results):
-        return run.robust_confirmed(budget)
-    return None
+def _confirmable(run: Run) -> bool:
+    """A conf. cell can be filled from ``run``: it has confirmation data, or no verified success to
+    confirm (then both readings are the same number)."""
+    return run.confirmed or not any(r.clean_correct and r.success_at is not None for r in run.results)
 
 
 def _whitebox_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
@@ -444,18 +592,18 @@ def _whitebox_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
     columns.append(WORST)
     keys = sorted({(r.model, r.method, r.level) for r in runs}, key=_row_order)
     costs = _row_bitops(keys, runs)
-    cells = []
-    for key in keys:
+    cells, extras = [], _Extras()
+    for i, key in enumerate(keys):
         mine = [r for r in runs if (r.model, r.method, r.level) == key]
-        row: list[float | None] = [_clean(mine)]
+        row: list[float | None] = [extras.clean(i, 0, mine)]
         for column in columns[1:-1]:
             if column == CW_NORM:
                 cw = _pick([r for r in mine if r.label == "CW"])
                 row.append(cw.median_norm() if cw else None)
             else:
                 run = _pick([r for r in mine if r.label == column])
-                row.append(run.robust(run.budget) if run else None)
-        row.append(worst.cell(key, runs))
+                row.append(extras.run(i, len(row), run, run.budget) if run else None)
+        row.append(extras.worst(i, len(row), worst.case(key, runs)))
         if costs:
             row += list(costs.get(key) or (None, None))
         cells.append(row)
@@ -469,9 +617,11 @@ def _whitebox_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
         notes.append(BITOPS_NOTE)
     formats = {CW_NORM: ".3f", BITOPS_COLUMNS[0]: ".3f"}
     unranked = {CW_NORM, *BITOPS_COLUMNS}
-    table = Table("whitebox", columns, keys, cells, formats=formats, unranked=unranked, notes=notes)
-    _mark_best(table)
-    return table
+    table = Table(
+        "whitebox", columns, keys, cells, formats=formats, unranked=unranked, notes=notes,
+        intervals=extras.intervals, outcomes=extras.outcomes, defenses=_defense_texts(keys, runs),
+    )  # fmt: skip
+    return _finish(table)
 
 
 BITOPS_COLUMNS = ("BitOPs (G)", "BitOPs -%")
@@ -526,19 +676,16 @@ def _selective_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
     labels = _label_order(attacked)
     columns = ["r", "N:M", "Clean", *labels, WORST, *BITOPS_COLUMNS]
     costs = _row_bitops(keys, mine)
-    cells, intervals = [], {}
+    cells, extras = [], _Extras()
     for i, key in enumerate(keys):
         spec = specs[key]
         row_runs = [r for r in mine if (r.model, r.method, r.level) == key]
         row: list = [100 * spec.ratio if spec else 0.0, f"{spec.n}:{spec.m}" if spec and spec.m else None]
-        row.append(_clean(row_runs))
+        row.append(extras.clean(i, len(row), row_runs))
         for label in labels:
             run = _pick([r for r in row_runs if r.label == label])
-            row.append(run.robust(run.budget) if run else None)
-        wc = worst.case(key, attacked)
-        row.append(wc.accuracy if wc else None)
-        if wc is not None and wc.interval is not None:
-            intervals[i, columns.index(WORST)] = wc.interval
+            row.append(extras.run(i, len(row), run, run.budget) if run else None)
+        row.append(extras.worst(i, len(row), worst.case(key, attacked)))
         row += list(costs.get(key) or (None, None))
         cells.append(row)
     notes = [
@@ -551,11 +698,11 @@ def _selective_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
         BITOPS_NOTE,
     ]
     table = Table(
-        "table6", columns, keys, cells, intervals=intervals,
+        "table6", columns, keys, cells, intervals=extras.intervals, outcomes=extras.outcomes,
         formats={"r": ".0f", BITOPS_COLUMNS[0]: ".3f"}, unranked={"r", "N:M", *BITOPS_COLUMNS}, notes=notes,
+        defenses=_defense_texts(keys, mine),
     )  # fmt: skip
-    _mark_best(table)
-    return table
+    return _finish(table)
 
 
 def _worst_case_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
@@ -574,28 +721,25 @@ def _worst_case_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
     query_labels = {r.label for *_, wc in rows for r in wc.runs if r.kind in QUERY_KINDS}
     confirmed = any(wc.confirmed for *_, wc in rows)
     columns = ["Clean", *labels, WORST, *([WORST_CONF] if confirmed else []), "gap", "n"]
-    cells, intervals = [], {}
+    cells, extras = [], _Extras()
     for i, (_shown, key, _threat, wc) in enumerate(rows):
-        row: list[float | int | None] = [_clean([r for r in runs if (r.model, r.method, r.level) == key])]
+        row_runs = [r for r in runs if (r.model, r.method, r.level) == key]
+        row: list[float | int | None] = [extras.clean(i, 0, row_runs)]
         for label in labels:
             run = _pick([r for r in wc.runs if r.label == label])
-            row.append(wc.accuracy_of(run) if run else None)
+            row.append(extras.of(i, len(row), wc, run))
         best = [v for c, v in zip(labels, row[1:], strict=True) if c in query_labels and v is not None]
-        accuracy = wc.accuracy
+        accuracy = extras.worst(i, len(row), wc)
         row.append(accuracy)
-        if wc.interval is not None:
-            intervals[i, columns.index(WORST)] = wc.interval
         if confirmed:
-            row.append(wc.accuracy_confirmed)
-            if wc.interval_confirmed is not None:
-                intervals[i, columns.index(WORST_CONF)] = wc.interval_confirmed
+            row.append(extras.worst(i, len(row), wc, confirmed=True))
         row += [max(best) - accuracy if best and accuracy is not None else None, wc.n]
         cells.append(row)
     notes = [
         RULE_NOTE,
         "Attack columns: each attack's robust accuracy (%) at its run's largest budget on the same images "
-        "as the worst case (the best-sized run where a row has several of one attack); Worst case with "
-        "its 95% Wilson interval over n images; gap = the best query-attack (score / decision) column "
+        "as the worst case (the best-sized run where a row has several of one attack), each with its 95% "
+        "Wilson interval over n images, as Worst case; gap = the best query-attack (score / decision) column "
         "minus Worst case.",
     ]
     if confirmed:
@@ -608,16 +752,19 @@ def _worst_case_table(runs: Sequence[Run], worst: _Worst) -> Table | None:
         if wc.differing:
             notes.append(_differing_note(key, wc))
     table = Table(
-        "worst_case", columns, [r[0] for r in rows], cells, intervals=intervals,
-        unranked={"gap", "n", WORST_CONF}, notes=notes,
+        "worst_case", columns, [r[0] for r in rows], cells, intervals=extras.intervals,
+        outcomes=extras.outcomes, unranked={"gap", "n", WORST_CONF}, notes=notes,
+        defenses=[" / ".join(dict.fromkeys(r.defense_text for r in wc.runs)) for *_, wc in rows],
+        groups=[f"{key[0]} {threat_text(threat)}" for _, key, threat, _ in rows],
     )  # fmt: skip
-    _mark_best(table)
-    return table
+    return _finish(table)
 
 
 def _budgets(runs: Sequence[Run]) -> list[int]:
+    """Every budget the runs were asked for, and the papers' 1k / 10k up to the largest."""
     largest = max(r.budget for r in runs)
-    return sorted({r.budget for r in runs} | {b for b in STANDARD_BUDGETS if b <= largest})
+    requested = {int(b) for r in runs for b in (r.settings.get("budgets") or [r.budget])}
+    return sorted({r.budget for r in runs} | requested | {b for b in STANDARD_BUDGETS if b <= largest})
 
 
 def _k(budget: int) -> str:

@@ -166,8 +166,18 @@ class WorstCase:
         """``run``'s robust accuracy (%) at its largest budget on the worst case's images."""
         if not self.n:
             return None
+        return 100 * sum(self.outcomes_of(run).values()) / self.n
+
+    def outcomes_of(self, run: Run) -> dict[int, bool]:
+        """Per image of the worst case (dataset index): ``run`` left it robust at its largest budget."""
         robust = next(p for r, p in zip(self.runs, self._per_run, strict=True) if r is run)
-        return 100 * sum(robust[d] for d in self.images) / self.n
+        return {d: robust[d] for d in self.images}
+
+    @property
+    def outcomes(self) -> dict[int, bool]:
+        """Per image of the worst case (dataset index): no run broke it (for paired comparisons)."""
+        kept = set(self.robust)
+        return {d: d in kept for d in self.images}
 
 
 def worst_case(runs: Sequence[Run]) -> WorstCase | None:

@@ -119,6 +119,13 @@ def run_sweep(
             tasks = db.tasks([run.run_id])
             if run.run_id not in finished and tasks and all(t.state == "done" for t in tasks):
                 db.finish(run.run_id)
+                finished.add(run.run_id)
+        for run in runs:  # the same configuration under another label: its results, once done
+            if run.source is not None and run.source in finished and run.run_id not in finished:
+                db.add_clean(run.run_id, db.clean(run.source))  # upserts: a repeat after a crash is harmless
+                db.add_results(run.run_id, db.results(run.source))
+                db.finish(run.run_id)
+                say(f"{run.label}: the same configuration as run {run.source}; its results copied")
         return status_of(db, runs), outcome
 
 

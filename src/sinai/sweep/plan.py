@@ -7,6 +7,7 @@ names the plan's line and the valid values. ``expand`` turns the plan into runs,
     name = "mnist-small"                 # default: the file's stem
     models = ["mnist-cnn", "mnist-vit"]  # or {name = "timm:resnet50", checkpoint = "w.pth", data = "cifar10"}
     defenses = ["none", "RND:std=0.05", {defense = "FND:std=0.5", method = "FND", level = "≈1%"},
+                {defense = "none", method = "PGD-AT", variant = "adv"},  # on each model's PGD-AT network
                 {calibrate = "FND", drop = [0.01, 0.02]},    # stages: found on the validation images
                 {tune = "SINAI", delta = 0.01, trials = 20}]
     validation = 200                     # validation images (stages), disjoint from the evaluated ones
@@ -69,7 +70,7 @@ KEYS = {
 """Every key a plan may have, with its TOML type."""
 
 MODEL_KEYS = ("name", "checkpoint", "data")
-DEFENSE_KEYS = ("defense", "method", "level")
+DEFENSE_KEYS = ("defense", "method", "level", "variant")
 CALIBRATE_KEYS = ("calibrate", "drop", "method", "level")
 TUNE_KEYS = ("tune", "delta", "trials", "population", "screen", "full", "method", "level")
 TUNED_PRESETS = ("SINAI",)
@@ -101,13 +102,17 @@ class Stage:
 
 @dataclass(frozen=True)
 class DefenseEntry:
-    """A defense of the plan: ``text`` (fixed), or the preset of a ``stage`` at one of its ``drop``s."""
+    """A defense of the plan: ``text`` (fixed), or the preset of a ``stage`` at one of its ``drop``s.
+    ``variant`` (a kind of :data:`sinai.models.embedded.VARIANTS`: adv, mfdv, selective, surrogate) applies
+    the defense to each model's trained variant instead of the model itself (PGD-AT, MFDV-SNN and
+    SINAI-selective rows); a model without that variant has no such run."""
 
     text: str
     method: str | None = None
     level: str | None = None
     stage: Stage | None = None
     drop: float | None = None
+    variant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,7 +234,18 @@ def parse_plan(text: str, *, source: str = "<plan>", name: str = "sweep") -> Pla
             parse_defense(entry["defense"])
         except ValueError as err:
             raise lines.error(lines.of_value(entry["defense"], "defenses"), str(err)) from None
-        defenses.append(DefenseEntry(entry["defense"], entry.get("method"), entry.get("level")))
+        variant = entry.get("variant")
+        if variant is not None:
+            from ..models.embedded import VARIANTS
+
+            if variant not in VARIANTS:
+                raise lines.error(
+                    lines.of_value(variant, "defenses"),
+                    f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}",
+                )
+        defenses.append(
+            DefenseEntry(entry["defense"], entry.get("method"), entry.get("level"), variant=variant)
+        )
 
     attacks = []
     for attack in _strings(data["attacks"], "attacks", lines):

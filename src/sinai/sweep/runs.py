@@ -11,6 +11,7 @@ when (SINAI section 5.1's protocol, sharded as :func:`sinai.evaluation.evaluate`
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -27,6 +28,9 @@ from ..evaluation.protocol import attack_shard
 from ..evaluation.store import SCHEMA_VERSION, ResultStore, settings_key
 from .plan import DefenseEntry, ModelEntry, Plan, import_modules
 
+LABELS = ("method", "level")
+"""Settings that only label a run: two runs that differ in them alone are one computation."""
+
 CLEAN_SHARD = -1
 """The task that measures a run's clean accuracy (M noisy passes over its images)."""
 
@@ -38,11 +42,15 @@ def eval_config(
     attack: str,
     dataset: str,
     resolved: Defense | None = None,
+    network: str | None = None,
 ) -> EvalConfig:
     """The configuration ``sinai eval`` would build for this cell of the plan (``resolved``: the defense
-    a calibrate/tune stage found, instead of the entry's text)."""
+    a calibrate/tune stage found, instead of the entry's text; ``network``: the model's variant the
+    entry runs on, recorded as the run's ``network``)."""
     eps = plan_eps(plan, model, dataset)
     describe: dict[str, object] = {"model": model.name, "checkpoint": model.checkpoint, "dataset": dataset}
+    if network is not None:
+        describe["network"] = network
     if defense.method:
         describe["method"] = defense.method
         describe["level"] = defense.level or ""
@@ -65,11 +73,14 @@ def plan_eps(plan: Plan, model: ModelEntry, dataset: str) -> float:
 
 @dataclass(frozen=True)
 class SweepRun:
-    """One run of a plan in the store: its id, label and number of tasks."""
+    """One run of a plan in the store: its id, label and number of tasks; ``source``: the run whose
+    results it copies once they are done (the same configuration under another label, e.g. one tuned
+    configuration chosen at both drops: attacked once)."""
 
     run_id: int
     label: str
     tasks: int
+    source: int | None = None
 
 
 def shard_count(settings: dict) -> int:
@@ -103,8 +114,11 @@ def expand(
 
     say = log or (lambda _msg: None)
     runs: list[SweepRun] = []
+    variants: dict[str, torch.nn.Module] = {}
+    seen: dict[str, int] = {}  # a run's settings but its labels -> its id
     for entry in plan.models:
         before = len(runs)
+        say(f"{entry.name}: load or train")
         model = load_model(entry.name, checkpoint=entry.checkpoint, device=device, cache_dir=cache_dir)
         data = entry.data or default_dataset(entry.name, num_classes=model.num_classes)
         dataset = load_dataset(data, root=plan.data_root, image_size=model.input_shape[-1])
@@ -117,7 +131,21 @@ def expand(
         else:
             indices = select_images(dataset.labels, plan.images, plan.seed, dataset.num_classes).tolist()
         for defense in plan.defenses:
-            resolved = None
+            resolved, network, target = None, None, model
+            if defense.variant is not None:
+                from ..models.embedded import VARIANTS
+
+                network = VARIANTS[defense.variant].get(entry.name)
+                if network is None or entry.checkpoint is not None:
+                    say(
+                        f"{entry.name}: no {defense.variant} variant for "
+                        f"{defense.method or defense.text}; left out"
+                    )
+                    continue
+                if network not in variants:
+                    say(f"{entry.name}: load or train its {defense.variant} variant {network}")
+                    variants[network] = load_model(network, device=device, cache_dir=cache_dir)
+                target = variants[network]
             if defense.stage is not None:
                 assert validation is not None  # parse_plan requires validation with stages
                 resolved = run_stage(
@@ -127,8 +155,8 @@ def expand(
                 if resolved is None:
                     continue
             for attack in plan.attacks:
-                config = eval_config(plan, entry, defense, attack, data, resolved)
-                defended = DefendedModel(model, config.defense, seed=config.seed)
+                config = eval_config(plan, entry, defense, attack, data, resolved, network)
+                defended = DefendedModel(target, config.defense, seed=config.seed)
                 try:
                     if defended.defense != config.defense:
                         config = replace(config, defense=defended.defense)
@@ -136,11 +164,16 @@ def expand(
                     defended.remove()
                 settings = config.settings(images=len(indices), dataset_indices=indices)
                 run_id = store.run_id(settings)
-                shards = shard_count(settings)
-                store.add_tasks([(run_id, CLEAN_SHARD), *((run_id, s) for s in range(shards))])
                 shown = "none" if config.defense.name == "none" else config.defense.describe()
                 label = f"{entry.name} | {defense.method or shown}"
                 label += f" {defense.level}" if defense.level else ""
+                same = json.dumps({k: v for k, v in settings.items() if k not in LABELS}, sort_keys=True)
+                if same in seen:  # attacked once, under the first label; copied to this one when done
+                    runs.append(SweepRun(run_id, f"{label} | {attack}", 0, source=seen[same]))
+                    continue
+                seen[same] = run_id
+                shards = shard_count(settings)
+                store.add_tasks([(run_id, CLEAN_SHARD), *((run_id, s) for s in range(shards))])
                 runs.append(SweepRun(run_id, f"{label} | {attack}", shards + 1))
         say(f"{entry.name}: {len(runs) - before} runs of {len(indices)} {data} images")
     return runs
@@ -223,7 +256,8 @@ class Worker:
     def _model(self, settings: dict) -> torch.nn.Module:
         from ..models.zoo import load_model
 
-        key = (settings["model"], settings.get("checkpoint"))
+        network = settings.get("network")  # a variant of the model (PGD-AT, MFDV-SNN, ...): no checkpoint
+        key = (network, None) if network else (settings["model"], settings.get("checkpoint"))
         if key not in self._models:
             self._models[key] = load_model(
                 key[0], checkpoint=key[1], device=self.device, cache_dir=self.env.cache_dir, progress=False

@@ -17,6 +17,7 @@ from . import fgsm, pgd, mifgsm, cw, autoattack, eotpgd, npixel  # noqa: F401, E
 from . import transfer  # noqa: F401, E402
 
 # isort: on
+from .api import AttackResult, attack  # noqa: E402
 
 ATTACKS: tuple[str, ...] = list_attacks()
 """Names accepted by :func:`make_attack` and ``sinai eval --attack``."""
@@ -25,9 +26,11 @@ __all__ = [
     "ATTACKS",
     "NORMS",
     "Attack",
+    "AttackResult",
     "Oracle",
     "QueryRules",
     "ThreatModel",
+    "attack",
     "attack_class",
     "distance",
     "is_attack",

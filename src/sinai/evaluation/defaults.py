@@ -1,6 +1,27 @@
-"""Default threat models per dataset and model, from the papers (SINAI App. B, RFD App. D.3)."""
+"""Defaults of a run: threat models per dataset and model from the papers (SINAI App. B, RFD App. D.3),
+hyper-parameters where the papers' fail on MNIST, and run sizes (the quick default and the papers')."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProtocolSize:
+    """How many images a run attacks and the query budgets it reports (text, as ``--budget`` takes)."""
+
+    images: int
+    budgets: str
+
+
+QUICK = ProtocolSize(images=100, budgets="1000")
+"""``sinai eval``'s defaults, 100 images x 1000 queries: minutes on a CPU for the embedded MNIST models.
+A 95% interval on 100 images is about +-10 points at 50%: enough for a first look, not for comparing
+close defenses (use --paper or more --images)."""
+
+PAPER = ProtocolSize(images=1000, budgets="1000,10000")
+"""The papers' protocol (RFD section 4.1, SINAI section 5.1): 1000 images, robust accuracy at 1k and 10k
+queries from one 10k run (``sinai eval --paper``); hours on a CPU."""
 
 MNIST_EPS = {"linf": 0.1, "l2": 1.5}
 """Embedded MNIST default, chosen so that the undefended embedded models keep < 10% robust accuracy at

@@ -4,7 +4,7 @@ N concurrent asyncio clients (raw HTTP/1.1 on asyncio streams, keep-alive, ``TCP
 requests of a fixed batch size for T seconds each; a cell reports requests/s, images/s, p50/p99 latency
 and errors. The server runs in a subprocess (``sinai serve``; the clients get the bench process) or, for
 tests, in a thread. The same run measures the defended model's own forward images/s at batch 64
-(DESIGN "Performance targets": serving batch-64 requests at concurrency 32 >= 0.7x that; dynamic
+(target: serving batch-64 requests at concurrency 32 >= 0.7x that; dynamic
 batching >= 3x the requests/s of the unbatched server for batch-1 requests at concurrency 32; zero
 errors).
 """

@@ -1,5 +1,5 @@
 """``sinai bench sweep``: one plan of CPU-bound shards run serially, by 2 local workers and by 2 Ray
-workers, in one run: the speedup of the pool (DESIGN target: >= 1.7x with 2 workers on 2 cores), Ray's
+workers, in one run: the speedup of the pool (target: >= 1.7x with 2 workers on 2 cores), Ray's
 overhead per task, and the cost per query that sizes the papers' protocol.
 
 Each executor writes a fresh store, so each does every task; the stores must hold identical numbers

@@ -5,7 +5,7 @@ features ``h`` (seed 004, Sec. 3), and the network and ``sigma`` are trained tog
 
     CE(head(h + sigma * eps), y) - lambda1 * sum_i ln sigma_i + lambda2 * ||w||^2.
 
-Readings of what the paper leaves open (``../shared/notes/training-defenses.md``):
+Readings of what the paper leaves open (docs/trained-defenses.md):
 
 - ``sigma = exp(s)`` with ``s`` the trainable vector, ``sigma`` initialised from U(0, 1) as the paper
   (``s = ln u``; ``u`` clamped at 1e-3 so that no dimension starts at ``ln 0``), drawn from the global RNG

@@ -1,6 +1,6 @@
 """A sinai endpoint as a model: ``RemoteModel(url)`` is an ``nn.Module`` whose forward is an HTTP call.
 
-The Oracle and every query attack run against it unchanged (DESIGN "The remote Oracle"): the Oracle
+The Oracle and every query attack run against it unchanged: the Oracle
 counts its queries, the server charges the key, and the two ledgers agree because every image the
 module forwards is one image the server answers. The endpoint's output policy decides which attacks can
 run: probabilities, logits and top-k feed score-based attacks, labels only the decision-based ones.

@@ -180,10 +180,13 @@ def test_a_killed_tuning_run_resumes_from_its_study(mnist_models, val, tmp_path,
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 2
     before = {t.number: t.params for t in finished}
+    (stopped,) = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]  # ctrl-C: failed
 
     result = tune(model, x, y, storage=storage, model_name="mnist-cnn", **SMALL)
     assert len(result.trials) == SMALL["trials"]
     assert {t.number: dict(t.params) for t in result.trials if t.number in before} == before
+    # The stopped trial's parameters are asked again (first, before any new trial), not dropped.
+    assert result.trials[2].number == stopped.number + 1 and dict(result.trials[2].params) == stopped.params
 
     # The same study name with another search space is refused, not silently mixed.
     with pytest.raises(ValueError, match="other settings"):

@@ -32,7 +32,7 @@ TUNED = {"SINAI": ("attn", "gelu", "relu"), "SINAI-Attn": ("attn",), "SINAI-FFN"
     "--delta", default="0.01", show_default=True, callback=parsed(fractions),
     help="Clean-accuracy drop bound(s), e.g. 0.01,0.02.",
 )  # fmt: skip
-@click.option("--trials", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--trials", type=click.IntRange(min=1), default=40, show_default=True, help="NSGA-II trials.")
 @click.option(
     "--population", type=click.IntRange(min=2), default=10, show_default=True, help="NSGA-II population."
 )
@@ -54,8 +54,15 @@ TUNED = {"SINAI": ("attn", "gelu", "relu"), "SINAI-Attn": ("attn",), "SINAI-FFN"
     help="IMAGES:BUDGET for promoted trials.",
 )  # fmt: skip
 @passes_option
-@click.option("--norm", type=click.Choice(NORMS), default="linf", show_default=True)
-@click.option("--eps", type=float, default=None, help="Attack budget (default per dataset/model).")
+@click.option(
+    "--norm", type=click.Choice(NORMS), default="linf", show_default=True,
+    help="Threat model of the Square runs: the norm of the eps-ball.",
+)  # fmt: skip
+@click.option(
+    "--eps", type=float, default=None,
+    help="Radius of the Square runs' threat model in [0, 1] pixel units (the size of the allowed "
+    "perturbation, not a query budget; default per dataset/model, as sinai eval).",
+)  # fmt: skip
 @click.option(
     "--storage", default=None,
     help="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or journal:FILE (Optuna's journal "
@@ -67,8 +74,8 @@ TUNED = {"SINAI": ("attn", "gelu", "relu"), "SINAI-Attn": ("attn",), "SINAI-FFN"
     "postgresql://... or journal:FILE.",
 )  # fmt: skip
 @click.option("--study-name", default=None, help="Default: MODEL-DEFENSE.")
-@seed_option()
-@out_option("runs/tune")
+@seed_option("Seed of the image selection, noise, Square and the NSGA-II sampler.")
+@out_option("runs/tune", "Output folder: study.sqlite (resumed), results.sqlite, tables and plots.")
 def tune(
     source: ModelSource, defense: str, delta: tuple[float, ...], trials: int, population: int, ranges: str,
     images: int, screen: object, full: object, passes: int, norm: str, eps: float | None,
@@ -80,7 +87,7 @@ def tune(
     from ..evaluation.store import ResultStore
     from ..reports.console import tuning_table
     from ..reports.report import write_tuning
-    from ..tuning.tune import parse_ranges, search_space
+    from ..tuning.tune import no_feasible_text, parse_ranges, search_space
     from ..tuning.tune import tune as run_tune
 
     loaded = load_model_and_images(source, images, seed)
@@ -104,12 +111,15 @@ def tune(
             study_name=study_name or f"{source.name}-{defense}", store=store, seed=seed, log=say,
             workers=workers,
         )  # fmt: skip
-    files = write_tuning(result, folder, source.name)
+    files = write_tuning(result, folder, source.name, method=defense)
     click.echo(f"base clean accuracy {100 * result.base:.2f}%; Pareto front (feasible, screened):")
     click.echo(tuning_table(result))
     for d, t in result.chosen.items():
         if t is None:
-            click.echo(f"delta {100 * d:g}%: no trial meets the constraint; widen --range or add --trials")
+            click.echo(
+                f"delta {100 * d:g}%: {no_feasible_text(d)} in {len(result.trials)} trials; widen --range "
+                "(smaller stds) or add --trials"
+            )
         else:
             click.echo(
                 f"delta {100 * d:g}%: {t.defense().describe()}  clean {100 * t.clean:.2f}% "

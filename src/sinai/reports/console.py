@@ -132,17 +132,9 @@ def snd_metrics(result: EvalResult) -> str | None:
 def calibration_table(calibrations: Sequence[tuple[str, Calibration]]) -> str:
     """A row per (defense as asked, calibration): target, std found, drop reached, steps, and the
     defense text that reproduces it."""
-    from ..defenses import PRESETS
-
     rows = []
     for name, c in calibrations:
-        spec = c.defense.specs[c.kind]
-        single = c.defense.name in PRESETS and len(PRESETS[c.defense.name][0]) == 1
-        prefix = f"{c.defense.name}:" if c.defense.name in PRESETS else ""
-        field = "" if single else f"{c.kind}."  # the text --defense parses back
-        text = f"{prefix}{field}std={c.std:.4g}"
-        if spec.ratio != 1:
-            text += f",{field}ratio={spec.ratio:g}"
+        text = c.defense.to_text(digits=4)  # what --defense parses back into this defense, on this model
         rows.append(
             [name, f"{100 * c.target:g}", round(c.std, 4), round(100 * c.drop, 2),
              "yes" if c.reached else "NO", len(c.steps), text]

@@ -13,8 +13,16 @@ protocol (more images, the full budget). The chosen configuration for each delta
 with the best full-protocol robust accuracy among those whose drop is at most delta.
 
 The study lives in an Optuna RDB storage (SQLite in the output folder by default) and every robust
-evaluation in a sinai result store, so a killed run resumes: finished trials and evaluations are
-reused, a trial cut mid-way is failed by Optuna's heartbeat and sampled anew.
+evaluation in a sinai result store, so a killed run resumes faithfully:
+
+- finished trials and evaluations are reused;
+- a trial cut mid-way (``kill -9``, ctrl-C, a lost machine) is marked FAIL and its parameters are queued
+  again with Optuna's ``RetryHeartbeatStaleTrialCallback``: at once when its process is gone from this
+  host (:func:`recover_interrupted`), after the heartbeat's grace period for a worker elsewhere;
+- the sampler keeps no state between trials that a restart could lose: every trial's random draws come
+  from a seed derived from ``(seed, the trial's place in the study)`` (:class:`TrialSeededNSGAII`), so no
+  parameters repeat after a restart and a killed-and-resumed study makes the same trials, and the same
+  choice, as one that ran through.
 """
 
 from __future__ import annotations
@@ -22,10 +30,14 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import socket
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
 from torch import nn
@@ -118,6 +130,16 @@ class TuneResult:
             "chosen": {f"{d:g}": (t.as_dict() if t else None) for d, t in self.chosen.items()},
         }
 
+    @property
+    def unmet(self) -> tuple[float, ...]:
+        """The deltas no trial met (no feasible configuration within them), smallest first."""
+        return tuple(d for d in self.deltas if self.chosen.get(d) is None)
+
+
+def no_feasible_text(delta: float) -> str:
+    """What the tuning table, the report tables and the plots say for a delta no trial met."""
+    return f"no feasible configuration within δ = {100 * delta:g}%"
+
 
 # ------------------------------------------------------------------------------------ search space
 def parse_ranges(text: str) -> dict[str, tuple[float, float]]:
@@ -192,6 +214,158 @@ def defense_from_params(params: Mapping[str, float]) -> Defense:
     return Defense(specs, name="SINAI", require="any")
 
 
+# ---------------------------------------------------------------------------------------- resuming
+WORKER_ATTR = "sinai:worker"
+"""User attribute of a trial: ``host:pid:start`` of the process that runs it (see :func:`worker_alive`)."""
+INTERRUPTED_ATTR = "sinai:interrupted"
+"""User attribute of a trial stopped by ctrl-C: failed by Optuna, retried on the next run."""
+MAX_RETRY = 3
+"""How many times the parameters of a trial cut short are asked again (a trial that kills its process
+every time, e.g. out of memory, is not retried forever)."""
+
+
+def _started(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot (Linux ``/proc``), "" when unknown."""
+    fields = _proc_stat(pid)
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (state first); [] without ``/proc``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat.rpartition(")")[2].split()  # the command name may hold spaces and parentheses
+
+
+def this_worker() -> str:
+    """``host:pid:start`` of this process: what :func:`worker_alive` checks on another run."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_started(os.getpid())}"
+
+
+def worker_alive(worker: object) -> bool | None:
+    """Whether the process ``worker`` (a :func:`this_worker` text) still runs: True/False on this host,
+    None when that cannot be told here (no worker recorded, another host, Windows)."""
+    if not isinstance(worker, str) or worker.count(":") < 2 or os.name == "nt":
+        return None  # os.kill on Windows would terminate the process, not probe it
+    host, pid_text, started = worker.rsplit(":", 2)
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, run by another user
+    if _proc_stat(pid)[:1] in (["Z"], ["X"]):  # killed, not yet reaped by its parent: gone all the same
+        return False
+    return not started or _started(pid) in ("", started)  # another process that reuses the pid: gone
+
+
+def _retry_history(trial: optuna.trial.FrozenTrial) -> list[int]:
+    with warnings.catch_warnings():  # experimental in Optuna since 3.0, stable in use
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial)
+
+
+def _retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+
+
+def trial_key(trials: Sequence[optuna.trial.FrozenTrial], trial: optuna.trial.FrozenTrial) -> int:
+    """The place of ``trial`` in a study that never stopped: its number less the retries before it; a
+    retry takes the place of the trial it repeats. Seeds :class:`TrialSeededNSGAII`'s draws."""
+    history = _retry_history(trial)
+    first = history[0] if history else trial.number
+    return first - sum(1 for t in trials if t.number < first and _retry_history(t))
+
+
+def trial_seed(seed: int, key: int) -> int:
+    """A 32-bit seed for the trial at place ``key`` of a study seeded ``seed`` (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([seed & (2**64 - 1), key]).generate_state(1)[0])
+
+
+class TrialSeededNSGAII(optuna.samplers.BaseSampler):
+    """Optuna's ``NSGAIISampler`` whose random draws for each trial come from
+    ``trial_seed(seed, trial_key(...))`` instead of one stream that lives in the process.
+
+    NSGA-II's other state (generations, parent populations, constraints) is kept in the study by Optuna;
+    its random stream is not, so a seeded sampler built again after a restart would propose trial 0's
+    parameters again (Optuna's resuming tutorial restores a pickled sampler instead, which still
+    diverges when the process dies mid-trial). Seeding each trial by its place makes the proposals a
+    function of the seed and the study's history alone: nothing to lose on ``kill -9``.
+    """
+
+    def __init__(self, *, population_size: int, seed: int) -> None:
+        self.population_size = population_size
+        self.seed = seed
+        self._inner = self._nsga(0)
+
+    def _nsga(self, key: int) -> optuna.samplers.NSGAIISampler:
+        return optuna.samplers.NSGAIISampler(
+            population_size=self.population_size, seed=trial_seed(self.seed, key)
+        )
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self._inner = self._nsga(trial_key(study.get_trials(deepcopy=False), trial))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):  # noqa: ANN001, ANN201 - BaseSampler's signature
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):  # noqa: ANN001, ANN201
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):  # noqa: ANN001, ANN201
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001
+        self._inner.after_trial(study, trial, state, values)
+
+
+def recover_interrupted(
+    study: optuna.Study, *, exclusive: bool, log: Callable[[str], None] | None = None
+) -> list[int]:
+    """Fail the trials cut short and queue their parameters again; return the numbers queued.
+
+    A RUNNING trial is cut short when the process that ran it is gone from this host (``kill -9``), or,
+    with an ``exclusive`` storage (one writer: SQLite), whenever its process is not known to run. A
+    FAILed trial is queued again when ctrl-C stopped it. Each is queued once (a trial already retried is
+    skipped), at most :data:`MAX_RETRY` times along a chain of retries, with Optuna's
+    ``RetryHeartbeatStaleTrialCallback``: the retry keeps the trial's parameters, NSGA-II generation
+    and place (:func:`trial_key`). A RUNNING trial of another host is left to the RDB heartbeat (a
+    journal storage has none: such a trial stays RUNNING).
+    """
+    say = log or (lambda _msg: None)
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        alive = worker_alive(t.user_attrs.get(WORKER_ATTR))
+        if alive or (alive is None and not exclusive):
+            continue  # running, or elsewhere: Optuna's heartbeat fails it once it goes quiet
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        failed.append(t.number)
+    trials = study.get_trials(deepcopy=True)
+    retried = {n for t in trials for n in _retry_history(t)}
+    queued = []
+    retry = _retry_callback()
+    for t in trials:
+        interrupted = t.number in failed or t.user_attrs.get(INTERRUPTED_ATTR)
+        if t.state != optuna.trial.TrialState.FAIL or not interrupted or t.number in retried:
+            continue
+        before = len(study.get_trials(deepcopy=False))
+        retry(study, t)
+        if len(study.get_trials(deepcopy=False)) > before:
+            queued.append(t.number)
+            say(f"trial {t.number} was cut short: marked failed, its parameters are asked again")
+        else:
+            say(f"trial {t.number} was cut short {MAX_RETRY + 1} times: not retried")
+    return queued
+
+
 # ------------------------------------------------------------------------------------------ tuning
 JOURNAL = "journal:"
 """``journal:FILE``: Optuna's journal file storage (append-only; for parallel workers on NFS)."""
@@ -229,8 +403,9 @@ def open_study(
             else:
                 engine = {"connect_args": {"connect_timeout": 10}} if storage.startswith("postgresql") else {}
                 rdb = optuna.storages.RDBStorage(
-                    storage, heartbeat_interval=30, grace_period=90, engine_kwargs=engine
-                )
+                    storage, heartbeat_interval=30, grace_period=90, engine_kwargs=engine,
+                    heartbeat_stale_trial_callback=_retry_callback(),
+                )  # fmt: skip
     except Exception as exc:  # SQLAlchemy / Optuna raise many kinds for a bad URL or unwritable file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"cannot open Optuna storage {storage!r}: {reason}") from None
@@ -248,7 +423,11 @@ def open_study(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(["clean", "robust"])
-    elif stored != wanted:
+        return study
+    if set(wanted) - set(stored):  # a study made by an older sinai: the settings it did not record
+        stored = {**wanted, **stored}
+        study.set_user_attr("config", stored)
+    if stored != wanted:
         differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         raise ValueError(
             f"study {study_name!r} in {storage} was made with other settings ({', '.join(differ)}: "
@@ -309,18 +488,23 @@ def tune(
         raise ValueError(f"delta must be a fraction in (0, 1) such as 0.01 for 1%, got {deltas}")
     if trials < 1 or population < 2 or passes < 1 or promote < 0:
         raise ValueError("need trials >= 1, population >= 2, passes >= 1 and promote >= 0")
-    for fid in (screen, full):
+    labels = torch.as_tensor(labels).long()
+    num_classes = getattr(model, "num_classes", None)
+    for what, fid in (("screen", screen), ("full", full)):
         if fid.images > len(images):
             raise ValueError(
                 f"a fidelity asks for {fid.images} images but the validation set has {len(images)}"
             )
+        if fid.images < len(images):  # the class-covering subset must exist before any trial runs
+            try:
+                select_images(labels.cpu(), fid.images, seed, num_classes)
+            except ValueError as err:
+                raise ValueError(f"the {what} fidelity ({fid.images} images): {err}") from None
     space = check_space(space) if space is not None else search_space(model, model_name)
-    labels = torch.as_tensor(labels).long()
     store = store or ResultStore(":memory:")
     say = log or (lambda _msg: None)
     base = clean_accuracy(model, images, labels, passes=1, batch_size=batch_size).mean
     bound = base - deltas[-1]
-    num_classes = getattr(model, "num_classes", None)
 
     def subset(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if n == len(images):
@@ -343,7 +527,7 @@ def tune(
         result = evaluate(model, x, y, config, store=store, batch_size=batch_size, progress=False)
         return result.robust_accuracy(fid.budget)
 
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
+    def measure(trial: optuna.Trial) -> tuple[float, float]:
         params = {name: trial.suggest_float(name, low, high) for name, (low, high) in space.items()}
         defense = defense_from_params(params)
         defended = protect(model, defense, seed=seed)
@@ -351,10 +535,22 @@ def tune(
             clean = clean_accuracy(defended, images, labels, passes=passes, batch_size=batch_size).mean
         finally:
             defended.remove()
-        trial.set_constraint("clean_drop", bound - clean)  # > 0: violated (Optuna's convention)
+        with warnings.catch_warnings():  # a retry carries the constraint its cut-short trial set
+            warnings.filterwarnings("ignore", message="The constraint value is ignored")
+            trial.set_constraint("clean_drop", bound - clean)  # > 0: violated (Optuna's convention)
         # Infeasible trials are ranked by their violation alone: no attack is spent on them.
         trial.set_user_attr("screened", clean >= bound)
         return clean, robust(defense, screen, "screen") if clean >= bound else 0.0
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        trial.set_user_attr(WORKER_ATTR, this_worker())  # a later run fails the trial if this process dies
+        if trial.user_attrs.get(INTERRUPTED_ATTR):  # a retry: the mark was its cut-short trial's
+            trial.set_user_attr(INTERRUPTED_ATTR, False)
+        try:
+            return measure(trial)
+        except KeyboardInterrupt:  # Optuna fails the trial; the next run asks its parameters again
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
+            raise
 
     config = {
         "model": model_name,
@@ -363,15 +559,17 @@ def tune(
         "screen": [screen.images, screen.budget],
         "images": len(images),
         "passes": passes,
+        "population": population,
         "norm": threat.norm,
         "eps": threat.eps,
         "seed": seed,
     }
-    sampler = optuna.samplers.NSGAIISampler(
+    sampler = TrialSeededNSGAII(
         population_size=population, seed=seed if sampler_seed is None else sampler_seed
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(storage, study_name, config, sampler)
+    recover_interrupted(study, exclusive=not parallel_storage(storage), log=say)
     complete = lambda: study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     done = len(complete())
     if done:

@@ -183,9 +183,27 @@ def trace_calls(
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, list]] = weakref.WeakKeyDictionary()
 
 
-def example_input(model: nn.Module) -> torch.Tensor | None:
-    """A random batch of 2 images of ``model.input_shape`` in [0, 1] on the model's device, or ``None``."""
+def input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The (C, H, W) images ``model`` takes, for the discovery forward: its ``input_shape`` attribute, else
+    the first Hugging Face style ``config`` among its modules with ``num_channels`` and ``image_size`` (a
+    ``transformers`` ViT/DeiT wrapped in a module that returns ``.logits``); ``None`` when neither says."""
     shape = getattr(model, "input_shape", None)
+    if shape:
+        return tuple(shape)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
+        if isinstance(size, int):
+            size = (size, size)
+        sizes = (channels, *size) if isinstance(size, (tuple, list)) and len(size) == 2 else ()
+        if sizes and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+            return sizes
+    return None
+
+
+def example_input(model: nn.Module) -> torch.Tensor | None:
+    """A random batch of 2 images of :func:`input_shape` in [0, 1] on the model's device, or ``None``."""
+    shape = input_shape(model)
     if not shape:
         return None
     param = next(iter(model.parameters()), None)
@@ -197,7 +215,7 @@ def example_input(model: nn.Module) -> torch.Tensor | None:
 
 def functional_sites(model: nn.Module, skip: set[int]) -> list[tuple[str, str, tuple[int, ...]]]:
     """:func:`trace_calls` on an :func:`example_input`, cached per model (while its modules are the same);
-    a model without ``input_shape`` or whose forward fails on the example has none."""
+    a model whose :func:`input_shape` is unknown or whose forward fails on the example has none."""
     example = example_input(model)
     if example is None:
         return []
@@ -322,4 +340,12 @@ class _Handles:
         self.handles = []
 
 
-__all__ = ["FUNCTIONS", "KIND_OF_FUNCTION", "Interceptor", "example_input", "functional_sites", "trace_calls"]
+__all__ = [
+    "FUNCTIONS",
+    "KIND_OF_FUNCTION",
+    "Interceptor",
+    "example_input",
+    "functional_sites",
+    "input_shape",
+    "trace_calls",
+]

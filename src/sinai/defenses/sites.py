@@ -14,7 +14,8 @@ A site is a module plus how its hook reaches the tensor to perturb:
 - intercepted ``attn`` / ``gelu`` / ``relu`` (hook ``intercept``): attention written out by hand
   (``(q @ k.transpose(-2, -1)) * scale`` then ``.softmax(-1)``, or ``F.scaled_dot_product_attention``) and
   ``F.gelu`` / ``F.relu`` called inside a module's forward, found by tracing one forward and replaced
-  while that module's own forward runs (:mod:`sinai.defenses.intercept`; models with ``input_shape``);
+  while that module's own forward runs (:mod:`sinai.defenses.intercept`; models with ``input_shape``
+  or a Hugging Face ``config`` with ``num_channels`` and ``image_size``, e.g. ``transformers`` ViT/DeiT);
 - ``output``: a forward hook on the root module, which sees the model's output logits (AAA,
   :mod:`sinai.defenses.aaa`; the hook checks at every forward that they are (N, classes) logits);
 - ``approx``: a forward hook on every ``nn.Conv2d`` that carries a learned approximation branch (its child
@@ -230,8 +231,17 @@ def settle(defense: Defense, model: nn.Module) -> tuple[Defense, dict[str, list[
                 "model has none; train one with `sinai train mnist-cnn --selective` (mnist-cnn-selective)"
             )
         have = sorted(k for k, v in find_sites(model).items() if v)
+        hint = ""
+        if missing.intersection(INTERCEPTED_KINDS):
+            from .intercept import input_shape
+
+            if input_shape(model) is None:
+                hint = (
+                    "; attention and activations inside a module's forward are found by running it once, "
+                    "which needs the model's image shape: set model.input_shape = (C, H, W)"
+                )
         raise ValueError(
             f"defense {defense.name} needs {sorted(missing)} sites, but the model has none "
-            f"(e.g. attention noise on a CNN); this model has: {', '.join(have)}"
+            f"(e.g. attention noise on a CNN); this model has: {', '.join(have)}{hint}"
         )
     return defense.restricted_to(present), {kind: found[kind] for kind in noisy if found[kind]}

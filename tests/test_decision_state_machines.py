@@ -103,5 +103,5 @@ def test_geoda_probes_lie_in_the_low_frequency_subspace(ratio):
 
 def test_geoda_rejects_a_bad_dct_ratio():
     for bad in (0, 1.5, -0.1, True):
-        with pytest.raises(ValueError, match="dct_ratio must be in"):
+        with pytest.raises(ValueError, match="dct_ratio must be"):  # in (0, 1] / a finite number (True)
             make_attack("geoda", dct_ratio=bad)

@@ -196,7 +196,9 @@ def test_mfdv_clean_is_the_sigma0_network():
         assert not torch.equal(defended(x), plain)
         with defended.clean():
             assert torch.equal(defended(x), plain)
-    for name in ("MFDV:std=0", "none"):  # sigma scaled to 0: the plain network
+    # the text "MFDV:std=0" is refused as a defense that adds nothing; the spec itself is the sigma-0 network
+    sigma0 = Defense({"feature": NoiseSpec(std=0.0, learned=True)}, name="MFDV")
+    for name in (sigma0, "none"):  # sigma scaled to 0: the plain network
         with torch.no_grad():
             assert torch.equal(protect(model, name, seed=0)(x), plain)
 

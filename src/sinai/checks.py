@@ -16,3 +16,8 @@ def check_positive(name: str, value: object, *, integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, kind) or not 0 < value < float("inf"):
         raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
     return value
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong type: a ``TypeError`` (Python's convention) that is also a ``ValueError``
+    (sinai's convention for bad input, which the command line prints as one line)."""

@@ -12,6 +12,9 @@ verified adversarial examples in the rows of the images it broke (as foolbox 3's
 from __future__ import annotations
 
 import inspect
+import math
+import types
+import typing
 from collections.abc import Callable
 from typing import ClassVar, TypeVar, final
 
@@ -63,14 +66,56 @@ def attack_class(name: str) -> type[Attack]:
 
 
 def make_attack(name: str, **kwargs: object) -> Attack:
-    """Build the attack ``name`` with its keyword hyper-parameters; an unknown keyword is a ValueError."""
+    """Build the attack ``name`` with its keyword hyper-parameters; an unknown keyword, or a value of a
+    type its annotation does not allow (``p_init="abc"``), is a one-line ValueError."""
     cls = attack_class(name)
     params = cls.parameters()
-    for key in kwargs:
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not evaluate here: the constructor checks alone
+        hints = {}
+    for key, value in kwargs.items():
         if key not in params:
             listed = ", ".join(params) if params else "none"
             raise ValueError(f"{cls.name} has no parameter {key!r}; its parameters: {listed}")
+        if key in hints and not _fits(value, hints[key]):
+            raise ValueError(
+                f"{cls.name} {key} must be {_describe(hints[key])}, "
+                f"got {value!r:.60} ({type(value).__name__})"
+            )
     return cls(**kwargs)
+
+
+_KINDS = {
+    float: "a finite number",
+    int: "an integer",
+    bool: "true or false",
+    str: "a text",
+    type(None): "None",
+}
+
+
+def _fits(value: object, hint: object) -> bool:
+    """Whether ``value`` is of the annotated type ``hint`` (an int is a float; a bool is neither)."""
+    if hint is typing.Any or hint is object:
+        return True
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_fits(value, a) for a in args)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(hint) or hint
+    return not isinstance(origin, type) or isinstance(value, origin)
+
+
+def _describe(hint: object) -> str:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_describe(a) for a in args)
+    origin = typing.get_origin(hint) or hint
+    return _KINDS.get(origin, f"a {getattr(origin, '__name__', origin)}")
 
 
 def generator(device: torch.device, seed: int) -> torch.Generator:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..checks import check_count
+from ..models.classifier import check_images, parameter_dtype
 from .threat import ThreatModel
 
 OUTPUTS = ("scores", "labels")
@@ -140,8 +141,7 @@ class Oracle:
     ) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        check_count("batch_size", batch_size, 1, "images per forward")
         if not isinstance(threat, ThreatModel):
             raise TypeError(f"threat must be a ThreatModel, got {threat!r}")
         if not isinstance(rules, QueryRules):
@@ -157,6 +157,8 @@ class Oracle:
             raise ValueError(f"labels must be in [0, {num_classes - 1}] for this model")
         if x.dim() != 4 or len(x) != n:
             raise ValueError(f"x must be (N, C, H, W) with N = {n} images, got {tuple(x.shape)}")
+        # NaN / inf / float64 images are refused here, where they enter, not after a forward of garbage
+        check_images(x, getattr(model, "input_shape", None), parameter_dtype(model))
         if threat.norm == "l2" and threat.eps > math.sqrt(x[0].numel()):
             raise ValueError(f"l2 eps {threat.eps} is larger than the diameter of the image cube")
         checkpoints = tuple(sorted({int(c) for c in checkpoints}))

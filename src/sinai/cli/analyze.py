@@ -91,7 +91,13 @@ def _options(what: str, images: int) -> Callable:
                 show_default=True,
                 help="Square query budget.",
             ),  # fmt: skip
-            click.option("--norm", type=click.Choice(NORMS), default="linf", show_default=True),
+            click.option(
+                "--norm",
+                type=click.Choice(NORMS),
+                default="linf",
+                show_default=True,
+                help="Threat model of the Square runs: the norm of the eps-ball.",
+            ),
             click.option(
                 "--eps", type=float, default=None, help="Attack radius (default per dataset; MNIST linf 0.1)."
             ),
@@ -217,7 +223,10 @@ def sensitivity(
     show_default=True,
     help="Ratio at which the proxy's precision is read.",
 )
-@click.option("--loss", type=click.Choice(["margin", "ce"]), default="margin", show_default=True)
+@click.option(
+    "--loss", type=click.Choice(["margin", "ce"]), default="margin", show_default=True,
+    help="Loss whose gradient norms are measured: margin (true logit - best other) or cross-entropy.",
+)  # fmt: skip
 def gradnorm(
     run: AnalysisRun,
     kinds: tuple[str, ...] | None,

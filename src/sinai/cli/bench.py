@@ -27,7 +27,22 @@ def _model_batches(text: str) -> list[tuple[str, int]]:
             pairs.append((name, int(batch) if batch else 64))
         except ValueError:
             raise ValueError(f"expected MODEL or MODEL@BATCH, got {item!r}") from None
+        if pairs[-1][1] < 1:
+            raise ValueError(f"the batch of {item!r} must be an integer >= 1 (images per timed forward)")
     return pairs
+
+
+def _defense_names(text: str) -> tuple[str, ...]:
+    """'RND,SINAI@threshold' -> ('RND', 'SINAI@threshold'), each checked to be a defense (an unknown
+    name fails here, before any model is loaded)."""
+    from ..bench.defenses import bench_defense
+
+    found = names(text)
+    if not found:
+        raise ValueError(f"expected comma-separated defenses such as RND,SINAI, got {text!r}")
+    for name in found:
+        bench_defense(name)
+    return found
 
 
 @bench.command("defenses")
@@ -42,7 +57,7 @@ def _model_batches(text: str) -> list[tuple[str, int]]:
     "--defenses",
     "defense_names",
     default=None,
-    callback=parsed(names),
+    callback=parsed(_defense_names),
     help="Comma-separated presets; X@threshold = X with thresholds calibrated once.",
 )
 @click.option(
@@ -77,6 +92,12 @@ def bench_defenses(
         models, defense_names or BENCH_PRESETS, device=device, rounds=rounds, iters=iters,
         cache_dir=cache_dir,
     )  # fmt: skip
+    if not rows:
+        raise ValueError(
+            f"none of the defenses {', '.join(defense_names or BENCH_PRESETS)} has sites in the models "
+            f"{', '.join(name for name, _ in models)}; pick defenses these models have "
+            "(sinai sites --model M)"
+        )
     click.echo(
         f"device {device}, {torch.get_num_threads()} threads, {rounds} rounds x {iters} forwards "
         f"({time.perf_counter() - start:.0f} s)"
@@ -95,9 +116,9 @@ def bench_defenses(
     callback=parsed(names),
     help="Comma-separated attacks (default: all).",
 )
-@click.option("--images", type=int, default=100, show_default=True)
+@click.option("--images", type=int, default=100, show_default=True, help="Images attacked per attack.")
 @click.option("--budget", type=int, default=200, show_default=True, help="Queries per image for the ratio.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Forward chunk size.")
 @click.option(
     "--rounds",
     type=click.IntRange(min=1),
@@ -112,9 +133,16 @@ def bench_defenses(
     help="Also compare Square with torchattacks and ART, and HopSkipJump with ART and foolbox "
     "(pip install sinai[peers]).",
 )
-@click.option("--peer-images", type=int, default=200, show_default=True)
-@click.option("--peer-eps", type=float, default=0.3, show_default=True)
-@click.option("--peer-budget", type=int, default=1000, show_default=True)
+@click.option(
+    "--peer-images", type=int, default=200, show_default=True, help="Images of the Square peer comparison."
+)
+@click.option(
+    "--peer-eps", type=float, default=0.3, show_default=True,
+    help="linf radius of the Square peer comparison, in [0, 1] pixel units.",
+)  # fmt: skip
+@click.option(
+    "--peer-budget", type=int, default=1000, show_default=True, help="Queries per image of the Square peers."
+)
 @click.option(
     "--hsja-images",
     type=int,
@@ -130,9 +158,13 @@ def bench_defenses(
     help="Also timm:vit_base_patch16_224 and timm:resnet50 (random weights, random images labelled by "
     "the model, batch 16; --large-images, --large-budget): slow on a CPU.",
 )  # fmt: skip
-@click.option("--large-images", type=int, default=16, show_default=True)
-@click.option("--large-budget", type=int, default=50, show_default=True)
-@seed_option()
+@click.option("--large-images", type=int, default=16, show_default=True, help="Images per --large model.")
+@click.option("--large-budget", type=int, default=50, show_default=True, help="Queries per image on --large.")
+@click.option(
+    "--json-out", type=click.Path(dir_okay=False), default=None,
+    help="Also write every table as JSON: the rows (and the --large and --peers rows) with the settings.",
+)  # fmt: skip
+@seed_option("Image selection and attack seed.")
 @device_options
 def bench_attacks(
     model_name: str,
@@ -150,6 +182,7 @@ def bench_attacks(
     large: bool,
     large_images: int,
     large_budget: int,
+    json_out: str | None,
     seed: int,
     device: torch.device,
     cache_dir: str | None,
@@ -177,10 +210,20 @@ def bench_attacks(
         "forward_share = fraction of the attack's time inside the model"
     )
     click.echo(bench_attacks_table(rows))
+    payload: dict[str, object] = {
+        "model": model_name, "device": str(device), "images": images, "budget": budget,
+        "batch_size": batch_size, "rounds": rounds, "seed": seed, "rows": [asdict(r) for r in rows],
+    }  # fmt: skip
+
+    def write_json() -> None:
+        if json_out:
+            Path(json_out).write_text(json.dumps(payload, indent=2) + "\n")
+
     if large:
         from ..bench.attacks import random_weight_setup
         from ..bench.defenses import LARGE_MODELS
 
+        payload["large"] = {}
         for name, batch in LARGE_MODELS:
             big, bx, by = random_weight_setup(
                 name, large_images, device=device, cache_dir=cache_dir, seed=seed
@@ -193,7 +236,12 @@ def bench_attacks(
                 f"\n{name} (random weights), {large_images} images, budget {large_budget}, batch {batch}:"
             )
             click.echo(bench_attacks_table(big_rows))
+            payload["large"][name] = {
+                "images": large_images, "budget": large_budget, "batch_size": batch,
+                "rows": [asdict(r) for r in big_rows],
+            }  # fmt: skip
     if not peers:
+        write_json()
         return
     peer_rows = compare_square(
         model, *images_on_device(peer_images), eps=peer_eps, budget=peer_budget, batch_size=batch_size,
@@ -209,6 +257,12 @@ def bench_attacks(
     )
     click.echo(f"\nHopSkipJump l2 untargeted, {hsja_iters} iterations, {hsja_images} images:")
     click.echo(peers_table(hsja_rows, norms=True))
+    payload["peers"] = {
+        "square": {"images": peer_images, "eps": peer_eps, "budget": peer_budget,
+                   "rows": [asdict(r) for r in peer_rows]},
+        "hsja": {"images": hsja_images, "iterations": hsja_iters, "rows": [asdict(r) for r in hsja_rows]},
+    }  # fmt: skip
+    write_json()
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -233,8 +287,14 @@ def _counts(text: str) -> tuple[int, ...]:
 @click.option(
     "--batches", default="1,64", show_default=True, callback=parsed(_counts), help="Images per request."
 )
-@click.option("--batch-wait-ms", type=float, default=2.0, show_default=True)
-@click.option("--max-batch-forward", type=int, default=256, show_default=True)
+@click.option(
+    "--batch-wait-ms", type=float, default=2.0, show_default=True,
+    help="The server's longest wait for more requests once one is queued (as sinai serve).",
+)  # fmt: skip
+@click.option(
+    "--max-batch-forward", type=int, default=256, show_default=True,
+    help="The server's images per forward (as sinai serve).",
+)  # fmt: skip
 @click.option(
     "--in-process", is_flag=True, help="Serve from a thread of the bench process instead of a subprocess."
 )
@@ -292,10 +352,17 @@ def bench_serve_command(
 
 @bench.command("sweep")
 @model_option("mnist-cnn")
-@click.option("--shards", type=click.IntRange(min=2), default=16, show_default=True)
-@click.option("--shard-size", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--shards", type=click.IntRange(min=2), default=16, show_default=True, help="Shards of the plan."
+)
+@click.option(
+    "--shard-size", type=click.IntRange(min=1), default=5, show_default=True, help="Images per shard."
+)
 @click.option("--budget", type=click.IntRange(min=1), default=200, show_default=True, help="Square queries.")
-@click.option("--workers", type=click.IntRange(min=2), default=2, show_default=True)
+@click.option(
+    "--workers", type=click.IntRange(min=2), default=2, show_default=True,
+    help="Workers of the local pool and of Ray (compared with one worker).",
+)  # fmt: skip
 @click.option(
     "--json-out", type=click.Path(dir_okay=False), default=None, help="Also write the numbers as JSON."
 )

@@ -14,7 +14,10 @@ from .options import ModelSource, load_model_and_images, model_options, out_opti
 @click.argument("defense")
 @model_options(default="mnist-cnn")
 @click.option("--images", type=int, default=100, show_default=True, help="N images, covering every class.")
-@click.option("--norm", type=click.Choice(NORMS), default="linf", show_default=True)
+@click.option(
+    "--norm", type=click.Choice(NORMS), default="linf", show_default=True,
+    help="Threat model: the norm of the eps-ball around each image.",
+)  # fmt: skip
 @click.option(
     "--eps",
     type=float,

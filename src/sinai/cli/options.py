@@ -9,8 +9,10 @@ library checks ranges and combinations where the values enter it (``EvalConfig``
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import click
 import torch
@@ -57,13 +59,16 @@ def budgets(text: str) -> tuple[int, ...]:
 
 def key_values(text: str) -> dict[str, object]:
     """'a=1,b=0.5,c=dct,d=true' -> {'a': 1, 'b': 0.5, 'c': 'dct', 'd': True}: numbers and booleans
-    parsed, the rest kept as text."""
+    parsed, the rest kept as text (the library checks each value's type). A key given twice is an error."""
     parsed: dict[str, object] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        key = key.strip()
+        if not eq or not key:
             raise ValueError(f"expected key=value, got {item!r}")
-        parsed[key.strip()] = _scalar(value)
+        if key in parsed:
+            raise ValueError(f"{key} is given twice in {text!r}; give each key once")
+        parsed[key] = _scalar(value.strip())
     return parsed
 
 
@@ -152,8 +157,10 @@ class Loaded:
 
 def load_model_and_images(source: ModelSource, images: int, seed: int) -> Loaded:
     """The model of ``source`` and ``images`` images of its dataset chosen by ``select_images``."""
+    from ..checks import check_count
     from ..models.data import select_images
 
+    check_count("--images", images, 1, "images to evaluate, covering every class")
     model, data, dataset = source.load()
     chosen = select_images(dataset.labels, images, seed, dataset.num_classes)
     return Loaded(model, data, dataset, chosen, dataset.load(chosen), dataset.labels[chosen])
@@ -201,7 +208,11 @@ def model_option(default: str | tuple[str, ...], help: str = MODELS_HELP) -> Cal
     )  # fmt: skip
 
 
-def weights_option(default: str = "pretrained", help: str | None = None) -> Callable:
+def weights_option(
+    default: str = "pretrained",
+    help: str = "pretrained: the trained weights (embedded cache, --checkpoint or the local Hugging Face "
+    "cache); random: untrained, e.g. for timing.",
+) -> Callable:
     return click.option(
         "--weights",
         type=click.Choice(["pretrained", "random"]),
@@ -247,14 +258,34 @@ def model_options(default: str | tuple[str, ...]) -> Callable:
     return decorate
 
 
-def seed_option(help: str | None = None) -> Callable:
+def seed_option(help: str = "Seed of the image selection, noise and attack.") -> Callable:
     return click.option("--seed", type=int, default=0, show_default=True, help=help)
 
 
-def out_option(default: str, help: str | None = None) -> Callable:
+def writable_folder(text: str) -> str:
+    """``text`` if it names a folder sinai can create or write into; a ``ValueError`` saying why not
+    (a file in the way, no write permission) otherwise, before any work is done."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{text} is a file, not a folder; give a folder to write into")
+    existing = path
+    while not existing.exists() and existing.parent != existing:  # where the folder would be made
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"cannot make folder {text}: {existing} is a file")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"cannot write to {text}: {existing} is read-only for this user; give another folder"
+        )
+    return text
+
+
+def out_option(default: str, help: str = "Output folder (a finished run there is resumed).") -> Callable:
+    """--out: a folder checked to be writable when the option is read (a read-only one fails at once)."""
     return click.option(
-        "--out", type=click.Path(file_okay=False), default=default, show_default=True, help=help
-    )
+        "--out", type=click.Path(file_okay=False), default=default, show_default=True, help=help,
+        callback=parsed(writable_folder),
+    )  # fmt: skip
 
 
 def passes_option(fn: Callable) -> Callable:

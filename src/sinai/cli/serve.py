@@ -20,7 +20,7 @@ from .options import device_options, model_option, weights_option
     help="Preset or composition, e.g. RND:std=0.05; its noise is drawn from OS entropy on every forward.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
 @click.option(
     "--output",
     type=click.Choice(["probs", "logits", "labels", "topk"]),
@@ -186,7 +186,7 @@ def keys_list(path: str) -> None:
 
 @keys.command("remove")
 @_FILE
-@click.option("--name", required=True)
+@click.option("--name", required=True, help="The name the key was added with.")
 def keys_remove(path: str, name: str) -> None:
     """Remove the key called NAME from FILE."""
     from ..serving.keys import remove_key

@@ -10,13 +10,15 @@ for every image of a batch on every forward.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from ..models.classifier import check_images
+from ..checks import ArgumentTypeError
+from ..models.classifier import check_images, parameter_dtype
 from .aaa import AAAHook
 from .hooks import Generators, SiteHook
 from .selective import SelectiveHook
@@ -161,6 +163,15 @@ class DefendedModel(nn.Module):
     def __init__(
         self, model: nn.Module, defense: Defense, *, seed: int | None = None, validate: bool = True
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ArgumentTypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+        if not isinstance(defense, Defense):
+            raise ArgumentTypeError(
+                f"defense must be a Defense or its text form such as 'RND:std=0.05', got {defense!r:.60}"
+            )
+        seed = check_seed(seed)
+        if not isinstance(validate, bool):
+            raise ArgumentTypeError(f"validate must be True or False, got {validate!r:.60}")
         super().__init__()
         self.model = model
         self.defense = defense  # _attach replaces it by the defense restricted to the model's sites
@@ -180,7 +191,8 @@ class DefendedModel(nn.Module):
         self._attach(defense)
 
     def _attach(self, defense: Defense) -> None:
-        self.defense, found = settle(defense, self.model)
+        settled, found = settle(defense, self.model)
+        self.defense = defense.check_settled(settled, self.model)
         for kind, sites in found.items():
             spec = self.defense.specs[kind]
             # AAA post-processes the logits; SINAI-selective mixes exact and approximate conv outputs
@@ -197,7 +209,7 @@ class DefendedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.validate:
-            check_images(x, self.input_shape)
+            check_images(x, self.input_shape, parameter_dtype(self.model))
         if not self._noise_on or not self._injectors:
             return self.model(x)
         if self._needs_thresholds and self.recording is None:
@@ -261,7 +273,7 @@ class DefendedModel(nn.Module):
 
     def reseed(self, seed: int | None = None) -> None:
         """Restart the noise stream from ``seed`` (``None``: fresh OS entropy)."""
-        self._generators.reseed(seed)
+        self._generators.reseed(check_seed(seed))
 
     def generator(self, device: torch.device) -> torch.Generator:
         """This model's generator on ``device``, created on first use (noise is drawn where the tensor is)."""
@@ -330,6 +342,20 @@ class DefendedModel(nn.Module):
         return f"defense={self.defense.describe()}, sites={len(self.sites)}"
 
 
+def check_seed(seed: object) -> int | None:
+    """``seed`` if it is ``None`` (OS entropy) or an integer in [0, 2**64); else a one-line error."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ArgumentTypeError(
+            f"seed must be an integer >= 0 (or None: fresh OS entropy), "
+            f"got {seed!r:.60} ({type(seed).__name__})"
+        )
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64) (or None: fresh OS entropy), got {seed}")
+    return int(seed)
+
+
 def protect(
     model: nn.Module,
     defense: Defense | str,
@@ -345,6 +371,10 @@ def protect(
     if isinstance(defense, str):
         defense = parse_defense(defense)
     defended = DefendedModel(model, defense, seed=seed, validate=validate)
+    if calibration_images is not None and not isinstance(calibration_images, torch.Tensor):
+        raise ArgumentTypeError(
+            f"calibration_images must be a tensor, got {type(calibration_images).__name__}"
+        )
     if calibration_images is not None:
         defended.calibrate_thresholds(calibration_images)
     return defended

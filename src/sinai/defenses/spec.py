@@ -17,6 +17,8 @@ from dataclasses import fields as dataclass_fields
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from ..checks import ArgumentTypeError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -181,6 +183,11 @@ class AAASpec:
         lr = _check_number("lr", self.lr, "Adam's step size on the logits")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"AAA steps must be an integer >= 1 (Adam steps per query), got {self.steps!r}")
+        if self.variant == "sine" and alpha != 1.0:
+            raise ValueError(
+                "AAA alpha is the slope of the linear variant's margin map; the sine variant does not use it "
+                f"(got alpha={self.alpha!r}): drop alpha or use variant=linear"
+            )
         checked = {"tau": tau, "alpha": alpha, "beta": beta, "temperature": temperature, "lr": lr}
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -285,14 +292,23 @@ class Defense:
     output is ``log(mean over mc noisy passes of softmax)`` (MFDV-SNN predicts with the mean of 15
     passes, seed 004 Sec. 4): its argmax is the mean-probability prediction and it is differentiable,
     so white-box attacks attack that rule. Only for defenses that draw noise.
+
+    ``given``: the site kinds the user set a field of (:func:`parse_defense`, keywords of :func:`preset`).
+    A model that lacks one of them is an error even under ``require="any"``: ``SINAI:attn.std=0.3`` on a
+    CNN must not silently become SINAI's ReLU part with default noise. Not part of equality or storage.
     """
 
     specs: Mapping[str, Spec] = field(default_factory=dict)
     name: str = "custom"
     require: str = "all"
     mc: int = 1
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.specs, Mapping):
+            raise ValueError(f"defense specs must be a mapping of site kind to spec, got {self.specs!r:.80}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a defense name must be a non-empty string, got {self.name!r}")
         if isinstance(self.mc, bool) or not isinstance(self.mc, int) or self.mc < 1:
             raise ValueError(
                 f"mc must be an integer >= 1 (noisy passes averaged per prediction), got {self.mc!r}"
@@ -306,7 +322,7 @@ class Defense:
                     "approx": "SINAI-selective mixes exact and approximate conv outputs",
                 }.get(kind, "noise at these sites")
                 article = "an" if expected is AAASpec else "a"
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"spec for {kind!r} must be {article} {expected.__name__} ({what}), "
                     f"got {type(spec).__name__}"
                 )
@@ -323,6 +339,9 @@ class Defense:
         if self.require not in ("all", "any"):
             raise ValueError(f"require must be 'all' or 'any', got {self.require!r}")
         object.__setattr__(self, "specs", MappingProxyType(dict(self.specs)))
+        object.__setattr__(
+            self, "given", frozenset(self.given) & set(self.specs)
+        )  # (replace() may drop kinds)
         if self.mc > 1 and not self.randomized:
             raise ValueError(
                 f"mc={self.mc} averages noisy passes, but defense {self.name} draws no noise; "
@@ -332,11 +351,29 @@ class Defense:
     def __reduce__(self) -> tuple:
         """Pickle and deep-copy through the constructor (the read-only ``specs`` view cannot be pickled):
         Ray, worker processes and ``copy.deepcopy`` of a protected model need it."""
-        return (type(self), (dict(self.specs), self.name, self.require, self.mc))
+        return (type(self), (dict(self.specs), self.name, self.require, self.mc, self.given))
 
     def restricted_to(self, kinds: set[str] | frozenset[str]) -> Defense:
         """The same defense with only the site kinds in ``kinds`` (what applies to a given model)."""
-        return replace(self, specs={k: s for k, s in self.specs.items() if k in kinds})
+        return replace(
+            self, specs={k: s for k, s in self.specs.items() if k in kinds}, given=self.given & set(kinds)
+        )
+
+    def check_settled(self, settled: Defense, model: nn.Module) -> Defense:
+        """``settled`` (this defense restricted to ``model``'s sites) if every kind the user set
+        (:attr:`given`) survived; a one-line ``ValueError`` naming the unusable fields otherwise."""
+        lost = [kind for kind in self.specs if kind in self.given and kind not in settled.specs]
+        if lost:
+            from .sites import find_sites
+
+            have = [k for k, sites in find_sites(model).items() if sites]
+            label = getattr(model, "name", None) or type(model).__name__
+            raise ValueError(
+                f"defense {self.name} sets {', '.join(k + '.*' for k in lost)}, but {label} has no "
+                f"{'/'.join(lost)} sites (it has: {', '.join(have) or 'none'}); remove those fields or use a "
+                "model that has them"
+            )
+        return settled
 
     def to_dict(self) -> dict[str, object]:
         """JSON-able form (what the result store keeps); :meth:`from_dict` gives the same defense back.
@@ -371,7 +408,7 @@ class Defense:
         """
         from .sites import settle
 
-        return settle(self, model)[0]
+        return self.check_settled(settle(self, model)[0], model)
 
     @property
     def non_smooth(self) -> tuple[str, ...]:
@@ -400,6 +437,65 @@ class Defense:
         if self.mc != 1:
             parts.append(f"mc={self.mc}")
         return f"{self.name}({', '.join(parts)})"
+
+    def to_text(self, *, digits: int | None = None) -> str:
+        """The text :func:`parse_defense` reads back into this defense, e.g. ``SINAI:relu.std=0.7,
+        relu.ratio=0.37`` (what ``--defense`` takes). ``digits``: significant digits of numbers (default:
+        exact). Settled on a model (:meth:`for_model`), the text names only the kinds the model has, so
+        the same model reads it back to the same defense. A vector std has no text form (``ValueError``).
+        """
+        if self.name == "none" and not self.specs:
+            return "none"
+        number = (lambda v: repr(float(v))) if digits is None else (lambda v: f"{v:.{digits}g}")
+        named = self.name in PRESETS and self.require == PRESETS[self.name][1]
+        items = None
+        if named:
+            kinds = PRESETS[self.name][0]
+            items = _text_items(self.specs, _DEFAULTS[self.name], number, bare=len(kinds) == 1)
+        if items is None:  # no preset name, or a spec the preset cannot express: a free composition
+            items = _text_items(self.specs, DEFAULT_SPECS, number, bare=False)
+            named = False
+            if items is None:
+                raise ValueError(f"{self.describe()} has no text form (a learned std settled into a vector)")
+            if not items:
+                raise ValueError(f"{self.describe()} has no site kind to write")
+        if self.mc != 1:
+            items.append(f"mc={self.mc}")
+        body = ",".join(items)
+        return f"{self.name}:{body}" if named and body else (self.name if named else body)
+
+
+def _text_items(
+    specs: Mapping[str, Spec], defaults: Mapping[str, Spec], number: Callable[[float], str], *, bare: bool
+) -> list[str] | None:
+    """``kind.field=value`` items of ``specs`` relative to ``defaults`` (``field=value`` when ``bare``);
+    ``None`` when some spec cannot be written relative to them."""
+    items = []
+    for kind, spec in specs.items():
+        default = defaults.get(kind)
+        if default is None or type(default) is not type(spec):
+            return None
+        prefix = "" if bare else f"{kind}."
+        if isinstance(spec, NoiseSpec):
+            if not isinstance(spec.std, float) or spec.learned != default.learned:
+                return None
+            items.append(f"{prefix}std={number(spec.std)}")
+            if spec.ratio != default.ratio:
+                items.append(f"{prefix}ratio={number(spec.ratio)}")
+            if spec.selection != default.selection:
+                items.append(f"{prefix}selection={spec.selection}")
+            if spec.layers:
+                items.append(f"{prefix}layers={'|'.join(spec.layers)}")
+            continue
+        always = {"variant"} if isinstance(spec, AAASpec) else ({"n", "m"} if spec.m else {"ratio"})
+        for f in dataclass_fields(spec):
+            value = getattr(spec, f.name)
+            if f.name not in always and (value == getattr(default, f.name) or f.name == "ratio"):
+                continue  # (a SelectiveSpec's ratio is written only without N:M)
+            key = "T" if f.name == "temperature" else f.name
+            shown = number(value) if isinstance(value, float) else str(value)
+            items.append(f"{prefix}{key}={shown}")
+    return items
 
 
 def _spec_dict(spec: Spec) -> dict[str, object]:
@@ -552,14 +648,65 @@ def preset(name: str, **specs: Spec | Mapping[str, object] | float) -> Defense:
         preset("RND", input=0.03)
         preset("SINAI", attn=1.0, gelu={"std": 0.1, "ratio": 0.7})
         preset("AAA", output={"tau": 4.0, "variant": "sine"})
+
+    Every kind set here must exist in the model the defense is used on (:attr:`Defense.given`); a
+    field that would change nothing (``ratio=0``, ``selection`` without a ratio < 1) or a defense that
+    adds nothing at all (every std 0) is a ``ValueError``: use ``"none"`` for the undefended model.
     """
+    return _check_effect(_preset(name, specs))
+
+
+def _preset(name: str, specs: Mapping[str, Spec | Mapping[str, object] | float]) -> Defense:
+    """:func:`preset` without the check that the defense adds something (``parse_defense`` adds ``mc``
+    first)."""
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"a defense name must be a string such as 'RND', got {name!r:.60}")
     key = _preset_key(name)
     kinds, _ = PRESETS[key]
     unknown = set(specs) - set(kinds)
     if unknown:
         raise ValueError(f"preset {key} has site kinds {kinds}; cannot set {sorted(unknown)}")
     resolved = {kind: _as_spec(specs.get(kind), _DEFAULTS[key][kind], kind) for kind in kinds}
-    return replace(_BUILDERS[key](**resolved), name=key)
+    for kind in specs:
+        _check_given_spec(kind, resolved[kind], _given_fields(specs[kind], resolved[kind]))
+    return replace(_BUILDERS[key](**resolved), name=key, given=frozenset(specs))
+
+
+def _given_fields(value: object, spec: Spec) -> set[str]:
+    """The fields of ``spec`` a user set with ``value`` (a mapping of fields, a bare number or a spec)."""
+    if isinstance(value, Mapping):
+        return set(value)
+    if isinstance(value, NoiseSpec):
+        defaults = {f.name: f.default for f in dataclass_fields(NoiseSpec) if f.name != "std"}
+        return {"std", *(name for name, default in defaults.items() if getattr(value, name) != default)}
+    return {"ratio"} if isinstance(spec, SelectiveSpec) else {"std"}
+
+
+def _check_given_spec(kind: str, spec: Spec, fields: set[str]) -> None:
+    """A one-line ``ValueError`` for a field the user set that would change nothing."""
+    if not isinstance(spec, NoiseSpec):
+        return
+    if "ratio" in fields and spec.ratio == 0:
+        raise ValueError(
+            f"{kind}.ratio=0 puts noise on no {kind} logit (ratio is the share that gets noise, in (0, 1]); "
+            f"to switch {kind} off set {kind}.std=0, or leave the kind out"
+        )
+    if "selection" in fields and (kind not in SELECTIVE_KINDS or spec.ratio == 1):
+        raise ValueError(
+            f"{kind}.selection={spec.selection} changes nothing: selection picks which logits get noise when "
+            f"ratio < 1, which only {'/'.join(SELECTIVE_KINDS)} sites have"
+            + ("" if kind not in SELECTIVE_KINDS else f" (here {kind}.ratio=1: every logit gets noise)")
+        )
+
+
+def _check_effect(defense: Defense) -> Defense:
+    """``defense`` unless it is a named or composed defense that adds nothing (every noise std 0)."""
+    if defense.name != "none" and not any(spec.active for spec in defense.specs.values()):
+        raise ValueError(
+            f"defense {defense.describe()} adds nothing (every std is 0): it is the undefended model; "
+            "use 'none' for it, or a std > 0"
+        )
+    return defense
 
 
 def _preset_key(name: str) -> str:
@@ -576,7 +723,15 @@ def _as_spec(value: Spec | Mapping[str, object] | float | None, default: Spec, k
     if isinstance(value, (NoiseSpec, AAASpec, SelectiveSpec)):
         return value
     if isinstance(value, Mapping):
+        known = [f.name for f in dataclass_fields(default)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"unknown {kind} field(s) {unknown}; fields: {', '.join(known)}")
         return replace(default, **value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentTypeError(
+            f"the {kind!r} kind takes a spec, a mapping of its fields or a number, got {value!r:.60}"
+        )
     if isinstance(default, AAASpec):
         raise ValueError(
             f"the {kind!r} kind takes AAA fields, not a bare number: e.g. {kind}={{'tau': 6.0}} "
@@ -596,7 +751,12 @@ def parse_defense(text: str) -> Defense:
     free composition without a preset name: ``"input.std=0.01,attn.std=0.5"`` or
     ``"input.std=0.02,output.tau=6"``. ``mc=N`` (no kind) is the defense's Monte-Carlo passes per
     prediction (:class:`Defense`): ``"MFDV:mc=15"``, ``"RND:std=0.05,mc=15"``.
+
+    Each field may be given once; the kinds named must exist in the model the defense is used on, and a
+    field or defense that changes nothing is an error (see :func:`preset`).
     """
+    if not isinstance(text, str):
+        raise ArgumentTypeError(f"a defense text must be a string such as 'RND:std=0.05', got {text!r:.60}")
     text = text.strip()
     if not text:
         raise ValueError("empty defense; use a preset name such as RND, FND, SINAI or 'none'")
@@ -607,12 +767,13 @@ def parse_defense(text: str) -> Defense:
         name = _preset_key(head)
         kinds = PRESETS[name][0]
     fields: dict[str, dict[str, object]] = {}
-    mc = 1
+    mc, seen = 1, {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"expected field=value in defense {text!r}, got {item!r}")
         if key.strip() == "mc":  # a defense-level field, not a site kind's
+            _once(seen, "mc", item, text)
             try:
                 mc = int(value.strip())
             except ValueError:
@@ -628,11 +789,24 @@ def parse_defense(text: str) -> Defense:
                 )
             kind = kinds[0]
         kind = check_kind(kind)
+        _once(seen, f"{kind}.{_field_name(kind, attr)}", item, text)
         fields.setdefault(kind, {})[_field_name(kind, attr)] = _parse_field(kind, attr, value.strip())
     if name is not None:
-        defense = preset(name, **fields)
-        return defense if mc == 1 else replace(defense, mc=mc)
-    return Defense({k: replace(DEFAULT_SPECS[k], **v) for k, v in fields.items()}, name="custom", mc=mc)
+        defense = _preset(name, fields)
+        return _check_effect(defense if mc == 1 else replace(defense, mc=mc))
+    specs = {k: replace(DEFAULT_SPECS[k], **v) for k, v in fields.items()}
+    for kind, spec in specs.items():
+        _check_given_spec(kind, spec, set(fields[kind]))
+    return _check_effect(Defense(specs, name="custom", mc=mc, given=frozenset(specs)))
+
+
+def _once(seen: dict[str, str], field: str, item: str, text: str) -> None:
+    """Record ``field`` (given by ``item``); a ``ValueError`` when ``text`` gives it twice."""
+    if field in seen:
+        raise ValueError(
+            f"defense {text!r} sets {field} twice ({seen[field]!r} and {item!r}); give each field once"
+        )
+    seen[field] = item
 
 
 _AAA_FIELDS = ("variant", "tau", "alpha", "beta", "T", "lr", "steps")

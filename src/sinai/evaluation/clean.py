@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.classifier import check_images
+from ..checks import check_count
+from ..models.classifier import check_images, parameter_dtype
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,9 @@ def clean_accuracy(
     Every pass draws fresh noise from the model's own generator, so a seeded ``DefendedModel`` gives
     the same numbers on every run.
     """
-    if passes < 1:
-        raise ValueError(f"passes must be >= 1, got {passes}")
-    check_images(images, getattr(model, "input_shape", None))
+    check_count("passes", passes, 1, "noisy passes of the clean accuracy")
+    check_count("batch_size", batch_size, 1, "images per forward")
+    check_images(images, getattr(model, "input_shape", None), parameter_dtype(model))
     labels = torch.as_tensor(labels).long().cpu()
     if labels.shape != (len(images),):
         raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")

@@ -8,13 +8,14 @@ on the same images resumes the same run.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from ..attacks import Attack, QueryRules, make_attack
 from ..attacks.threat import ThreatModel
-from ..checks import check_count
+from ..checks import ArgumentTypeError, check_count
 from ..defenses import Defense
 from .store import SCHEMA_VERSION
 
@@ -61,21 +62,45 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.defense, Defense):
-            raise TypeError(
-                f"defense must be a Defense (parse text with parse_defense), got {self.defense!r}"
+            raise ArgumentTypeError(
+                f"defense must be a Defense (parse text with parse_defense), got {self.defense!r:.60}"
             )
         if not isinstance(self.threat, ThreatModel):
-            raise TypeError(f"threat must be a ThreatModel, got {self.threat!r}")
-        try:
-            budgets = tuple(sorted({int(b) for b in self.budgets}))
-        except (TypeError, ValueError):
-            raise ValueError(f"budgets must be positive numbers of queries, got {self.budgets!r}") from None
+            raise ArgumentTypeError(f"threat must be a ThreatModel, got {self.threat!r:.60}")
+        if not isinstance(self.attack, str):
+            raise ArgumentTypeError(f"attack must be an attack's name or 'none', got {self.attack!r:.60}")
+        for name in ("attack_args", "describe"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ArgumentTypeError(f"{name} must be a mapping, got {getattr(self, name)!r:.60}")
+        for name in ("lucky", "track_mismatch", "bpda"):
+            if not isinstance(getattr(self, name), bool):
+                raise ArgumentTypeError(f"{name} must be True or False, got {getattr(self, name)!r:.60}")
+        if isinstance(self.budgets, (str, bytes)) or not isinstance(self.budgets, Iterable):
+            raise ValueError(f"budgets must be positive numbers of queries, got {self.budgets!r:.60}")
+        whole = lambda b: isinstance(b, numbers.Integral) or (isinstance(b, float) and b.is_integer())
+        if not all(whole(b) and not isinstance(b, bool) for b in self.budgets):
+            raise ValueError(f"budgets must be positive whole numbers of queries, got {self.budgets!r:.60}")
+        budgets = tuple(sorted({int(b) for b in self.budgets}))
         if not budgets or budgets[0] < 1:
             raise ValueError(f"budgets must be positive numbers of queries, got {self.budgets!r}")
         check_count("seed", self.seed, 0, "the image selection, noise and attack seed")
+        if self.seed >= 2**32:  # each shard's seed, seed * 1_000_003 + shard, must fit a torch seed
+            raise ValueError(f"seed must be an integer in [0, 2**32) (the run's seed), got {self.seed}")
         check_count("passes", self.passes, 1, "noisy passes per clean accuracy")
         check_count("shard_size", self.shard_size, 1, "images attacked and stored together")
-        attack = self.attack.lower() if isinstance(self.attack, str) else self.attack
+        what = "uncounted passes confirming a success; odd, so that a vote has a majority; the papers use 9"
+        check_count("votes", self.votes, 1, what)
+        if self.votes % 2 == 0:
+            raise ValueError(f"votes must be an odd integer >= 1 ({what}), got {self.votes}")
+        for name, value in (("vote_alpha", self.vote_alpha), ("vote_rate", self.vote_rate)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                what = (
+                    "level of the sequential vote"
+                    if name == "vote_alpha"
+                    else "misclassification rate it must beat"
+                )
+                raise ValueError(f"{name} must be a number in (0, 1) (the {what}), got {value!r}")
+        attack = self.attack.lower()
         if attack == "none" and self.attack_args:
             raise ValueError(f"attack arguments {dict(self.attack_args)} given without an attack")
         object.__setattr__(self, "attack", attack)

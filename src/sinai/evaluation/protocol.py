@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks.oracle import Oracle
+from ..checks import check_count
 from ..defenses import DefendedModel
 from .clean import clean_accuracy
 from .config import EvalConfig
@@ -100,6 +101,7 @@ def evaluate(
     ``dataset_indices`` (the images' indices in their dataset) become part of the run's key in
     ``store``; ``batch_size`` is the forward chunk size.
     """
+    check_count("batch_size", batch_size, 1, "images per forward")
     labels = torch.as_tensor(labels).long()
     indices = list(dataset_indices) if dataset_indices is not None else list(range(len(images)))
     if len(indices) != len(images) or len(labels) != len(images):

@@ -245,7 +245,12 @@ class ResultStore:
             return
         self.postgres = False
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(
+                f"cannot create the folder of {self.path}: {err.strerror or err}; write to another folder"
+            ) from None
         try:
             # Several processes may write one store (e.g. two demos with different --models): short
             # transactions, and a writer waits for the lock instead of failing.
@@ -261,6 +266,10 @@ class ResultStore:
                         (str(SCHEMA_VERSION),),
                     )
                 version = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+        except sqlite3.OperationalError as err:  # cannot open or write the file (permissions, read-only disk)
+            raise ValueError(
+                f"cannot open {self.path} to write results ({err}); write to another folder"
+            ) from None
         except sqlite3.DatabaseError as err:
             raise ValueError(
                 f"{self.path} is not a sinai result store ({err}); write to another folder"
@@ -327,7 +336,23 @@ class ResultStore:
     def runs(self) -> list[tuple[int, dict, bool]]:
         """(id, settings, finished) of every run in the store."""
         rows = self.db.execute("SELECT id, settings, finished FROM runs ORDER BY id").fetchall()
-        return [(i, json.loads(s), f is not None) for i, s, f in rows]
+        return [(i, self._settings_of(i, s), f is not None) for i, s, f in rows]
+
+    def _settings_of(self, run_id: int, text: object) -> dict:
+        """The stored settings of a run, decoded; a one-line ``ValueError`` naming the file if damaged."""
+        try:
+            settings = json.loads(text) if isinstance(text, (str, bytes)) else None
+        except json.JSONDecodeError:
+            settings = None
+        if not isinstance(settings, dict):
+            raise self._damaged("runs", f"run {run_id}", "settings", text, "the run's settings as JSON")
+        return settings
+
+    def _damaged(self, table: str, where: str, column: str, value: object, expected: str) -> ValueError:
+        return ValueError(
+            f"{self.path} is damaged: table {table}, {where}, column {column} holds {value!r:.40}, expected "
+            f"{expected}; delete it or write to another folder"
+        )
 
     def add_clean(self, run_id: int, accuracies: Iterable[float]) -> None:
         with self.db:
@@ -341,8 +366,15 @@ class ResultStore:
         )
 
     def clean(self, run_id: int) -> list[float]:
-        rows = self.db.execute("SELECT accuracy FROM clean WHERE run_id = ? ORDER BY pass", (run_id,))
-        return [r[0] for r in rows]
+        rows = self.db.execute("SELECT pass, accuracy FROM clean WHERE run_id = ? ORDER BY pass", (run_id,))
+        accuracies = []
+        for i, accuracy in rows:
+            if not _number(accuracy) or not 0 <= accuracy <= 1:
+                raise self._damaged(
+                    "clean", f"run {run_id} pass {i}", "accuracy", accuracy, "a number in [0, 1]"
+                )
+            accuracies.append(accuracy)
+        return accuracies
 
     def add_results(self, run_id: int, results: Iterable[ImageResult]) -> None:
         """Write a batch of image results in one transaction (all or nothing)."""
@@ -408,6 +440,7 @@ class ResultStore:
                 "SELECT image, rate, passes, capped FROM confirmations WHERE run_id = ?", (run_id,)
             )
         }
+        self._check_results(run_id, rows, checkpoints, mismatches, confirmed)
         return [
             ImageResult(
                 i,
@@ -424,6 +457,43 @@ class ResultStore:
             )  # fmt: skip
             for i, d, lab, c, s, q, v, n in rows
         ]
+
+    def _check_results(
+        self, run_id: int, rows: list, checkpoints: dict, mismatches: dict, confirmed: dict
+    ) -> None:
+        """Every stored value of run ``run_id`` has its column's type and range (SQLite keeps whatever is
+        written); a one-line ``ValueError`` naming the file, the table and the value otherwise."""
+        count, flag, maybe = "an integer >= 0", "0 or 1", "a number >= 0 or NULL"
+        for row in rows:
+            where = f"run {run_id} image {row[0]}"
+            for column, value, ok, expected in (
+                ("image", row[0], _count(row[0]), count),
+                ("dataset_index", row[1], _count(row[1]), count),
+                ("label", row[2], _count(row[2]), count),
+                ("clean_correct", row[3], row[3] in (0, 1), flag),
+                ("success_at", row[4], row[4] is None or _count(row[4]), "an integer >= 0 or NULL"),
+                ("queries", row[5], _count(row[5]), count),
+                ("vote_passes", row[6], _count(row[6]), count),
+                ("norm", row[7], _number(row[7]) and row[7] >= 0, "a number >= 0"),
+            ):
+                if not ok:
+                    raise self._damaged("results", where, column, value, expected)
+        for image, pairs in checkpoints.items():
+            for budget, norm in pairs:
+                where = f"run {run_id} image {image}"
+                if not _count(budget):
+                    raise self._damaged("checkpoints", where, "budget", budget, count)
+                if norm is not None and not (_number(norm) and norm >= 0):
+                    raise self._damaged("checkpoints", where, "norm", norm, maybe)
+        for image, value in mismatches.items():
+            if not _count(value):
+                raise self._damaged("mismatches", f"run {run_id} image {image}", "mismatches", value, count)
+        for image, (rate, passes, _) in confirmed.items():
+            where = f"run {run_id} image {image}"
+            if rate is not None and not (_number(rate) and 0 <= rate <= 1):
+                raise self._damaged("confirmations", where, "rate", rate, "a number in [0, 1] or NULL")
+            if not _count(passes):
+                raise self._damaged("confirmations", where, "passes", passes, count)
 
     def copy_run(
         self, settings: Mapping[str, object], clean: Iterable[float], results: Iterable[ImageResult]
@@ -621,7 +691,22 @@ class ResultStore:
         row = self.db.execute("SELECT settings FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise ValueError(f"no run {run_id} in {self.path}")
-        return json.loads(row[0])
+        return self._settings_of(run_id, row[0])
+
+
+def _count(value: object) -> bool:
+    """Whether a stored value is an integer >= 0."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: object) -> bool:
+    """Whether a stored value is a finite number."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value == value
+        and abs(value) != float("inf")
+    )
 
 
 def _stale(owner: str | None, heartbeat: float | None, lease: float) -> bool:

@@ -53,14 +53,19 @@ class ImageClassifier(nn.Module):
         check_images(x, self.input_shape)
 
 
-def check_images(x: torch.Tensor, input_shape: Sequence[int] | None = None) -> None:
-    """Raise ``ValueError`` naming the problem unless ``x`` is a (B, C, H, W) float batch in [0, 1]."""
+def check_images(
+    x: torch.Tensor, input_shape: Sequence[int] | None = None, dtype: torch.dtype | None = None
+) -> None:
+    """Raise ``ValueError`` naming the problem unless ``x`` is a (B, C, H, W) float batch in [0, 1] (no
+    NaN). ``dtype``: the model's parameter dtype; float64 images are refused unless it is float64 too."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(
             f"images must be floating point in [0, 1], got dtype {x.dtype}; convert with x.float() / 255"
         )
+    if x.dtype == torch.float64 and dtype is not None and dtype != torch.float64:
+        raise ValueError(f"images are float64 but the model computes in {dtype}; convert with x.float()")
     if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
         raise ValueError(
             f"images have shape {tuple(x.shape)}, expected (B, {', '.join(map(str, input_shape))}); "
@@ -70,8 +75,18 @@ def check_images(x: torch.Tensor, input_shape: Sequence[int] | None = None) -> N
         raise ValueError(f"images must be a 4-d batch (B, C, H, W), got shape {tuple(x.shape)}")
     if x.numel():
         lo, hi = torch.aminmax(x.detach())
-        if lo < 0 or hi > 1:
+        if not (lo >= 0 and hi <= 1):  # NaN fails both
+            if lo.isnan() or hi.isnan():
+                raise ValueError(
+                    f"images contain NaN ({int(x.detach().isnan().sum())} values): a model's output on them "
+                    "is meaningless; images must be finite pixels in [0, 1]"
+                )
             raise ValueError(
                 f"images must lie in [0, 1], got values in [{lo.item():.3g}, {hi.item():.3g}]; "
                 "pass un-normalized pixels divided by 255 (the model normalizes inside)"
             )
+
+
+def parameter_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter (None without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)

@@ -62,7 +62,10 @@ def pull_tasks(location: str, env: WorkerEnv, run_ids: Sequence[int], retries: i
 
 
 def _local_worker(location: str, env: WorkerEnv, run_ids: Sequence[int], retries: int) -> None:
-    pull_tasks(location, env, run_ids, retries)
+    try:
+        pull_tasks(location, env, run_ids, retries)
+    except KeyboardInterrupt:  # ctrl-C reaches every process: the parent says it once; a claim expires
+        raise SystemExit(130) from None
 
 
 def run_local(

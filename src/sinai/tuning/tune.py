@@ -386,8 +386,11 @@ def _trial_worker(payload: bytes, kwargs: dict) -> None:
     torch.set_num_threads(1)
     model, images, labels = torch.load(io.BytesIO(payload), weights_only=False)
     location = kwargs.pop("store_location")
-    with ResultStore(location) as store:
-        tune(model, images, labels, store=store, progress=False, trials_only=True, **kwargs)
+    try:
+        with ResultStore(location) as store:
+            tune(model, images, labels, store=store, progress=False, trials_only=True, **kwargs)
+    except KeyboardInterrupt:  # ctrl-C reaches every process: the parent says it once
+        raise SystemExit(130) from None
 
 
 def open_study(

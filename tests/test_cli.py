@@ -111,6 +111,8 @@ DEMO_ARGS = (
     "--quick",
     "--workers",
     "1",
+    "--trials",
+    "2",
     "--images",
     "20",
     "--budget",
@@ -140,7 +142,7 @@ def test_demo_quick_runs_end_to_end_and_resumes(cache, tmp_path, monkeypatch):
     for model in ("mnist-cnn", "mnist-vit"):
         (folder,) = (out / "stages").glob(f"{model}-SINAI-*")
         tuning = json.loads((folder / "tuning.json").read_text())
-        assert len(tuning["trials"]) == 4 and (folder / "pareto.png").exists()
+        assert len(tuning["trials"]) == 2 and (folder / "pareto.png").exists()
     assert "1 local worker(s)" in result.output and "plan demo-quick: " in result.output  # a sweep plan
     files = ("table1.md", "table1.csv", "table1.json", "table2.md", "robust_vs_queries.png", "tradeoff.png")
     for name in files:

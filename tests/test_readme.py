@@ -67,6 +67,16 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch) -> None:
         exec(compile(body, "README.md", "exec"), {"__name__": "readme"})
 
 
+def test_readme_plans_parse() -> None:
+    from sinai.sweep import parse_plan
+
+    plans = [body for lang, body in BLOCKS if lang == "toml"]
+    assert plans
+    for body in plans:
+        plan = parse_plan(body, source="README.md", name="readme")
+        assert plan.size > 0 and plan.validation
+
+
 def test_readme_shell_commands_parse() -> None:
     lines = commands("bash")
     sinai_lines = [line[1:] for line in lines if line[0] == "sinai"]

@@ -11,6 +11,7 @@ from conftest import SHORT_RECIPES, use_recipes
 from sinai.evaluation.store import ResultStore
 from sinai.models.embedded import EMBEDDED
 from sinai.sweep import parse_plan, run_sweep
+from sinai.sweep.executors import Progress
 
 PLAN = """name = "variants"
 models = ["mnist-cnn"]
@@ -50,6 +51,10 @@ def test_variant_runs_on_its_network_and_a_twin_is_copied(tmp_path, monkeypatch)
         assert db.results(first) == db.results(second) and db.clean(first) == db.clean(second)
         assert runs["Surrogate"][1]["network"] == "mnist-cnn-surrogate"
         assert all(t.run_id != second for t in db.tasks())
+    lines: list[str] = []
+    with ResultStore(store) as db:
+        Progress(lines.append, db, [r.run_id for r in status.runs], every=0.0).tick()
+    assert lines == ["4/4 tasks done"]  # 2 computed runs x (clean + 1 shard); the twin has none
     # A re-run finds everything done and copies nothing twice.
     again, outcome = run_sweep(parse_plan(PLAN), store=store, device="cpu")
     assert again.done and outcome.done == 0

@@ -46,10 +46,43 @@ class Outcome:
             setattr(self, status, getattr(self, status) + 1)
 
 
-def pull_tasks(location: str, env: WorkerEnv, run_ids: Sequence[int], retries: int) -> Outcome:
+class Progress:
+    """Says how many of a sweep's tasks are done, at most every ``every`` seconds, with an ETA from the
+    rate so far (a long sweep is otherwise silent between its first and last line)."""
+
+    def __init__(
+        self, say: Callable[[str], None], store: ResultStore, run_ids: Sequence[int], every: float = 30.0
+    ) -> None:
+        self.say, self.store, self.run_ids, self.every = say, store, list(run_ids), every
+        self.start = self.last = time.perf_counter()
+        self.total, self.before = self._counts()
+
+    def _counts(self) -> tuple[int, int]:
+        tasks = self.store.tasks(self.run_ids)
+        return len(tasks), sum(t.state == "done" for t in tasks)
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        total, done = self._counts()
+        new, left = done - self.before, total - done
+        eta = f", about {(now - self.start) / new * left / 60:.0f} min left" if new and left else ""
+        self.say(f"{done}/{total} tasks done{eta}")
+
+
+def pull_tasks(
+    location: str,
+    env: WorkerEnv,
+    run_ids: Sequence[int],
+    retries: int,
+    log: Callable[[str], None] | None = None,
+) -> Outcome:
     """Claim and run tasks of ``run_ids`` until none is left (the loop of every local worker)."""
     worker = Worker(location, env)
     outcome = Outcome()
+    progress = Progress(log, worker.store, run_ids) if log else None
     try:
         while True:
             owner = owner_id()
@@ -57,6 +90,8 @@ def pull_tasks(location: str, env: WorkerEnv, run_ids: Sequence[int], retries: i
             if task is None:
                 return outcome
             outcome.add(worker.run_task(*task, owner))
+            if progress:
+                progress.tick()
     finally:
         worker.close()
 
@@ -82,7 +117,7 @@ def run_local(
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     if workers == 1:
-        outcome = pull_tasks(location, env, run_ids, retries)
+        outcome = pull_tasks(location, env, run_ids, retries, log=log)
         outcome.seconds = time.perf_counter() - start
         return outcome
     ctx = multiprocessing.get_context("spawn")
@@ -97,8 +132,10 @@ def run_local(
         proc.start()
     budget = retries * workers  # replacements before giving up on dying workers
     with ResultStore(location) as store:
+        progress = Progress(say, store, run_ids)
         while procs:
             procs[0].join(timeout=0.5)
+            progress.tick()
             for proc in [p for p in procs if not p.is_alive()]:
                 procs.remove(proc)
                 if proc.exitcode == 0:

@@ -54,7 +54,7 @@ def test_variant_runs_on_its_network_and_a_twin_is_copied(tmp_path, monkeypatch)
     lines: list[str] = []
     with ResultStore(store) as db:
         Progress(lines.append, db, [r.run_id for r in status.runs], every=0.0).tick()
-    assert lines == ["4/4 tasks done"]  # 2 computed runs x (clean + 1 shard); the twin has none
+    assert lines == ["6/6 tasks done"]  # 2 computed runs x (clean + 2 shards); the twin has none
     # A re-run finds everything done and copies nothing twice.
     again, outcome = run_sweep(parse_plan(PLAN), store=store, device="cpu")
     assert again.done and outcome.done == 0

@@ -192,7 +192,9 @@ def test_tune_killed_with_sigkill_resumes_to_the_uninterrupted_choice(cache, tmp
     assert not [t for t in trials if t.state in (RUNNING, optuna.trial.TrialState.WAITING)]
     (retry,) = [t for t in trials if _retry_history(t)]
     assert _retry_history(retry) == [killed] and retry.state == COMPLETE
-    assert retry.params == trials[killed].params  # its parameters asked again
+    # Its parameters asked again: every one it had drawn when killed (a kill between two suggestions
+    # leaves some undrawn; the retry draws those from the same per-trial seed).
+    assert trials[killed].params and retry.params.items() >= trials[killed].params.items()
     # The same trials in the same order as the run that never stopped: no parameters asked again after
     # the restart (a sampler seeded anew would repeat trial 0's), none skipped.
     done, expected = _completed(out), _completed(tmp_path / "a")

@@ -48,6 +48,18 @@ def use_recipes(mp: pytest.MonkeyPatch, recipes: Mapping[str, TrainConfig]) -> N
         mp.setitem(EMBEDDED, name, dataclasses.replace(EMBEDDED[name], train=cfg))
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory):
+    """A private model cache (``$SINAI_CACHE_DIR``) where the embedded models follow
+    :data:`SHORT_RECIPES`: trained on first use, once per test module. Modules with other needs define
+    their own ``cache``."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        use_recipes(mp, SHORT_RECIPES)
+        mp.setenv("SINAI_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def mnist_models() -> dict:
     """Both embedded models trained with :data:`SHORT_RECIPES` (seconds), once per test session."""

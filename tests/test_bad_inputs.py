@@ -22,7 +22,7 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import SHORT_RECIPES, images, tiny_cnn, tiny_vit, use_recipes
+from conftest import images, tiny_cnn, tiny_vit
 
 from sinai.attacks import make_attack
 from sinai.attacks.oracle import Oracle, QueryRules
@@ -36,16 +36,6 @@ from sinai.evaluation.protocol import evaluate
 from sinai.evaluation.store import ResultStore
 
 TESTS = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """Short-recipe embedded models in a temp cache (the CNN is trained on first use, once)."""
-    path = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        use_recipes(mp, SHORT_RECIPES)
-        mp.setenv("SINAI_CACHE_DIR", str(path))
-        yield path
 
 
 def one_line_error(args: list[str], *fragments: str) -> str:

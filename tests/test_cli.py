@@ -4,22 +4,11 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import SHORT_RECIPES, use_recipes
 
 import sinai.demo
 import sinai.sweep.plan
 from sinai.cli import cli
 from sinai.evaluation.store import ResultStore
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """Short-recipe embedded models, trained once for this module."""
-    path = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        use_recipes(mp, SHORT_RECIPES)
-        mp.setenv("SINAI_CACHE_DIR", str(path))
-        yield path
 
 
 def run(*args: str):

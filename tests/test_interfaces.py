@@ -10,22 +10,12 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import SHORT_RECIPES, Counting, images, tiny_cnn, use_recipes
+from conftest import Counting, images, tiny_cnn
 from torch import nn
 
 import sinai
 from sinai.cli import cli
 from sinai.evaluation.defaults import PAPER, QUICK
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """Short-recipe embedded models, trained once for this module."""
-    path = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        use_recipes(mp, SHORT_RECIPES)
-        mp.setenv("SINAI_CACHE_DIR", str(path))
-        yield path
 
 
 def run(*args: str):

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..checks import ArgumentTypeError
 from ..models.classifier import check_images, parameter_dtype
+from . import fastnoise
 from .aaa import AAAHook
 from .hooks import Generators, SiteHook
 from .selective import SelectiveHook
@@ -112,12 +113,30 @@ class _Injector(SiteHook):
                     smallest_threshold(z, self.spec.ratio)
                 )
             return z
+        if fastnoise.supports(z):
+            return self._compiled(z, call)
         if self.spec.ratio < 1.0 and self.spec.selection == "exact":
             return self._selected(z)
         noise = self._noise(z.shape, z)
         if self.spec.ratio >= 1.0:
             return z + noise
         return torch.addcmul(z, noise, z <= self.owner.threshold(self.site.name, call))
+
+    def _compiled(self, z: torch.Tensor, call: int) -> torch.Tensor:
+        """The same noise from the compiled CPU path (:mod:`sinai.defenses.fastnoise`): selection, draws
+        and addition in one pass per sample, drawn only for the selected entries."""
+        std = self.spec.std if self._vector is None else self._std_vector(z.shape[-1], z)
+        gen = self.owner.generator(z.device)
+        if self.spec.ratio >= 1.0:
+            return fastnoise.add_all(z, std, gen)
+        if self.spec.selection == "threshold":
+            return fastnoise.add_below(z, self.owner.threshold(self.site.name, call), std, gen)
+        k = selected_count(self.spec.ratio, z[0].numel())
+        if k == 0:
+            return z
+        if k == z[0].numel():
+            return fastnoise.add_all(z, std, gen)
+        return fastnoise.add_exact(z, k, std, gen)
 
     def _selected(self, z: torch.Tensor) -> torch.Tensor:
         """Exact selection, fused: noise is drawn for the ``k`` selected entries of each sample only and
@@ -294,6 +313,8 @@ class DefendedModel(nn.Module):
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype)
+        if fastnoise.supports(buf):
+            return fastnoise.fill(buf, std, gen)
         return buf.normal_(0.0, std, generator=gen)
 
     def threshold(self, site_name: str, call: int) -> float:

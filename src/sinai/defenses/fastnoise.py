@@ -1,0 +1,383 @@
+"""Fast exact noise on CPU: selection, Gaussian draws and addition fused in one compiled pass per row.
+
+SINAI's logit-selective noise (SINAI, Sec. 3.2) adds fresh i.i.d. N(0, std^2) noise to exactly the
+``k = ceil(ratio * n)`` smallest logits of each sample, on every forward. With torch ops on a CPU that
+costs a ``topk`` over every entry and about 3-5 ns per Gaussian number from the serial CPU generator,
+more than a small network's own forward. Here each sample's row is handled by one compiled function
+(numba, ``nogil``) and rows are split over threads:
+
+- selection: the ``k``-th smallest value is bracketed by the quantiles of a strided subsample, one
+  pass keeps the few entries between the brackets, and an exact selection runs on those only (on the
+  whole row when the bracket misses); ties at the ``k``-th value are taken in index order, so exactly
+  ``k`` entries get noise;
+- noise: each row has its own counter-based stream (SplitMix64, Steele et al., OOPSLA 2014) keyed by
+  the row and one 64-bit key drawn per call from the defended model's seeded ``torch.Generator``, so
+  the noise depends on the seed and the call, never on threads; Gaussians come from the ziggurat
+  method (Marsaglia & Tsang, J. Stat. Softw. 2000) with separate random bits for layer and value
+  (Doornik 2005), and are drawn only for the selected entries.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+try:  # numba is a dependency; without it (an unusual install) the torch path is used
+    import numba
+except ImportError:  # pragma: no cover
+    numba = None
+
+_LAYERS = 128
+
+
+def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 128-layer ziggurat tables of the standard normal (Marsaglia & Tsang 2000, RNOR)."""
+    dn = tn = 3.442619855899
+    vn = 9.91256303526217e-3
+    m1 = 2147483648.0
+    kn, wn, fn = np.zeros(_LAYERS, np.int64), np.zeros(_LAYERS), np.zeros(_LAYERS)
+    q = vn / math.exp(-0.5 * dn * dn)
+    kn[0], kn[1] = int(dn / q * m1), 0
+    wn[0], wn[-1] = q / m1, dn / m1
+    fn[0], fn[-1] = 1.0, math.exp(-0.5 * dn * dn)
+    for i in range(_LAYERS - 2, 0, -1):
+        dn = math.sqrt(-2.0 * math.log(vn / dn + math.exp(-0.5 * dn * dn)))
+        kn[i + 1] = int(dn / tn * m1)
+        tn = dn
+        fn[i], wn[i] = math.exp(-0.5 * dn * dn), dn / m1
+    return kn, wn, fn
+
+
+_KN, _WN, _FN = _ziggurat_tables()
+_R = 3.442619855899
+
+if numba is not None:
+    _jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+
+    @_jit
+    def _mix(z: np.uint64) -> np.uint64:
+        """SplitMix64's output function (a bijective 64-bit mixer)."""
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    _GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+    @_jit
+    def _uniform(s: np.uint64) -> tuple[float, np.uint64]:
+        """A uniform in (0, 1) (53 random bits) and the advanced stream state."""
+        s = s + _GAMMA
+        return ((_mix(s) >> np.uint64(11)) + 0.5) * (1.0 / 9007199254740992.0), s
+
+    @_jit
+    def _draw(s: np.uint64) -> tuple[np.int64, np.int64, np.uint64]:
+        """One ziggurat draw: its value bits ``hz`` (a signed 32-bit integer) and, from other bits of the
+        same 64-bit number, its layer ``iz``."""
+        s = s + _GAMMA
+        bits = _mix(s)
+        return np.int64(np.int32(np.uint32(bits & np.uint64(0xFFFFFFFF)))), np.int64(bits >> np.uint64(57)), s
+
+    @_jit
+    def _gauss_slow(hz: np.int64, iz: np.int64, s: np.uint64) -> tuple[float, np.uint64]:
+        """The ziggurat's rare path (about 3% of draws): the tail or the wedge of layer ``iz``, then new
+        draws until one is accepted."""
+        while True:
+            x = hz * _WN[iz]
+            if iz == 0:  # the tail beyond R (Marsaglia 1964)
+                while True:
+                    u, s = _uniform(s)
+                    x = -math.log(u) / _R
+                    u, s = _uniform(s)
+                    if -2.0 * math.log(u) >= x * x:
+                        break
+                return (_R + x if hz > 0 else -_R - x), s
+            u, s = _uniform(s)
+            if _FN[iz] + u * (_FN[iz - 1] - _FN[iz]) < math.exp(-0.5 * x * x):
+                return x, s
+            hz, iz, s = _draw(s)
+            if abs(hz) < _KN[iz]:
+                return hz * _WN[iz], s
+
+    @numba.njit(nogil=True, cache=True, inline="always")
+    def _gauss(s: np.uint64) -> tuple[float, np.uint64]:
+        """One standard normal number and the advanced stream state (Marsaglia & Tsang's ziggurat, 128
+        layers; the tables are compile-time constants)."""
+        hz, iz, s = _draw(s)
+        if abs(hz) < _KN[iz]:
+            return hz * _WN[iz], s
+        return _gauss_slow(hz, iz, s)
+
+    @_jit
+    def _select(a: np.ndarray, m: int, k: int) -> float:
+        """The ``k``-th smallest (0-based) of ``a[:m]``, partitioning ``a`` in place (Hoare's FIND with a
+        median-of-three pivot; a sort finishes the rare input that makes it take too many rounds)."""
+        lo, hi = 0, m - 1
+        rounds = 0
+        while hi > lo:
+            rounds += 1
+            if rounds > 64:
+                a[lo : hi + 1].sort()
+                break
+            mid = (lo + hi) >> 1
+            if a[mid] < a[lo]:
+                a[mid], a[lo] = a[lo], a[mid]
+            if a[hi] < a[lo]:
+                a[hi], a[lo] = a[lo], a[hi]
+            if a[hi] < a[mid]:
+                a[hi], a[mid] = a[mid], a[hi]
+            pivot = a[mid]
+            i, j = lo, hi
+            while i <= j:
+                while a[i] < pivot:
+                    i += 1
+                while a[j] > pivot:
+                    j -= 1
+                if i <= j:
+                    a[i], a[j] = a[j], a[i]
+                    i += 1
+                    j -= 1
+            if k <= j:
+                hi = j
+            elif k >= i:
+                lo = i
+            else:
+                break
+        return a[k]
+
+    @_jit
+    def _add_chosen(o, chosen, count, std, state):  # pragma: no cover - compiled
+        """Add ``std`` times a fresh standard normal to ``o`` at the ``count`` indices ``chosen``."""
+        features = std.shape[0]
+        if features == 1:
+            s = std[0]
+            for i in range(count):
+                g, state = _gauss(state)
+                o[chosen[i]] += s * g
+        else:
+            for i in range(count):
+                j = chosen[i]
+                g, state = _gauss(state)
+                o[j] += std[j % features] * g
+
+    @_jit
+    def _row_state(key: np.uint64, r: int) -> np.uint64:
+        """The start of row ``r``'s stream under ``key``."""
+        return _mix(key ^ _mix(np.uint64(r) + np.uint64(0x632BE59BD9B4E019)))
+
+    _SAMPLE = 256
+
+    @_jit
+    def _choose_exact(row, o, k, chosen, band, scratch, sample) -> int:  # pragma: no cover - compiled
+        """Copy ``row`` to ``o`` and list in ``chosen`` exactly the ``k`` smallest entries of ``row`` (ties
+        at the ``k``-th value in index order); returns ``k``.
+
+        The ``k``-th value is bracketed by quantiles of a strided subsample (Floyd & Rivest, CACM 1975):
+        one branch-free pass copies the row, lists the entries below the bracket (all chosen) and the few
+        inside it, and an exact selection runs on those few. When the bracket misses (rare) the
+        selection runs on the whole row.
+        """
+        n = row.shape[0]
+        if n >= 8 * _SAMPLE:
+            step = n // _SAMPLE
+            for i in range(_SAMPLE):
+                sample[i] = row[i * step]
+            p = k / n
+            margin = 3.0 * math.sqrt(p * (1.0 - p) / _SAMPLE) + 2.0 / _SAMPLE
+            lo = _select(sample, _SAMPLE, max(0, int((p - margin) * _SAMPLE)))
+            hi = _select(sample, _SAMPLE, min(_SAMPLE - 1, int(math.ceil((p + margin) * _SAMPLE))))
+            count = 0
+            inside = 0
+            for j in range(n):
+                v = row[j]
+                o[j] = v
+                chosen[count] = j
+                count += v < lo
+                band[inside] = j
+                inside += (v >= lo) & (v <= hi)
+            if count < k <= count + inside:
+                for i in range(inside):
+                    scratch[i] = row[band[i]]
+                kth = _select(scratch, inside, k - count - 1)
+                less = count
+                for i in range(inside):
+                    less += scratch[i] < kth
+                ties = k - less
+                for i in range(inside):
+                    j = band[i]
+                    v = row[j]
+                    chosen[count] = j
+                    equal = v == kth
+                    count += (v < kth) | (equal & (ties > 0))
+                    ties -= equal
+                return count
+        for j in range(n):
+            scratch[j] = row[j]
+            o[j] = row[j]
+        kth = _select(scratch, n, k - 1)
+        less = 0
+        for j in range(n):
+            less += row[j] < kth
+        ties = k - less
+        count = 0
+        for j in range(n):
+            v = row[j]
+            chosen[count] = j
+            equal = v == kth
+            count += (v < kth) | (equal & (ties > 0))
+            ties -= equal
+        return count
+
+    @_jit
+    def _exact_rows(z, out, k, std, key, r0, r1):  # pragma: no cover - compiled
+        n = z.shape[1]
+        chosen = np.empty(n, np.int32)
+        band = np.empty(n, np.int32)
+        scratch = np.empty(n, z.dtype)
+        sample = np.empty(_SAMPLE, z.dtype)
+        for r in range(r0, r1):
+            count = _choose_exact(z[r], out[r], k, chosen, band, scratch, sample)
+            _add_chosen(out[r], chosen, count, std, _row_state(key, r))
+
+    @_jit
+    def _threshold_rows(z, out, threshold, std, key, r0, r1):  # pragma: no cover - compiled
+        n = z.shape[1]
+        chosen = np.empty(n, np.int32)
+        for r in range(r0, r1):
+            row = z[r]
+            o = out[r]
+            count = 0
+            for j in range(n):
+                v = row[j]
+                o[j] = v
+                chosen[count] = j
+                count += v <= threshold
+            _add_chosen(o, chosen, count, std, _row_state(key, r))
+
+    @_jit
+    def _all_rows(z, out, std, key, r0, r1):  # pragma: no cover - compiled
+        n = z.shape[1]
+        features = std.shape[0]
+        for r in range(r0, r1):
+            row = z[r]
+            o = out[r]
+            state = _row_state(key, r)
+            f = 0
+            for j in range(n):
+                g, state = _gauss(state)
+                o[j] = row[j] + std[f] * g
+                f += 1
+                if f == features:
+                    f = 0
+
+    @_jit
+    def _fill_rows(z, out, std, key, r0, r1):  # pragma: no cover - compiled (z is out)
+        n = out.shape[1]
+        s = std[0]
+        for r in range(r0, r1):
+            o = out[r]
+            state = _row_state(key, r)
+            for j in range(n):
+                g, state = _gauss(state)
+                o[j] = s * g
+
+
+#: Entries below which one thread does the whole tensor (handing work to threads costs ~50 us).
+PARALLEL_ENTRIES = 1 << 16
+
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
+_pool_lock = threading.Lock()
+
+
+def available() -> bool:
+    """Whether the compiled path can run here (numba is installed and ``SINAI_FAST_NOISE`` is not 0)."""
+    return numba is not None and os.environ.get("SINAI_FAST_NOISE", "1") != "0"
+
+
+def supports(z: torch.Tensor) -> bool:
+    """Whether noise on ``z`` can take the compiled path: a float32/float64 CPU tensor outside autograd
+    (white-box attacks differentiate through the noise and keep the torch path)."""
+    return (
+        z.device.type == "cpu"
+        and z.dtype in (torch.float32, torch.float64)
+        and not (torch.is_grad_enabled() and z.requires_grad)
+        and z.dim() >= 1
+        and z.numel() > 0
+        and available()
+    )
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    """The shared pool of noise threads (made again in a forked child, whose parent's threads are gone)."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid() or _pool._max_workers < threads:
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sinai-noise")
+            _pool_pid = os.getpid()
+        return _pool
+
+
+def _run(kernel, flat: np.ndarray, out: np.ndarray, *args) -> None:
+    """``kernel(flat, out, *args, r0, r1)`` over the rows of ``flat``, split over torch's thread count."""
+    rows = flat.shape[0]
+    threads = 1 if flat.size < PARALLEL_ENTRIES else max(1, min(torch.get_num_threads(), rows))
+    if threads == 1:
+        kernel(flat, out, *args, 0, rows)
+        return
+    bounds = np.linspace(0, rows, threads + 1).astype(int)
+    jobs = [
+        _executor(threads).submit(kernel, flat, out, *args, int(r0), int(r1))
+        for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    for job in jobs:
+        job.result()
+
+
+def _std_array(std: float | torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    if isinstance(std, torch.Tensor):
+        return std.detach().cpu().numpy().astype(np_dtype)
+    return np.array([std], dtype=np_dtype)
+
+
+def key_from(gen: torch.Generator) -> np.uint64:
+    """A 64-bit stream key drawn from ``gen``, so the noise follows the defended model's seed."""
+    hi, lo = torch.randint(0, 1 << 32, (2,), generator=gen, dtype=torch.int64).tolist()
+    return np.uint64((hi << 32) | lo)
+
+
+def _apply(kernel, z: torch.Tensor, *args, gen: torch.Generator) -> torch.Tensor:
+    flat = z.detach().reshape(z.shape[0] if z.dim() > 1 else 1, -1).contiguous()
+    out = torch.empty_like(flat)
+    _run(kernel, flat.numpy(), out.numpy(), *args, key_from(gen))
+    return out.view_as(z)
+
+
+def add_exact(z: torch.Tensor, k: int, std: float | torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``z`` plus N(0, std^2) noise on exactly the ``k`` smallest entries of each sample (first
+    dimension; 0 < k < entries per sample); ``std`` is a float or a vector over the last dimension."""
+    return _apply(_exact_rows, z, k, _std_array(std, z.dtype), gen=gen)
+
+
+def add_below(
+    z: torch.Tensor, threshold: float, std: float | torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """``z`` plus N(0, std^2) noise on its entries ``<= threshold`` (threshold selection)."""
+    return _apply(_threshold_rows, z, float(threshold), _std_array(std, z.dtype), gen=gen)
+
+
+def add_all(z: torch.Tensor, std: float | torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``z`` plus N(0, std^2) noise on every entry."""
+    return _apply(_all_rows, z, _std_array(std, z.dtype), gen=gen)
+
+
+def fill(out: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    """Fill the contiguous CPU tensor ``out`` with N(0, std^2) noise, in place; returns ``out``."""
+    flat = out.view(out.shape[0] if out.dim() > 1 else 1, -1).numpy()
+    _run(_fill_rows, flat, flat, _std_array(float(std), out.dtype), key_from(gen))
+    return out

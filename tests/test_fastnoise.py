@@ -1,0 +1,143 @@
+"""The compiled CPU noise path (sinai.defenses.fastnoise) against what SINAI's noise must be.
+
+Fresh i.i.d. N(0, std^2) per selected entry, per sample, per forward; exactly ceil(ratio * n) smallest
+entries per sample; the same for a seed whatever the number of threads; the same distribution and
+selection as the torch path (autograd, GPU) it stands in for. Statistics, never timings.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from sinai.defenses import fastnoise, protect
+
+pytestmark = pytest.mark.skipif(not fastnoise.available(), reason="numba is not installed")
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_draws_are_standard_normal_in_the_body_and_the_tails():
+    draws = fastnoise.fill(torch.empty(400, 5000), 1.0, gen()).double().flatten().numpy()
+    n = len(draws)
+    assert abs(draws.mean()) < 4 / math.sqrt(n)
+    assert abs(draws.std() / 1.0 - 1) < 4 / math.sqrt(2 * n)
+    assert stats.kstest(draws[:500_000], "norm").pvalue > 1e-3
+    # the ziggurat's rare paths: the wedges and the tail beyond R = 3.44 carry the right mass
+    for cut in (2.0, 3.0, 3.442619855899, 4.0):
+        share = (np.abs(draws) > cut).mean()
+        expected = 2 * stats.norm.sf(cut)
+        assert abs(share - expected) < 5 * math.sqrt(expected / n) + 1e-7, cut
+    assert np.abs(draws).max() < 7
+
+
+def test_draws_are_independent_across_rows_calls_and_neighbours():
+    g = gen(3)
+    a = fastnoise.fill(torch.empty(64, 20000), 1.0, g).double()
+    b = fastnoise.fill(torch.empty(64, 20000), 1.0, g).double()
+    bound = 5 / math.sqrt(20000)
+    corr = torch.corrcoef(a)
+    assert (corr - torch.eye(64, dtype=corr.dtype)).abs().max() < bound  # across rows (images)
+    assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) < bound / 8  # across calls
+    lag = torch.corrcoef(torch.stack([a[:, 1:].flatten(), a[:, :-1].flatten()]))[0, 1]
+    assert abs(lag) < bound / 8  # successive draws of one stream
+
+
+@pytest.mark.parametrize("n", [7, 300, 12544])
+@pytest.mark.parametrize("pattern", ["random", "ties", "constant", "sorted", "reversed"])
+def test_exactly_k_smallest_per_row_ties_in_index_order(n, pattern):
+    torch.manual_seed(n)
+    z = torch.randn(6, n)
+    if pattern == "ties":
+        z = (z * 3).round()  # a handful of distinct values, each repeated many times
+    elif pattern == "constant":
+        z = torch.full((6, n), 0.25)
+    elif pattern == "sorted":
+        z = z.sort(dim=1).values
+    elif pattern == "reversed":
+        z = z.sort(dim=1, descending=True).values
+    for k in sorted({1, max(1, n // 3), max(1, n - 1)}):
+        out = fastnoise.add_exact(z, k, 1.0, gen(k))
+        chosen = out != z
+        assert (chosen.sum(1) == k).all()
+        kth = z.kthvalue(k, dim=1).values[:, None]
+        assert (chosen <= (z <= kth)).all() and ((z < kth) <= chosen).all()
+        tied = z == kth
+        for row in range(len(z)):  # among entries equal to the k-th value, the first ones are taken
+            taken = chosen[row] & tied[row]
+            positions = torch.nonzero(tied[row]).flatten()
+            assert torch.equal(taken[positions], torch.arange(len(positions)) < int(taken.sum()))
+
+
+def test_threshold_and_all_add_noise_exactly_where_they_should():
+    z = torch.randn(32, 1000)
+    below = fastnoise.add_below(z, -0.2, 0.5, gen())
+    assert torch.equal(below != z, z <= -0.2)
+    everywhere = fastnoise.add_all(z, 0.5, gen())
+    assert (everywhere != z).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_same_key_same_noise_whatever_the_thread_count(dtype, monkeypatch):
+    z = torch.randn(48, 5000, dtype=dtype)
+    results = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(fastnoise, "PARALLEL_ENTRIES", 1)
+        results.append(fastnoise.add_exact(z, 1850, 0.3, gen(9)))
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    assert results[0].dtype == dtype
+    assert not torch.equal(results[0], fastnoise.add_exact(z, 1850, 0.3, gen(10)))
+
+
+def test_vector_std_scales_each_feature():
+    z = torch.zeros(20000, 4)
+    std = torch.tensor([0.1, 0.5, 1.0, 2.0], dtype=torch.float64)
+    noise = fastnoise.add_all(z, std, gen())
+    assert torch.allclose(noise.std(0).double(), std, rtol=0.05)
+
+
+@torch.no_grad()
+def test_compiled_and_torch_paths_select_alike_and_draw_alike(monkeypatch):
+    """The torch path (autograd, GPU, SINAI_FAST_NOISE=0) and the compiled one: the same entries get
+    noise, and the noise has one distribution (two-sample KS), on a real defended CNN's ReLU sites."""
+    from sinai.models.classifier import ImageClassifier
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 64, 10)
+    )
+    model = ImageClassifier(net, input_shape=(1, 8, 8), num_classes=10, mean=(0.0,), std=(1.0,)).eval()
+    x = torch.rand(64, 1, 8, 8)
+    seen = {}
+
+    def spy(name):
+        return lambda m, args: seen.setdefault(name, args[0].clone())
+
+    noises = {}
+    for mode in ("compiled", "torch"):
+        monkeypatch.setenv("SINAI_FAST_NOISE", "1" if mode == "compiled" else "0")
+        seen.clear()
+        defended = protect(model, "SINAI:relu.std=0.4,relu.ratio=0.37", seed=1)
+        handle = net[1].register_forward_pre_hook(spy("noisy"))
+        defended(x)
+        handle.remove()
+        defended.remove()
+        noises[mode] = seen["noisy"] - net[0](x)
+    chosen = {mode: n != 0 for mode, n in noises.items()}
+    assert torch.equal(chosen["compiled"], chosen["torch"])  # continuous logits: no ties to break
+    a, b = (noises[m][chosen[m]].double().numpy() for m in ("compiled", "torch"))
+    assert stats.ks_2samp(a, b).pvalue > 1e-3
+    assert abs(a.std() / 0.4 - 1) < 0.03
+
+
+def test_autograd_keeps_the_differentiable_torch_path():
+    z = torch.randn(4, 100, requires_grad=True)
+    assert not fastnoise.supports(z)
+    with torch.no_grad():
+        assert fastnoise.supports(z)
+    assert not fastnoise.supports(torch.randn(4, 100).half())

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..defenses import Defense, parse_defense, protect
+from .precision import FLOAT32, Precision
 
 BENCH_PRESETS: tuple[str, ...] = ("RND", "FND", "SINAI-Attn", "SINAI-FFN", "SINAI", "SINAI@threshold")
 """``SINAI@threshold`` is SINAI with per-site thresholds calibrated once instead of a per-sample selection."""
@@ -65,12 +66,15 @@ def measure_overhead(
     iters: int = 3,
     model_name: str = "model",
     seed: int = 0,
+    precision: Precision = FLOAT32,
 ) -> list[OverheadRow]:
-    """Time ``model(x)`` against each defense in ``defenses`` that applies to ``model``.
+    """Time ``model(x)`` against each defense in ``defenses`` that applies to ``model``, every forward
+    in the ``precision`` setting.
 
     Defenses whose sites the model lacks (attention noise on a CNN) are skipped.
     """
     device = x.device
+    model, x = precision.prepare(model, x)
     defended: dict[str, nn.Module] = {}
     for name in defenses:
         try:
@@ -78,17 +82,18 @@ def measure_overhead(
         except ValueError:
             continue
         if any(s.selection == "threshold" and s.ratio < 1 for s in d.defense.specs.values()):
-            d.calibrate_thresholds(x)
+            with precision.autocast(device):
+                d.calibrate_thresholds(x)
         defended[name] = d
-    clean_fn: Callable[[], torch.Tensor] = lambda: model(x)
-    clean_fn()  # warm-up: allocator, kernels, lazy generators and noise buffers
-    for d in defended.values():
-        d(x)
+    clean_run, runs = precision.wrap(model), {name: precision.wrap(d) for name, d in defended.items()}
+    clean_run(x)  # warm-up: allocator, kernels, lazy generators and noise buffers
+    for run in runs.values():
+        run(x)
     rows = []
     for name, d in defended.items():
         clean_t, defended_t = [], []
         for r in range(rounds):
-            pair = [(clean_t, clean_fn), (defended_t, lambda d=d: d(x))]
+            pair = [(clean_t, lambda: clean_run(x)), (defended_t, lambda run=runs[name]: run(x))]
             for times, fn in pair if r % 2 == 0 else pair[::-1]:
                 times.append(_time_forward(fn, iters, device))
         rows.append(
@@ -127,8 +132,9 @@ def bench_models(
     iters: int = 3,
     cache_dir: str | None = None,
     progress: bool = True,
+    precision: Precision = FLOAT32,
 ) -> list[OverheadRow]:
-    """Run :func:`measure_overhead` for each (model name, batch size)."""
+    """Run :func:`measure_overhead` for each (model name, batch size), in the ``precision`` setting."""
     from ..models.zoo import load_model
 
     rows: list[OverheadRow] = []
@@ -137,5 +143,7 @@ def bench_models(
         model = load_model(name, weights=weights, device=device, cache_dir=cache_dir, progress=progress)
         gen = torch.Generator().manual_seed(0)
         x = torch.rand((batch, *model.input_shape), generator=gen).to(device)
-        rows += measure_overhead(model, x, defenses, rounds=rounds, iters=iters, model_name=name)
+        rows += measure_overhead(
+            model, x, defenses, rounds=rounds, iters=iters, model_name=name, precision=precision
+        )
     return rows

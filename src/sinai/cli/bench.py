@@ -6,11 +6,23 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import torch
 
-from .options import ModelSource, device_options, model_option, names, parsed, seed_option
+from .options import (
+    ModelSource,
+    device_options,
+    model_option,
+    names,
+    parsed,
+    precision_options,
+    seed_option,
+)
+
+if TYPE_CHECKING:
+    from ..bench.precision import Precision
 
 
 @click.group()
@@ -71,6 +83,7 @@ def _defense_names(text: str) -> tuple[str, ...]:
     "--large", is_flag=True,
     help="Also timm:vit_base_patch16_224@16 and timm:resnet50@16 (random weights; slow on a CPU).",
 )  # fmt: skip
+@precision_options
 @device_options
 def bench_defenses(
     models: list[tuple[str, int]] | None,
@@ -79,6 +92,7 @@ def bench_defenses(
     iters: int,
     json_out: str | None,
     large: bool,
+    precision: Precision,
     device: torch.device,
     cache_dir: str | None,
 ) -> None:
@@ -90,7 +104,7 @@ def bench_defenses(
     models = [*(models or DEFAULT_MODELS), *(LARGE_MODELS if large else ())]
     rows = bench_models(
         models, defense_names or BENCH_PRESETS, device=device, rounds=rounds, iters=iters,
-        cache_dir=cache_dir,
+        cache_dir=cache_dir, precision=precision,
     )  # fmt: skip
     if not rows:
         raise ValueError(
@@ -99,7 +113,8 @@ def bench_defenses(
             "(sinai sites --model M)"
         )
     click.echo(
-        f"device {device}, {torch.get_num_threads()} threads, {rounds} rounds x {iters} forwards "
+        f"device {device}, {precision.describe()}, {torch.get_num_threads()} threads, "
+        f"{rounds} rounds x {iters} forwards "
         f"({time.perf_counter() - start:.0f} s)"
     )
     click.echo(bench_defenses_table(rows))

@@ -199,6 +199,29 @@ def device_options(fn: Callable) -> Callable:
     )
 
 
+def precision_options(fn: Callable) -> Callable:
+    """--bf16 and --channels-last; the command gets ``precision`` (a
+    :class:`~sinai.bench.precision.Precision`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, bf16: bool, channels_last: bool, **kwargs: object) -> object:
+        from ..bench.precision import Precision
+
+        return fn(*args, precision=Precision(bf16=bf16, channels_last=channels_last), **kwargs)
+
+    return _stack(
+        wrapper,
+        [
+            click.option(
+                "--bf16", is_flag=True, help="Run every timed forward under bfloat16 autocast (for GPUs)."
+            ),
+            click.option(
+                "--channels-last", is_flag=True, help="Models and images in channels-last memory format."
+            ),
+        ],
+    )
+
+
 def model_option(default: str | tuple[str, ...], help: str = MODELS_HELP) -> Callable:
     """--model; a tuple default makes it repeatable (``model_name`` is then a tuple)."""
     multiple = isinstance(default, tuple)

@@ -170,9 +170,12 @@ if numba is not None:
         return _mix(key ^ _mix(np.uint64(r) + np.uint64(0x632BE59BD9B4E019)))
 
     _SAMPLE = 256
+    _BUCKETS = 128
 
     @_jit
-    def _choose_exact(row, o, k, chosen, band, scratch, sample) -> int:  # pragma: no cover - compiled
+    def _choose_exact(
+        row, o, k, chosen, band, scratch, sample, buckets, small, hist
+    ) -> int:  # pragma: no cover - compiled
         """Copy ``row`` to ``o`` and list in ``chosen`` exactly the ``k`` smallest entries of ``row`` (ties
         at the ``k``-th value in index order); returns ``k``.
 
@@ -200,16 +203,33 @@ if numba is not None:
                 band[inside] = j
                 inside += (v >= lo) & (v <= hi)
             if count < k <= count + inside:
+                # the (k - count)-th smallest of the bracket: a histogram of its values finds the bucket
+                # that holds it, and the exact selection runs on that bucket alone
+                need = k - count
+                scale = _BUCKETS / (hi - lo) if hi > lo else 0.0
+                hist[:] = 0
                 for i in range(inside):
-                    scratch[i] = row[band[i]]
-                kth = _select(scratch, inside, k - count - 1)
-                less = count
+                    v = row[band[i]]
+                    scratch[i] = v
+                    b = min(int((v - lo) * scale), _BUCKETS - 1)
+                    buckets[i] = b
+                    hist[b] += 1
+                before = 0
+                target = 0
+                while before + hist[target] < need:
+                    before += hist[target]
+                    target += 1
+                size = 0
                 for i in range(inside):
-                    less += scratch[i] < kth
-                ties = k - less
-                for i in range(inside):
+                    small[size] = scratch[i]
+                    size += buckets[i] == target
+                kth = _select(small, size, need - before - 1)
+                ties = need - before
+                for i in range(size):
+                    ties -= small[i] < kth
+                for i in range(inside):  # ties at the k-th value: the first ones in index order
                     j = band[i]
-                    v = row[j]
+                    v = scratch[i]
                     chosen[count] = j
                     equal = v == kth
                     count += (v < kth) | (equal & (ties > 0))
@@ -239,8 +259,11 @@ if numba is not None:
         band = np.empty(n, np.int32)
         scratch = np.empty(n, z.dtype)
         sample = np.empty(_SAMPLE, z.dtype)
+        buckets = np.empty(n, np.int32)
+        small = np.empty(n, z.dtype)
+        hist = np.empty(_BUCKETS, np.int64)
         for r in range(r0, r1):
-            count = _choose_exact(z[r], out[r], k, chosen, band, scratch, sample)
+            count = _choose_exact(z[r], out[r], k, chosen, band, scratch, sample, buckets, small, hist)
             _add_chosen(out[r], chosen, count, std, _row_state(key, r))
 
     @_jit

@@ -7,14 +7,15 @@ more than a small network's own forward. Here each sample's row is handled by on
 (numba, ``nogil``) and rows are split over threads:
 
 - selection: the ``k``-th smallest value is bracketed by the quantiles of a strided subsample, one
-  pass keeps the few entries between the brackets, and an exact selection runs on those only (on the
+  branch-free pass lists the entries below the bracket and the few inside it, a histogram of those few
+  finds the bucket that holds the ``k``-th value and an exact selection runs in that bucket (on the
   whole row when the bracket misses); ties at the ``k``-th value are taken in index order, so exactly
   ``k`` entries get noise;
 - noise: each row has its own counter-based stream (SplitMix64, Steele et al., OOPSLA 2014) keyed by
   the row and one 64-bit key drawn per call from the defended model's seeded ``torch.Generator``, so
   the noise depends on the seed and the call, never on threads; Gaussians come from the ziggurat
   method (Marsaglia & Tsang, J. Stat. Softw. 2000) with separate random bits for layer and value
-  (Doornik 2005), and are drawn only for the selected entries.
+  (Doornik 2005), drawn in vectorised blocks and only for the selected entries.
 """
 
 from __future__ import annotations
@@ -197,8 +198,9 @@ if numba is not None:
 
         The ``k``-th value is bracketed by quantiles of a strided subsample (Floyd & Rivest, CACM 1975):
         one branch-free pass copies the row, lists the entries below the bracket (all chosen) and the few
-        inside it, and an exact selection runs on those few. When the bracket misses (rare) the
-        selection runs on the whole row.
+        inside it, a histogram of those few finds the bucket that holds the ``k``-th value, and an exact
+        selection runs in that bucket. When the bracket misses (rare) the selection runs on the whole
+        row.
         """
         n = row.shape[0]
         if n >= 8 * _SAMPLE:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..defenses import Defense, NoiseSpec, Site, find_sites, protect, selected_count, smallest_mask
+from ..defenses import Defense, NoiseSpec, Site, fastnoise, find_sites, protect, selected_count, smallest_mask
 from ..defenses.hooks import Generators, SiteHook
 from ..defenses.protect import smallest_indices
 from ..defenses.spec import SELECTIVE_KINDS, check_kind
@@ -88,6 +88,17 @@ class _Selective(SiteHook):
         )
         # the production defense's selection and draw (protect.py: noise for the selected logits only, added
         # where they are): with the value rule and the same seed, the same noise
+        if owner.rule == "noncritical-value" and fastnoise.supports(z):  # protect.py's compiled path
+            n = z[0].numel()
+            k = selected_count(owner.ratio, n)
+            if k == 0:
+                noisy = z
+            elif k == n:
+                noisy = fastnoise.add_all(z, owner.std, gen)
+            else:
+                noisy = fastnoise.add_exact(z, k, owner.std, gen)
+            owner.last_masks[(name, call)] = noisy != z
+            return noisy
         idx = smallest_indices(score, owner.ratio, largest=critical)
         if idx is None:
             owner.last_masks[(name, call)] = torch.ones(z.shape, dtype=torch.bool, device=z.device)

@@ -375,10 +375,12 @@ def _run(kernel, flat: np.ndarray, out: np.ndarray, *args) -> None:
         kernel(flat, out, *args, 0, rows)
         return
     bounds = np.linspace(0, rows, threads + 1).astype(int)
+    pool = _executor(threads - 1)
     jobs = [
-        _executor(threads).submit(kernel, flat, out, *args, int(r0), int(r1))
-        for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True)
+        pool.submit(kernel, flat, out, *args, int(r0), int(r1))
+        for r0, r1 in zip(bounds[1:-1], bounds[2:], strict=True)
     ]
+    kernel(flat, out, *args, 0, int(bounds[1]))  # the first share on this thread, which would only wait
     for job in jobs:
         job.result()
 

@@ -248,24 +248,23 @@ if numba is not None:
                 ties = need - before
                 for i in range(size):
                     ties -= small[i] < kth
-                for i in range(inside):  # ties at the k-th value: the first ones in index order
-                    j = band[i]
-                    v = scratch[i]
-                    chosen[count] = j
-                    equal = v == kth
-                    count += (v < kth) | (equal & (ties > 0))
-                    ties -= equal
-                return count
+                return _take(row, band, inside, kth, ties, chosen, count)
         for j in range(n):
             scratch[j] = row[j]
             o[j] = row[j]
+            band[j] = j
         kth = _select(scratch, n, k - 1)
         less = 0
         for j in range(n):
             less += row[j] < kth
-        ties = k - less
-        count = 0
-        for j in range(n):
+        return _take(row, band, n, kth, k - less, chosen, 0)
+
+    @_jit
+    def _take(row, among, m, kth, ties, chosen, count) -> int:  # pragma: no cover - compiled
+        """Append to ``chosen[count:]`` the entries ``among[:m]`` of ``row`` below ``kth`` and the first
+        ``ties`` equal to it, in index order (branch-free); returns the new count."""
+        for i in range(m):
+            j = among[i]
             v = row[j]
             chosen[count] = j
             equal = v == kth

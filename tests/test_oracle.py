@@ -134,6 +134,50 @@ def test_live_lists_the_images_still_answered():
     assert oracle.live().tolist() == [2]
 
 
+def test_the_live_set_is_handed_out_again_until_an_image_finishes():
+    oracle = make_oracle(Counting(), torch.zeros(3, dtype=torch.long), budget=3, votes=0)
+    first = oracle.live()
+    assert oracle.live() is first  # the same tensor: a query with it takes the oracle's fast path
+    oracle(imgs([0.1, 0.1, 0.1]), first)
+    assert oracle.live() is first and oracle.queries.tolist() == [1, 1, 1]
+    out = oracle(imgs([0.1, 0.9, 0.1]), first)  # image 1 broken
+    assert not torch.isnan(out).any() and oracle.success.tolist() == [False, True, False]
+    live = oracle.live()
+    assert live is not first and live.tolist() == [0, 2]
+    out = oracle(imgs([0.1, 0.1, 0.1]), first)  # the stale set: image 1 is not answered any more
+    assert torch.isnan(out[1]).all() and oracle.queries.tolist() == [3, 2, 3]
+    assert oracle.live().tolist() == [] and oracle.done.all()
+
+
+def test_the_cached_live_set_follows_changes_made_outside_the_oracle():
+    oracle = make_oracle(Counting(), torch.zeros(2, dtype=torch.long), budget=5, votes=0)
+    live = oracle.live()
+    oracle.queries[0] = 5  # image 0's budget spent elsewhere
+    assert oracle.live().tolist() == [1] and oracle.done.tolist() == [True, False]
+    out = oracle(imgs([0.1, 0.1]), live)
+    assert torch.isnan(out[0]).all() and oracle.queries.tolist() == [5, 1]
+    oracle.live()[0] = 0  # a caller that edits what it was handed does not change the oracle
+    oracle.done[1] = True
+    assert oracle.live().tolist() == [1] and oracle.done.tolist() == [True, False]
+    among = torch.tensor([True, True])
+    assert oracle.live(among=among).tolist() == [1] and oracle.live(among=among) is oracle.live(among=among)
+    among[1] = False
+    assert oracle.live(among=among).tolist() == []
+
+
+def test_several_candidates_per_live_image_count_in_order_up_to_the_budget():
+    oracle = make_oracle(Counting(), torch.zeros(2, dtype=torch.long), budget=4, votes=0)
+    oracle.live()
+    oracle(imgs([0.1] * 4), torch.tensor([0, 0, 1, 1]))  # every image can take both
+    out = oracle(imgs([0.1, 0.1, 0.1, 0.1, 0.1, 0.9]), torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert oracle.queries.tolist() == [4, 4] and torch.isnan(out[[2, 5]]).all()
+    assert not oracle.success.any()  # image 1's wrong candidate was its fifth: never asked
+    oracle = make_oracle(Counting(), torch.zeros(2, dtype=torch.long), budget=4, votes=0)
+    oracle.live()
+    oracle(imgs([0.1, 0.1, 0.9, 0.1]), torch.tensor([1, 1, 1, 0]))  # broken at its third query
+    assert oracle.success.tolist() == [False, True] and oracle.success_at.tolist() == [0, 3]
+
+
 def test_the_oracle_owns_the_threat_model():
     model, y = Counting(), torch.zeros(2, dtype=torch.long)
     x = imgs([0.5, 0.5])

@@ -23,7 +23,7 @@ import torch
 from .base import register_attack
 from .decision import DecisionAttack, blend, view4
 from .oracle import Oracle
-from .phases import Calls, ask_random_starts
+from .phases import Calls, ask_random_starts, by_count, keep
 from .streams import ImageStreams
 
 START, SEARCH, WALK, DONE = range(4)
@@ -79,23 +79,24 @@ class _Run:
         self.sph_wins, self.src_wins = torch.zeros_like(self.steps), torch.zeros_like(self.steps)
 
     def loop(self) -> torch.Tensor:
+        asks = {START: self.ask_start, SEARCH: self.ask_search, WALK: self.ask_walk}
         while True:
             idx = self.oracle.live()
-            idx = idx[self.phase[idx] != DONE]
+            idx = keep(idx, self.phase[idx] != DONE)
             searching = idx[self.phase[idx] == SEARCH]
-            self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.a.start_tol])
+            if len(searching):
+                self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.a.start_tol])
             if not len(idx):
                 break
             calls, handlers = Calls(), []
-            phase = self.phase[idx]
-            for code, ask_fn in ((START, self.ask_start), (SEARCH, self.ask_search), (WALK, self.ask_walk)):
-                group = idx[phase == code]
-                if len(group):
-                    handlers += ask_fn(calls, group)
+            for code, group in by_count(idx, self.phase[idx]):  # phase by phase, in the order of the codes
+                handlers += asks[code](calls, group)
             for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
                 handler(ok, adv)
         searching = torch.nonzero(self.phase == SEARCH).flatten()  # cut short: hi is still adversarial
-        self.x_adv[searching] = blend(self.x[searching], self.start[searching], self.hi[searching])
+        self.x_adv[searching] = blend(
+            self.x.index_select(0, searching), self.start.index_select(0, searching), self.hi[searching]
+        )
         return self.x_adv
 
     def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:
@@ -107,7 +108,7 @@ class _Run:
     def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
         """The blended-noise start: binary search on the line from x to the adversarial noise."""
         mid = (self.lo[idx] + self.hi[idx]) / 2
-        calls.add(blend(self.x[idx], self.start[idx], mid), idx)
+        calls.add(blend(self.x.index_select(0, idx), self.start.index_select(0, idx), mid), idx)
 
         def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
             self.hi[idx[adv]] = mid[adv]
@@ -117,24 +118,31 @@ class _Run:
         return [answer]
 
     def end_search(self, idx: torch.Tensor) -> None:
-        self.x_adv[idx] = blend(self.x[idx], self.start[idx], self.hi[idx])
+        if not len(idx):
+            return
+        self.x_adv[idx] = blend(self.x.index_select(0, idx), self.start.index_select(0, idx), self.hi[idx])
         self.phase[idx] = WALK
 
     def ask_walk(self, calls: Calls, idx: torch.Tensor) -> list:
         """One orthogonal step and one source step per image (two queries)."""
         a, shape = self.a, self.shape
-        xi, xa = self.x[idx], self.x_adv[idx]
+        xi, xa = self.x.index_select(0, idx), self.x_adv.index_select(0, idx)
+        # (in place where a fresh tensor allows it, in the same order of operations)
         diff = xi - xa
         dist = diff.flatten(1).norm(dim=1).clamp_min(1e-12)
-        direction = diff / view4(dist)
+        direction = diff.div_(view4(dist))
         eta = self.streams.normal(idx, shape)
-        eta = eta * view4(self.spherical[idx] * dist / eta.flatten(1).norm(dim=1).clamp_min(1e-12))
-        eta = eta - direction * view4((eta * direction).flatten(1).sum(1))  # orthogonal to x - x_adv
-        moved = xa + eta - xi
-        sph = xi + moved * view4(dist / moved.flatten(1).norm(dim=1).clamp_min(1e-12))  # back on the sphere
-        full = xi + (sph - xi) * view4(1 - self.source[idx])  # source step: distance times (1 - source)
-        sph, full = sph.clamp(0.0, 1.0), full.clamp(0.0, 1.0)
-        calls.add(torch.stack([sph, full], 1).view(-1, *shape), idx.repeat_interleave(2))
+        eta.mul_(view4(self.spherical[idx] * dist / eta.flatten(1).norm(dim=1).clamp_min(1e-12)))
+        eta.sub_(direction * view4((eta * direction).flatten(1).sum(1)))  # orthogonal to x - x_adv
+        moved = eta.add_(xa).sub_(xi)
+        sph = moved.mul_(view4(dist / moved.flatten(1).norm(dim=1).clamp_min(1e-12))).add_(
+            xi
+        )  # on the sphere
+        full = (sph - xi).mul_(view4(1 - self.source[idx])).add_(xi)  # source step: distance x (1 - source)
+        pair = torch.empty((len(idx), 2, *shape), device=xi.device)  # [sph, full] of each image, clipped
+        torch.clamp(sph, 0.0, 1.0, out=pair[:, 0])
+        full = torch.clamp(full, 0.0, 1.0, out=pair[:, 1])
+        calls.add(pair.view(-1, *shape), idx.repeat_interleave(2))
 
         def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
             ok, adv = ok.view(-1, 2), adv.view(-1, 2)

@@ -37,7 +37,7 @@ def ask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Query ``cand`` for images ``idx`` (true labels ``y``, full vector): (answered, adversarial)."""
     labels = oracle(cand, idx)
-    answered = labels >= 0
+    answered = labels != -1  # (the same test as >= 0 for labels, with the oracle's own comparison kernel)
     return answered, answered & (labels != y[idx])
 
 

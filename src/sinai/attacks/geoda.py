@@ -36,7 +36,7 @@ import torch
 from .base import register_attack
 from .decision import DecisionAttack, blend, view4
 from .oracle import Oracle
-from .phases import Calls, ask_random_starts, by_count, probe_chunk
+from .phases import Calls, ask_random_starts, by_count, keep, probe_chunk
 from .streams import ImageStreams
 
 START, SEARCH, PROBES, GROW, DONE = range(5)
@@ -140,20 +140,18 @@ class _Run:
         self.grows = torch.zeros(num, dtype=torch.long, device=dev)
 
     def loop(self) -> torch.Tensor:
+        asks = {START: self.ask_start, SEARCH: self.ask_search, PROBES: self.ask_probes, GROW: self.ask_grow}
         while True:
             idx = self.oracle.live()
-            idx = idx[self.phase[idx] != DONE]
+            idx = keep(idx, self.phase[idx] != DONE)
             searching = idx[self.phase[idx] == SEARCH]
-            self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.tol[searching]])
+            if len(searching):
+                self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.tol[searching]])
             if not len(idx):
                 break
             calls, handlers = Calls(), []
-            phase = self.phase[idx]
-            asks = ((START, self.ask_start), (SEARCH, self.ask_search), (PROBES, self.ask_probes))
-            for code, ask_fn in (*asks, (GROW, self.ask_grow)):
-                group = idx[phase == code]
-                if len(group):
-                    handlers += ask_fn(calls, group)
+            for code, group in by_count(idx, self.phase[idx]):  # phase by phase, in the order of the codes
+                handlers += asks[code](calls, group)
             for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
                 handler(ok, adv)
         self.end_search(torch.nonzero(self.phase == SEARCH).flatten())  # cut short: hi is still adversarial
@@ -167,12 +165,12 @@ class _Run:
         if not len(idx):
             return
         self.outer[idx], self.phase[idx], self.lo[idx], self.hi[idx] = outer, SEARCH, 0.0, 1.0
-        length = (outer - self.x[idx]).flatten(1).norm(dim=1).clamp_min(1e-12)
+        length = (outer - self.x.index_select(0, idx)).flatten(1).norm(dim=1).clamp_min(1e-12)
         self.tol[idx] = self.a.tol * self.a.sigma * self.d**0.5 / length
 
     def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
         mid = (self.lo[idx] + self.hi[idx]) / 2
-        calls.add(blend(self.x[idx], self.outer[idx], mid), idx)
+        calls.add(blend(self.x.index_select(0, idx), self.outer.index_select(0, idx), mid), idx)
 
         def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
             self.hi[idx[adv]] = mid[adv]
@@ -185,8 +183,8 @@ class _Run:
         """x_B found: keep the best; next, the probes of the next iteration."""
         if not len(idx):
             return
-        self.x_b[idx] = blend(self.x[idx], self.outer[idx], self.hi[idx])
-        norms = (self.x_b[idx] - self.x[idx]).flatten(1).norm(dim=1)
+        self.x_b[idx] = blend(self.x.index_select(0, idx), self.outer.index_select(0, idx), self.hi[idx])
+        norms = (self.x_b.index_select(0, idx) - self.x.index_select(0, idx)).flatten(1).norm(dim=1)
         better = norms < self.best_norm[idx]
         self.best[idx[better]], self.best_norm[idx[better]] = self.x_b[idx[better]], norms[better]
         self.iteration[idx] += 1
@@ -206,14 +204,14 @@ class _Run:
         handlers = []
         for m, group in by_count(idx, (self.samples[idx] - self.drawn[idx]).clamp(max=self.chunk)):
             eta = self.probes(group, m)
-            cand = (self.x_b[group][:, None] + eta).clamp(0.0, 1.0)
+            cand = (self.x_b.index_select(0, group)[:, None] + eta).clamp_(0.0, 1.0)
             calls.add(cand.view(-1, *self.shape), group.repeat_interleave(m))
 
             def answer(
                 ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, m: int = m, eta=eta
             ) -> None:
                 phi = torch.where(adv.view(-1, m), 1.0, -1.0)
-                self.w[group] += (phi.view(-1, m, 1, 1, 1) * eta).sum(1)
+                self.w[group] += eta.mul_(phi.view(-1, m, 1, 1, 1)).sum(1)  # (eta: not needed after)
                 self.answered[group] &= ok.view(-1, m).all(1)
                 self.drawn[group] += m
                 self.end_probes(group[self.drawn[group] >= self.samples[group]])
@@ -223,18 +221,24 @@ class _Run:
 
     def end_probes(self, idx: torch.Tensor) -> None:
         """The minimal l2 step from x onto the hyperplane through x_B with normal w; then step out."""
+        if not len(idx):
+            return
         self.phase[idx[~self.answered[idx]]] = DONE  # the oracle stopped answering: finished
         idx = idx[self.answered[idx]]
         if not len(idx):
             return
-        w = self.w[idx]
+        w = self.w.index_select(0, idx)
         w_sq = w.flatten(1).pow(2).sum(1).clamp_min(1e-30)
-        self.r[idx] = w * view4((w * (self.x_b[idx] - self.x[idx])).flatten(1).sum(1) / w_sq)
+        self.r[idx] = w * view4(
+            (w * (self.x_b.index_select(0, idx) - self.x.index_select(0, idx))).flatten(1).sum(1) / w_sq
+        )
         self.scale[idx], self.grows[idx], self.phase[idx] = 1.0, 0, GROW
 
     # -- move out along r_t until adversarial (x grow each miss), then search back for the next x_B
     def ask_grow(self, calls: Calls, idx: torch.Tensor) -> list:
-        cand = (self.x[idx] + view4(self.scale[idx]) * self.r[idx]).clamp(0.0, 1.0)
+        cand = (self.x.index_select(0, idx) + view4(self.scale[idx]) * self.r.index_select(0, idx)).clamp(
+            0.0, 1.0
+        )
         calls.add(cand, idx)
 
         def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
@@ -243,6 +247,6 @@ class _Run:
             self.scale[missed] *= self.a.grow
             self.grows[missed] += 1
             stuck = missed[self.grows[missed] > self.a.max_grows]  # search back from x_B itself
-            self.begin_search(stuck, self.x_b[stuck])
+            self.begin_search(stuck, self.x_b.index_select(0, stuck))
 
         return [answer]

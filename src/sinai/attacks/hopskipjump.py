@@ -30,7 +30,7 @@ import torch
 from .base import register_attack
 from .decision import DecisionAttack, blend, box, view4
 from .oracle import Oracle
-from .phases import Calls, ask_random_starts, by_count, probe_chunk
+from .phases import Calls, ask_random_starts, by_count, keep, probe_chunk
 from .streams import ImageStreams
 from .threat import distance
 
@@ -104,21 +104,24 @@ class _Run:
         self.halvings = torch.zeros(num, dtype=torch.long, device=dev)
 
     def loop(self) -> torch.Tensor:
+        asks = {
+            START: self.ask_start,
+            SEARCH: self.ask_search,
+            ESTIMATE: self.ask_probes,
+            STEP: self.ask_step,
+        }
         while True:
             idx = self.oracle.live()
-            idx = idx[self.phase[idx] != DONE]
+            idx = keep(idx, self.phase[idx] != DONE)
             searching = idx[self.phase[idx] == SEARCH]
-            self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.tol[searching]])
-            idx = idx[self.phase[idx] != DONE]
+            if len(searching):
+                self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.tol[searching]])
+                idx = keep(idx, self.phase[idx] != DONE)
             if not len(idx):
                 break
             calls, handlers = Calls(), []
-            phase = self.phase[idx]
-            asks = ((START, self.ask_start), (SEARCH, self.ask_search), (ESTIMATE, self.ask_probes))
-            for code, ask_fn in (*asks, (STEP, self.ask_step)):
-                group = idx[phase == code]
-                if len(group):
-                    handlers += ask_fn(calls, group)
+            for code, group in by_count(idx, self.phase[idx]):  # phase by phase, in the order of the codes
+                handlers += asks[code](calls, group)
             for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
                 handler(ok, adv)
         # line searches the oracle cut short still end at an adversarial hi
@@ -129,7 +132,7 @@ class _Run:
     # -- line search between x (clean) and `outer` (adversarial): on the line (l2) or the linf radius
     def point(self, idx: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         fn = blend if self.norm == "l2" else box
-        return fn(self.x[idx], self.outer[idx], r)
+        return fn(self.x.index_select(0, idx), self.outer.index_select(0, idx), r)
 
     def begin_search(self, idx: torch.Tensor, outer: torch.Tensor) -> None:
         if not len(idx):
@@ -139,7 +142,7 @@ class _Run:
         if self.norm == "l2":
             self.hi[idx], self.tol[idx] = 1.0, self.theta
         else:
-            r0 = distance(outer, self.x[idx], "linf")
+            r0 = distance(outer, self.x.index_select(0, idx), "linf")
             self.hi[idx], self.tol[idx] = r0, self.theta * r0
 
     def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
@@ -167,7 +170,9 @@ class _Run:
         self.samples[idx] = (self.a.init_samples * t.sqrt()).long().clamp(max=self.a.max_samples)
         self.drawn[idx], self.plus[idx], self.answered[idx] = 0, 0.0, True
         self.sum_phi_u[idx], self.sum_u[idx] = 0.0, 0.0
-        self.dist[idx] = self.oracle.threat.distance(self.x_adv[idx], self.x[idx])
+        self.dist[idx] = self.oracle.threat.distance(
+            self.x_adv.index_select(0, idx), self.x.index_select(0, idx)
+        )
         scale = math.sqrt(self.d) * self.theta if self.norm == "l2" else self.d * self.theta
         self.delta[idx] = scale * self.dist[idx]
         self.phase[idx] = ESTIMATE
@@ -181,20 +186,20 @@ class _Run:
         handlers = []
         left = (self.samples[idx] - self.drawn[idx]).clamp(max=self.chunk)
         for m, group in by_count(idx, left):
+            # (in place where a fresh tensor allows it: the probes of a call can be large)
             u = self.streams.normal(group, (m, self.d))
-            u = u / u.norm(dim=2, keepdim=True).clamp_min(1e-12)
-            cand = self.x_adv[group][:, None] + view4(self.delta[group])[:, None] * u.view(
-                len(group), m, *self.shape
-            )
-            calls.add(cand.clamp(0.0, 1.0).view(-1, *self.shape), group.repeat_interleave(m))
+            u.div_(u.norm(dim=2, keepdim=True).clamp_min(1e-12))
+            cand = view4(self.delta[group])[:, None] * u.view(len(group), m, *self.shape)
+            cand.add_(self.x_adv.index_select(0, group)[:, None]).clamp_(0.0, 1.0)
+            calls.add(cand.view(-1, *self.shape), group.repeat_interleave(m))
 
             def answer(
                 ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, m: int = m, u=u
             ) -> None:
                 phi = adv.view(len(group), m).float() * 2 - 1
                 self.answered[group] &= ok.view(len(group), m).all(1)
-                self.sum_phi_u[group] += (phi[..., None] * u).sum(1)
                 self.sum_u[group] += u.sum(1)
+                self.sum_phi_u[group] += u.mul_(phi[..., None]).sum(1)  # u is not needed after this
                 self.plus[group] += phi.sum(1)
                 self.drawn[group] += m
                 self.end_probes(group[self.drawn[group] >= self.samples[group]])
@@ -210,7 +215,9 @@ class _Run:
         idx = idx[self.answered[idx]]
         mean = self.plus[idx] / self.samples[idx]
         baseline = torch.where(mean.abs() < 1, mean, torch.zeros_like(mean))  # plain if all agree
-        total = (self.sum_phi_u[idx] - baseline[:, None] * self.sum_u[idx]).view(len(idx), *self.shape)
+        total = (
+            self.sum_phi_u.index_select(0, idx) - baseline[:, None] * self.sum_u.index_select(0, idx)
+        ).view(len(idx), *self.shape)
         if self.norm == "l2":
             self.v[idx] = total / total.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         else:
@@ -220,7 +227,9 @@ class _Run:
 
     # -- geometric step-size search: halve xi until x_t + xi v is adversarial
     def ask_step(self, calls: Calls, idx: torch.Tensor) -> list:
-        cand = (self.x_adv[idx] + view4(self.step[idx]) * self.v[idx]).clamp(0.0, 1.0)
+        cand = (self.x_adv.index_select(0, idx) + view4(self.step[idx]) * self.v.index_select(0, idx)).clamp(
+            0.0, 1.0
+        )
         calls.add(cand, idx)
 
         def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
@@ -229,6 +238,6 @@ class _Run:
             self.step[missed] /= 2
             self.halvings[missed] += 1
             stuck = missed[self.halvings[missed] >= self.a.max_halvings]  # search back from x_t itself
-            self.begin_search(stuck, self.x_adv[stuck])
+            self.begin_search(stuck, self.x_adv.index_select(0, stuck))
 
         return [answer]

@@ -81,23 +81,26 @@ class NES(Attack):
                 break
             for idx in live.split(group):
                 b = len(idx)
-                u = torch.randn((b, half, *x.shape[1:]), generator=gen, device=device)
-                u = torch.cat([u, -u], dim=1)  # (b, n, C, H, W): antithetic pairs
-                probes = threat.project(
-                    (x_adv[idx, None] + sigma * u).flatten(0, 1), x[idx].repeat_interleave(n, 0)
-                )
+                half_u = torch.randn((b, half, *x.shape[1:]), generator=gen, device=device)
+                u = torch.empty((b, n, *x.shape[1:]), device=device)  # antithetic pairs: [u, -u]
+                u[:, :half] = half_u
+                torch.neg(half_u, out=u[:, half:])
+                xi = x.index_select(0, idx)
+                probes = threat.project_probes(x_adv.index_select(0, idx)[:, None] + sigma * u, xi)
                 logits = oracle(probes, idx.repeat_interleave(n))
                 keep = ~oracle.done[idx]  # every probe answered and not yet broken
                 if not keep.any():
                     continue
-                idx, u = idx[keep], u[keep]
-                losses = score_loss(
-                    logits.view(b, n, -1)[keep].flatten(0, 1), y[idx].repeat_interleave(n), self.loss
-                ).view(-1, n)
+                answered = logits.view(b, n, -1)
+                if not bool(keep.all()):
+                    idx, u, answered, xi = idx[keep], u[keep], answered[keep], xi[keep]
+                losses = score_loss(answered.flatten(0, 1), y[idx].repeat_interleave(n), self.loss).view(
+                    -1, n
+                )
                 grad = (losses.view(-1, n, *([1] * (x.dim() - 1))) * u).mean(1) / sigma
                 if g_prev is not None:
                     grad = self.momentum * g_prev[idx] + (1.0 - self.momentum) * grad
                     g_prev[idx] = grad
                 step = grad.sign() if threat.norm == "linf" else l2_normalize(grad)
-                x_adv[idx] = threat.project(x_adv[idx] - lr * step, x[idx])
+                x_adv[idx] = threat.project(x_adv.index_select(0, idx) - lr * step, xi)
         return x_adv

@@ -165,7 +165,6 @@ class Oracle:
         if checkpoints and checkpoints[0] < 1:
             raise ValueError(f"checkpoints must be positive numbers of queries, got {checkpoints}")
         self.x, self.threat = x.to(self.device).float(), threat
-        self._order = torch.arange(n, device=self.device)  # idx of a query of every image
         self.num_classes = int(num_classes)
         self.rules, self.output, self.batch_size = rules, output, batch_size
         self.budget, self.eot, self.votes, self.lucky = rules.budget, rules.eot, rules.votes, rules.lucky
@@ -185,26 +184,86 @@ class Oracle:
             raise ValueError("bpda needs a defended model (sinai.protect) with a non-smooth step to bypass")
         self.bpda = bool(bpda)
         self.gradient_passes = 0  # forward passes with autograd handed to white-box attacks (uncounted)
+        # The live set is cached between calls (see ``_live_set``); ``_gen`` changes when it may be stale.
+        self._gen, self._versions = 0, (-1, -1)
+        self._live: _LiveSet | None = None
+        self._among: _LiveSet | None = None
+        self._max_queries = 0
+        self._wrong_seen = False  # whether the last call saw a wrong label (see _within_early)
+        self._marks: torch.Tensor | None = None  # scratch of _most
+        self._one: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------------- state
     @property
     def done(self) -> torch.Tensor:
         """Images that need no more queries: verified success, or not even one more query left."""
-        return self.success | (self.queries + self.eot > self.budget)
+        return self._live_set().done
 
     def live(self, among: torch.Tensor | None = None) -> torch.Tensor:
         """Indices of the images still being attacked (the ones the oracle still answers), ascending.
 
-        ``among``: a mask over the images; only those where it is True are listed.
+        ``among``: a mask over the images; only those where it is True are listed. While no image
+        finishes, the same tensor is handed out again, and a query with it takes the oracle's fast path.
         """
-        live = ~self.done
-        if among is not None:
-            live &= among.to(self.device)
-        return torch.nonzero(live).flatten()
+        cache = self._live_set()
+        if among is None:
+            return cache.idx
+        known = self._among
+        if (
+            known is not None
+            and known.among is among
+            and known.among_version == among._version
+            and known.gen == cache.gen
+            and known.idx._version == known.version
+        ):
+            return known.idx  # the same mask and no image finished: the same set as last time
+        idx = torch.nonzero(~cache.done & among.to(self.device)).flatten()
+        self._among = _LiveSet(idx, cache.gen, len(self.x))
+        self._among.among, self._among.among_version = among, among._version
+        return idx
+
+    def _live_set(self) -> _LiveSet:
+        """The cached live set, recomputed when some image may have finished since it was made (or a
+        caller changed a tensor it was handed in place)."""
+        cache, gen = self._live, self._generation()
+        if (
+            cache is None
+            or cache.gen != gen
+            or cache.idx._version != cache.version
+            or cache.done._version != cache.done_version
+        ):
+            done = self.success | (self.queries + self.eot > self.budget)
+            idx = torch.nonzero(~done).flatten()
+            cache = self._live = _LiveSet(idx, gen, len(self.x), done)
+            # exact again: the largest count of a live image, which bounds when the next one can run out
+            self._max_queries = int(self.queries[idx].max()) if len(idx) else 0
+        return cache
+
+    def _generation(self) -> int:
+        """A number that changes whenever the set of finished images may have changed: the oracle bumps it
+        itself, and a change to ``queries`` or ``success`` made outside the oracle bumps it here."""
+        versions = (self.queries._version, self.success._version)
+        if versions != self._versions:
+            self._gen += 1
+            self._versions = versions
+        return self._gen
+
+    def _settle(self, cache_valid: bool, most: int, recorded: bool) -> None:
+        """After the oracle's own changes to ``queries`` / ``success``: keep the live set when no image
+        can have finished (no success recorded, and the bound on live counts, raised by ``most`` queries
+        per image, still leaves every live image one more query)."""
+        if cache_valid and not recorded:
+            self._max_queries += most
+            if self._max_queries + self.eot > self.budget:
+                self._gen += 1
+        else:
+            self._gen += 1
+        self._versions = (self.queries._version, self.success._version)
 
     def mark_broken(self, mask: torch.Tensor) -> None:
         """Record images as not robust before any query (misclassified clean by the vote)."""
         self.success |= mask.to(self.device)
+        self._gen += 1
 
     # ------------------------------------------------------------------------------------ white-box
     def differentiable(self) -> nn.Module:
@@ -246,7 +305,9 @@ class Oracle:
         self.queries[idx] = spent
         if self.on_query is not None:
             self.on_query(len(idx) * self.eot)
-        within = self._observe(xa, idx, pred, out.argmax(2), spent)
+        within = self._observe(xa, idx, pred, out.argmax(2), lambda: spent)
+        if within is None:  # no checkpoints: the norms were not measured yet
+            within = self.threat.distance(xa, self._clean(idx, None)) <= self.threat.radius
         wrong = (pred != self.labels[idx]).long()
         if self.votes and not self.lucky and self.rules.vote_rule == "sequential":
             broken = torch.zeros(len(idx), dtype=torch.bool, device=self.device)
@@ -289,31 +350,54 @@ class Oracle:
                 f"need images (B, C, H, W) and indices (B,), got {tuple(x.shape)} and {tuple(idx.shape)}"
             )
         x, idx = x.to(self.device), idx.to(self.device)
-        # Fast path (one candidate per image, the common case): no ranking, no copies, no masking.
-        unique = len(idx) <= 1 or int(torch.bincount(idx).max()) == 1
-        rank = torch.zeros_like(idx) if unique else group_rank(idx)
-        answered = ~self.success[idx] & (self.queries[idx] + (rank + 1) * self.eot <= self.budget)
-        everything = bool(answered.all())
-        xa, ia, ra = (x, idx, rank) if everything else (x[answered], idx[answered], rank[answered])
+        known = self._handed_out(idx)
+        if known is not None:
+            return self._answer_live(x, known)
+        most = 1 if len(idx) <= 1 else self._most(idx)
+        cache_valid = self._live is not None and self._live.gen == self._generation()
+        rank = None  # of each candidate among its image's, computed only where the counts are needed
+        if (
+            cache_valid
+            and self._live.done._version == self._live.done_version
+            and self._max_queries + most * self.eot <= self.budget
+        ):  # every live image can take all its candidates: answered = live
+            finished = self._live.done[idx]
+            everything = not bool(finished.any())  # the common case: no copies, no masking
+            answered = None if everything else ~finished
+        else:
+            if most == 1:
+                answered = ~self.success[idx] & (self.queries[idx] + self.eot <= self.budget)
+            else:
+                rank = group_rank(idx)
+                answered = ~self.success[idx] & (self.queries[idx] + (rank + 1) * self.eot <= self.budget)
+            everything = bool(answered.all())
+        xa, ia = (x, idx) if everything else (x[answered], idx[answered])
+        early = self._within_early(xa, ia, None) if len(xa) else None
         if not len(xa):
             logits = torch.empty((0, self.num_classes), device=self.device)
             samples = torch.empty((1, 0), dtype=torch.long, device=self.device)
             pred = samples[0]
-        elif self.eot > 1:
-            out = self._forward(xa.repeat(self.eot, 1, 1, 1)).view(self.eot, len(xa), -1)
-            logits, samples = out.mean(0), out.argmax(2)
-            # Labels: the majority of the M samples (SND's T-query attack); scores: the mean (EOT).
-            pred = torch.mode(samples, dim=0).values if self.output == "labels" else logits.argmax(1)
         else:
-            logits = self._forward(xa)
-            pred = logits.argmax(1)
-            samples = pred[None]
-        spent = self.queries[ia] + (ra + 1) * self.eot  # query count at each candidate
-        self.queries.index_add_(0, ia, torch.full_like(ia, self.eot))
+            logits, samples, pred = self._query(xa)
+        before = self.queries[ia]
+        if most == 1:
+            self.queries[ia] = before + self.eot
+        else:
+            self.queries.index_add_(0, ia, torch.full_like(ia, self.eot))
         if self.on_query is not None:
             self.on_query(len(ia) * self.eot)
+
+        def spent() -> torch.Tensor:
+            """The query count at each answered candidate."""
+            if most == 1:
+                return before + self.eot
+            ra = group_rank(ia) if rank is None else rank if everything else rank[answered]
+            return before + (ra + 1) * self.eot
+
         within = self._observe(xa, ia, pred, samples, spent) if len(xa) else None
-        self._check_success(xa, ia, pred, spent, within)
+        within = early if within is None else within
+        recorded = self._check_success(xa, ia, pred, spent, within) if len(xa) else False
+        self._settle(cache_valid, most * self.eot, recorded)
         if self.output == "labels":
             if everything:
                 return pred
@@ -326,29 +410,83 @@ class Oracle:
         result[answered] = logits
         return result
 
+    def _most(self, idx: torch.Tensor) -> int:
+        """The most candidates of one image in ``idx``: counted in a float scratch vector (kept at zero
+        between calls) with the kernels the oracle uses anyway, instead of ``bincount``'s own."""
+        if self._marks is None:
+            self._marks = torch.zeros(len(self.x), device=self.device)
+            self._one = torch.ones(2, device=self.device)
+            self._one[1] = -1.0
+        self._marks.index_add_(0, idx, self._one[0].expand(len(idx)))
+        most = int(self._marks.amax())
+        self._marks.index_add_(0, idx, self._one[1].expand(len(idx)))  # back to zero (small integers: exact)
+        return most
+
+    def _handed_out(self, idx: torch.Tensor) -> _LiveSet | None:
+        """The live set ``idx`` is, when it is one the oracle handed out (``live()``) and no image has
+        finished since: then every row is answered, once, in ascending order."""
+        for known in (self._live, self._among):
+            if known is not None and idx is known.idx:
+                if idx._version == known.version and known.gen == self._generation():
+                    return known
+                return None
+        return None
+
+    def _answer_live(self, x: torch.Tensor, known: _LiveSet) -> torch.Tensor:
+        """``__call__`` for a handed-out live set: every row answered, one query each, none masked."""
+        idx = known.idx
+        within = self._within_early(x, idx, known)
+        logits, samples, pred = self._query(x)
+        if known.every:  # all images, in order: no gathers
+            spent = self.queries.add_(self.eot)  # the counts themselves (read before any other change)
+        else:
+            self.queries.index_add_(0, idx, known.eots(self.eot))
+            spent = self.queries[idx]
+        if self.on_query is not None:
+            self.on_query(len(idx) * self.eot)
+        observed = self._observe(x, idx, pred, samples, lambda: spent, known)
+        within = within if observed is None else observed
+        recorded = self._check_success(x, idx, pred, lambda: spent, within, known)
+        self._settle(True, self.eot, recorded)
+        return pred if self.output == "labels" else logits
+
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward the answered candidates: (logits, each of the M samples' labels, the answer's label)."""
+        if self.eot > 1:
+            out = self._forward(x.repeat(self.eot, 1, 1, 1)).view(self.eot, len(x), -1)
+            logits, samples = out.mean(0), out.argmax(2)
+            # Labels: the majority of the M samples (SND's T-query attack); scores: the mean (EOT).
+            pred = torch.mode(samples, dim=0).values if self.output == "labels" else logits.argmax(1)
+            return logits, samples, pred
+        logits = self._forward(x)
+        pred = logits.argmax(1)
+        return logits, pred[None], pred
+
     def _observe(
         self,
         x: torch.Tensor,
         idx: torch.Tensor,
         pred: torch.Tensor,
         samples: torch.Tensor,
-        spent: torch.Tensor,
-    ) -> torch.Tensor:
-        """Record checkpoint norms and mismatches of answered candidates; return their in-ball mask."""
+        spent: Callable[[], torch.Tensor],
+        known: _LiveSet | None = None,
+    ) -> torch.Tensor | None:
+        """Record checkpoint norms and mismatches of answered candidates; return their in-ball mask when
+        the norms were needed here (checkpoints), else None (``_check_success`` measures only if needed)."""
         if self.track_mismatch:
             clean = getattr(self.model, "clean", None)
             with clean() if clean is not None else contextlib.nullcontext():
                 clean_pred = self._forward(x).argmax(1)
             self.mismatches.index_add_(0, idx, (samples != clean_pred[None]).sum(0))
-        every = len(idx) == len(self.x) and bool((idx == self._order).all())
-        norms = self.threat.distance(x, self.x if every else self.x[idx])
-        if len(self.checkpoints):
-            adversarial = pred != self.labels[idx]
-            reached = spent[:, None] <= self.checkpoints[None, :]
-            values = torch.where(adversarial[:, None] & reached, norms[:, None], float("inf"))
-            self.checkpoint_norms.scatter_reduce_(
-                0, idx[:, None].expand_as(values), values, "amin", include_self=True
-            )
+        if not len(self.checkpoints):
+            return None
+        norms = self.threat.distance(x, self._clean(idx, known))
+        adversarial = pred != self.labels[idx]
+        reached = spent()[:, None] <= self.checkpoints[None, :]
+        values = torch.where(adversarial[:, None] & reached, norms[:, None], float("inf"))
+        self.checkpoint_norms.scatter_reduce_(
+            0, idx[:, None].expand_as(values), values, "amin", include_self=True
+        )
         return norms <= self.threat.radius
 
     def _check_success(
@@ -356,14 +494,40 @@ class Oracle:
         x: torch.Tensor,
         idx: torch.Tensor,
         pred: torch.Tensor,
-        spent: torch.Tensor,
+        spent: Callable[[], torch.Tensor],
         within: torch.Tensor | None = None,
-    ) -> None:
-        wrong = (pred != self.labels[idx]) & ~self.success[idx]
-        if within is not None:
-            wrong &= within
-        if not wrong.any():
-            return
+        known: _LiveSet | None = None,
+    ) -> bool:
+        """Verify the answered candidates labelled wrongly inside the ball; whether any was recorded.
+        (Answered candidates are of images not broken before the call.) ``within``: their in-ball mask,
+        measured here only when some label is wrong."""
+        wrong = pred != (self.labels[idx] if known is None else known.labels(self.labels))
+        self._wrong_seen = bool(wrong.any())
+        if not self._wrong_seen:
+            return False
+        if within is None:
+            within = self.threat.distance(x, self._clean(idx, known)) <= self.threat.radius
+        wrong &= within
+        if not bool(wrong.any()):
+            return False
+        return self._confirm(x, idx, spent(), wrong)
+
+    def _within_early(
+        self, x: torch.Tensor, idx: torch.Tensor, known: _LiveSet | None
+    ) -> torch.Tensor | None:
+        """The candidates' in-ball mask measured before the forward, while they are still in the CPU's
+        cache, when the last call saw a wrong label (then ``_check_success`` likely needs it); None
+        otherwise, and with checkpoints (``_observe`` measures the norms then)."""
+        if not self._wrong_seen or len(self.checkpoints):
+            return None
+        return self.threat.distance(x, self._clean(idx, known)) <= self.threat.radius
+
+    def _clean(self, idx: torch.Tensor, known: _LiveSet | None) -> torch.Tensor:
+        """The clean images of ``idx`` (the live set's cached ones when it is one)."""
+        return self.x.index_select(0, idx) if known is None else known.clean(self.x)
+
+    def _confirm(self, x: torch.Tensor, idx: torch.Tensor, spent: torch.Tensor, wrong: torch.Tensor) -> bool:
+        """Vote on the ``wrong`` candidates (unless the query alone decides) and record the confirmed ones."""
         xw, iw, sw = x[wrong], idx[wrong], spent[wrong]
         if self.votes and not self.lucky:
             if self.rules.vote_rule == "fixed":
@@ -374,6 +538,7 @@ class Oracle:
                 confirmed = self._sequential_vote(xw, iw)
             xw, iw, sw = xw[confirmed], iw[confirmed], sw[confirmed]
         self._record(xw, iw, sw)
+        return len(iw) > 0
 
     def _sequential_vote(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Accept each candidate when its fresh passes reject "misclassification rate <= rate" at its
@@ -424,6 +589,38 @@ class Oracle:
         self.x_adv[iw] = xw
         self.success_at[iw] = sw
         self.success[iw] = True
+
+
+class _LiveSet:
+    """A live set the oracle handed out (ascending indices ``idx``), with what its fast path reuses: the
+    clean images and labels of those images, gathered once. ``gen``: the oracle's generation it is valid
+    for; ``version``: ``idx``'s version then (a caller that changes it in place invalidates it)."""
+
+    def __init__(self, idx: torch.Tensor, gen: int, n: int, done: torch.Tensor | None = None) -> None:
+        self.idx, self.version, self.gen = idx, idx._version, gen
+        self.every = len(idx) == n  # then idx is 0..n-1: the oracle's own tensors need no gather
+        self.done = done
+        self.done_version = -1 if done is None else done._version
+        self.among: torch.Tensor | None = None  # the mask a live(among=...) set was made for, and its version
+        self.among_version = -1
+        self._clean: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+        self._eots: torch.Tensor | None = None
+
+    def clean(self, x: torch.Tensor) -> torch.Tensor:
+        if self._clean is None:
+            self._clean = x if self.every else x.index_select(0, self.idx)
+        return self._clean
+
+    def labels(self, y: torch.Tensor) -> torch.Tensor:
+        if self._labels is None:
+            self._labels = y if self.every else y[self.idx]
+        return self._labels
+
+    def eots(self, eot: int) -> torch.Tensor:
+        if self._eots is None:
+            self._eots = torch.full_like(self.idx, eot)
+        return self._eots
 
 
 class _Differentiable(nn.Module):

@@ -49,14 +49,27 @@ class Calls:
         """One oracle call: (answered, adversarial) per group, in the order the groups were added."""
         if not self._idx:
             return []
-        ok, adv = ask(oracle, torch.cat(self._cands), torch.cat(self._idx), y)
+        if len(self._idx) == 1:
+            # one group: its own tensors, no copy (the oracle's handed-out live set keeps its fast path)
+            ok, adv = ask(oracle, self._cands[0], self._idx[0], y)
+        else:
+            ok, adv = ask(oracle, torch.cat(self._cands), torch.cat(self._idx), y)
         sizes = [len(i) for i in self._idx]
         return list(zip(ok.split(sizes), adv.split(sizes), strict=True))
 
 
 def by_count(idx: torch.Tensor, counts: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """``idx`` grouped by ``counts`` (one per entry): [(count, images with that count), ...]."""
-    return [(int(c), idx[counts == c]) for c in torch.unique(counts).tolist()]
+    """``idx`` grouped by ``counts`` (one per entry), ascending: [(count, images with that count), ...].
+    One count: ``idx`` itself (no copy; the oracle's handed-out live set keeps its fast path)."""
+    values = torch.unique(counts).tolist()
+    if len(values) == 1:
+        return [(int(values[0]), idx)]
+    return [(int(c), idx[counts == c]) for c in values]
+
+
+def keep(idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``idx[mask]``, or ``idx`` itself when the mask keeps every entry (see :func:`by_count`)."""
+    return idx if bool(mask.all()) else idx[mask]
 
 
 def ask_random_starts(
@@ -90,4 +103,4 @@ def ask_random_starts(
     return handlers
 
 
-__all__ = ["PROBE_ELEMENTS", "Calls", "ask_random_starts", "by_count", "probe_chunk"]
+__all__ = ["PROBE_ELEMENTS", "Calls", "ask_random_starts", "by_count", "keep", "probe_chunk"]

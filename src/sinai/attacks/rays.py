@@ -52,24 +52,30 @@ class RayS(DecisionAttack):
         trial = direction.clone()
         searching = torch.zeros(num, dtype=torch.bool, device=x.device)
         lo, hi = torch.zeros(num, device=x.device), torch.zeros(num, device=x.device)
+        last, xi = None, x
         while True:
             idx = oracle.live()
             if not len(idx):
                 break
-            check = idx[~searching[idx]]
+            if idx is not last:  # the oracle hands out the same live set until an image finishes
+                last, xi = idx, x.index_select(0, idx)
+            was_searching = searching[idx]
+            check = idx[~was_searching]
             if len(check):
                 self.next_trial(check, stage, block, direction, trial, coords, n)
                 hi[check], lo[check] = radius[check].clamp(max=1.0), 0.0
-            r = torch.where(searching[idx], (lo[idx] + hi[idx]) / 2, hi[idx])
-            cand = (x[idx] + view4(r) * trial[idx].view_as(x[idx])).clamp(0.0, 1.0)
+            lo_i, hi_i = lo[idx], hi[idx]
+            r = torch.where(was_searching, (lo_i + hi_i) / 2, hi_i)
+            cand = (xi + view4(r) * trial.index_select(0, idx).view_as(xi)).clamp_(0.0, 1.0)
             ok, adv = ask(oracle, cand, idx, y)
             # a fast check that passed starts a search on [0, r*]; a search step halves its interval
-            started, stepped = ok & ~searching[idx], ok & searching[idx]
-            hi[idx[stepped & adv]] = r[stepped & adv]
-            lo[idx[stepped & ~adv]] = r[stepped & ~adv]
-            searching[idx[started & adv]] = True
+            stepped = ok & was_searching
+            hi_i = torch.where(stepped & adv, r, hi_i)
+            lo_i = torch.where(stepped & ~adv, r, lo_i)
+            now_searching = was_searching | (ok & adv)
+            hi[idx], lo[idx], searching[idx] = hi_i, lo_i, now_searching
             self.settle(
-                idx[searching[idx] & ok & (hi[idx] - lo[idx] <= tol)], searching, hi, radius, trial, direction
+                idx[now_searching & ok & (hi_i - lo_i <= tol)], searching, hi, radius, trial, direction
             )
         # searches the oracle cut short (success verified, budget spent) still found an adversarial hi
         self.settle(torch.nonzero(searching).flatten(), searching, hi, radius, trial, direction)
@@ -87,8 +93,10 @@ class RayS(DecisionAttack):
         direction: torch.Tensor,
     ) -> None:
         """End the searches of images ``idx``: d' replaces d where its boundary is nearer."""
+        if not len(idx):
+            return
         better = idx[hi[idx] < radius[idx]]  # hi is always labelled adversarial
-        radius[better], direction[better] = hi[better], trial[better]
+        radius[better], direction[better] = hi[better], trial.index_select(0, better)
         searching[idx] = False
 
     @staticmethod
@@ -103,9 +111,13 @@ class RayS(DecisionAttack):
     ) -> None:
         """d' = d with its next block flipped, for images ``idx`` (d itself the first time); advance."""
         s, b = stage[idx], block[idx]
-        length = (n + 2**s - 1) // 2**s  # ceil(n / 2**s)
-        flip = (coords >= (b * length)[:, None]) & (coords < ((b + 1) * length)[:, None]) & (b >= 0)[:, None]
-        trial[idx] = torch.where(flip, -direction[idx], direction[idx])
+        parts = 2**s
+        length = (n + parts - 1) // parts  # ceil(n / 2**s)
+        # block b = -1 (d itself) ends at 0: it flips nothing
+        start = b * length
+        flip = (coords >= start[:, None]) & (coords < (start + length)[:, None])
+        d = direction.index_select(0, idx)
+        trial[idx] = torch.where(flip, -d, d)
         b = b + 1
         wrap = b * length >= n  # past the last block: halve the blocks, or restart at one block
         stage[idx] = torch.where(wrap, torch.where(length > 1, s + 1, 0), s)

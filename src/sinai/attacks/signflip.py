@@ -52,6 +52,14 @@ class SignFlip(DecisionAttack):
         self.eta, self.p, self.grow, self.shrink = float(eta), float(p), float(grow), float(shrink)
         self.window, self.start_tries, self.tol = int(window), int(start_tries), float(tol)
 
+    @staticmethod
+    def keep(
+        delta: torch.Tensor, idx: torch.Tensor, cand: torch.Tensor, xi: torch.Tensor, adv: torch.Tensor
+    ) -> None:
+        """The candidates labelled adversarial become the perturbations of their images."""
+        pos = torch.nonzero(adv).flatten()
+        delta[idx[pos]] = cand.index_select(0, pos) - xi.index_select(0, pos)
+
     def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
         """Attack all live images together; return the current adversarial point (x where none)."""
         eps = oracle.threat.eps
@@ -83,35 +91,43 @@ class SignFlip(DecisionAttack):
         p = torch.full((num,), max(self.p, 1.0 / n), device=x.device)
         flips = torch.zeros(num, dtype=torch.long, device=x.device)
         flip_wins = torch.zeros_like(flips)
+        last, x_live = None, x
         while True:
             idx = oracle.live(among=has)
             if not len(idx):
                 break
+            if idx is not last:  # the oracle hands out the same live set until an image finishes
+                last, x_live = idx, x.index_select(0, idx)
             # 1. projection towards eps
-            xi, di = x[idx], delta[idx]
+            xi, di = x_live, delta.index_select(0, idx)
             r = di.flatten(1).abs().amax(1)
             target = torch.where(r > eps, eps, 0.9 * r)
-            r_new = r - eta[idx] * (r - target)
-            cand = (xi + di.clamp(-view4(r_new), view4(r_new))).clamp(0.0, 1.0)
+            eta_i = eta[idx]
+            r_new = r - eta_i * (r - target)
+            cand = (xi + di.clamp_(-view4(r_new), view4(r_new))).clamp_(0.0, 1.0)
             ok, adv = ask(oracle, cand, idx, y)
-            delta[idx[adv]] = cand[adv] - xi[adv]
-            eta[idx[adv]] = (eta[idx[adv]] * self.grow).clamp(max=1.0)
-            eta[idx[ok & ~adv]] *= self.shrink
-            idx = idx[ok]
-            if not len(idx):
-                continue
+            self.keep(delta, idx, cand, xi, adv)
+            # eta grows on success, shrinks on an answered failure (idx: distinct images)
+            eta[idx] = torch.where(
+                adv, (eta_i * self.grow).clamp(max=1.0), torch.where(ok, eta_i * self.shrink, eta_i)
+            )
+            if not bool(ok.all()):
+                idx, xi = idx[ok], xi[ok]
+                if not len(idx):
+                    continue
             # 2. random sign flip
-            xi, di = x[idx], delta[idx]
-            mask = streams.uniform(idx, shape) < view4(p[idx])
-            cand = (xi + torch.where(mask, -di, di)).clamp(0.0, 1.0)
+            di, p_i = delta.index_select(0, idx), p[idx]
+            mask = streams.uniform(idx, shape) < view4(p_i)
+            cand = (xi + torch.where(mask, -di, di)).clamp_(0.0, 1.0)
             ok, adv = ask(oracle, cand, idx, y)
-            delta[idx[adv]] = cand[adv] - xi[adv]
-            flips[idx[ok]] += 1
-            flip_wins[idx[adv]] += 1
-            due = ok & (flips[idx] % self.window == 0)
-            rate = flip_wins[idx].float() / self.window
+            self.keep(delta, idx, cand, xi, adv)
+            # flip statistics; every `window` flips p adapts to the success rate (idx: distinct images)
+            count, wins = flips[idx] + ok, flip_wins[idx] + adv
+            due = ok & (count % self.window == 0)
+            rate = wins.float() / self.window
             up, down = due & (rate > 0.7), due & (rate < 0.3)
-            p[idx[up]] = (p[idx[up]] * 1.5).clamp(max=0.5)
-            p[idx[down]] = (p[idx[down]] / 1.5).clamp(min=1.0 / n)
-            flip_wins[idx[due]] = 0
+            p[idx] = torch.where(
+                up, (p_i * 1.5).clamp(max=0.5), torch.where(down, (p_i / 1.5).clamp(min=1.0 / n), p_i)
+            )
+            flips[idx], flip_wins[idx] = count, torch.where(due, 0, wins)
         return x + delta

@@ -25,7 +25,7 @@ import torch
 from .base import register_attack
 from .decision import DecisionAttack, view4
 from .oracle import Oracle
-from .phases import Calls, by_count, probe_chunk
+from .phases import Calls, by_count, keep, probe_chunk
 from .streams import ImageStreams
 
 START, SEARCH, PROBES, STEP, DONE = range(5)
@@ -89,21 +89,19 @@ class _Run:
         self.halvings = torch.zeros(num, dtype=torch.long, device=dev)
 
     def loop(self) -> torch.Tensor:
+        asks = {START: self.ask_start, SEARCH: self.ask_search, PROBES: self.ask_probes, STEP: self.ask_step}
         while True:
             idx = self.oracle.live()
-            idx = idx[self.phase[idx] != DONE]
+            idx = keep(idx, self.phase[idx] != DONE)
             searching = idx[self.phase[idx] == SEARCH]
-            self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.tol[searching]])
-            idx = idx[self.phase[idx] != DONE]
+            if len(searching):
+                self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.tol[searching]])
+                idx = keep(idx, self.phase[idx] != DONE)
             if not len(idx):
                 break
             calls, handlers = Calls(), []
-            phase = self.phase[idx]
-            asks = ((START, self.ask_start), (SEARCH, self.ask_search), (PROBES, self.ask_probes))
-            for code, ask_fn in (*asks, (STEP, self.ask_step)):
-                group = idx[phase == code]
-                if len(group):
-                    handlers += ask_fn(calls, group)
+            for code, group in by_count(idx, self.phase[idx]):  # phase by phase, in the order of the codes
+                handlers += asks[code](calls, group)
             for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
                 handler(ok, adv)
         # searches the oracle cut short still end at an adversarial hi
@@ -115,7 +113,7 @@ class _Run:
     def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:
         m, shape = self.a.start_directions, self.shape
         dirs = self.streams.normal(idx, (m, *shape))
-        cand = (self.x[idx][:, None] + dirs).clamp(0.0, 1.0)
+        cand = (self.x.index_select(0, idx)[:, None] + dirs).clamp(0.0, 1.0)
         calls.add(cand.view(-1, *shape), idx.repeat_interleave(m))
 
         def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
@@ -134,12 +132,16 @@ class _Run:
 
     # -- binary search of g(ray) on [0, hi], to tol relative to hi
     def begin_search(self, idx: torch.Tensor, ray: torch.Tensor, hi: torch.Tensor, *, first: bool) -> None:
+        if not len(idx):
+            return
         self.ray[idx], self.lo[idx], self.hi[idx] = ray, 0.0, hi
         self.tol[idx], self.first[idx], self.phase[idx] = self.a.tol * hi, first, SEARCH
 
     def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
         mid = (self.lo[idx] + self.hi[idx]) / 2
-        calls.add((self.x[idx] + view4(mid) * self.ray[idx]).clamp(0.0, 1.0), idx)
+        calls.add(
+            (self.x.index_select(0, idx) + view4(mid) * self.ray.index_select(0, idx)).clamp(0.0, 1.0), idx
+        )
 
         def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
             self.hi[idx[adv]] = mid[adv]
@@ -156,7 +158,7 @@ class _Run:
         first, g_new = self.first[idx], self.hi[idx]
         better = first | (g_new < self.g[idx])
         won = idx[better]
-        self.theta[won], self.g[won] = self.ray[won], g_new[better]
+        self.theta[won], self.g[won] = self.ray.index_select(0, won), g_new[better]
         self.alpha[idx[~first]] *= 2
         self.phase[idx] = DONE if finished else PROBES
         self.drawn[idx], self.grad[idx], self.answered[idx] = 0, 0.0, True
@@ -165,16 +167,19 @@ class _Run:
     def ask_probes(self, calls: Calls, idx: torch.Tensor) -> list:
         handlers, k, shape = [], self.a.k, self.shape
         for m, group in by_count(idx, (k - self.drawn[idx]).clamp(max=self.chunk)):
+            # (in place where a fresh tensor allows it: the probes of a call can be large)
             u = self.streams.normal(group, (m, self.n)).view(len(group), m, *shape)
-            probe = unit((self.theta[group][:, None] + self.a.beta * u).reshape(-1, *shape))
-            cand = self.x[group][:, None] + view4(self.g[group])[:, None] * probe.view(len(group), m, *shape)
-            calls.add(cand.clamp(0.0, 1.0).view(-1, *shape), group.repeat_interleave(m))
+            probe = (self.a.beta * u).add_(self.theta.index_select(0, group)[:, None]).view(-1, *shape)
+            probe.div_(view4(probe.flatten(1).norm(dim=1).clamp_min(1e-12)))  # unit()
+            cand = view4(self.g[group])[:, None] * probe.view(len(group), m, *shape)
+            cand.add_(self.x.index_select(0, group)[:, None]).clamp_(0.0, 1.0)
+            calls.add(cand.view(-1, *shape), group.repeat_interleave(m))
 
             def answer(
                 ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, m: int = m, u=u
             ) -> None:
                 signs = torch.where(adv.view(-1, m), -1.0, 1.0)
-                self.grad[group] += (signs.view(len(group), m, 1, 1, 1) * u).sum(1)
+                self.grad[group] += u.mul_(signs.view(len(group), m, 1, 1, 1)).sum(1)  # (u: not needed after)
                 self.answered[group] &= ok.view(-1, m).all(1)
                 self.drawn[group] += m
                 done = group[self.drawn[group] >= k]
@@ -188,8 +193,8 @@ class _Run:
 
     # -- step search: halve alpha until the fast check at g(theta) passes
     def ask_step(self, calls: Calls, idx: torch.Tensor) -> list:
-        new = unit(self.theta[idx] - view4(self.alpha[idx]) * self.grad[idx])
-        calls.add((self.x[idx] + view4(self.g[idx]) * new).clamp(0.0, 1.0), idx)
+        new = unit(self.theta.index_select(0, idx) - view4(self.alpha[idx]) * self.grad.index_select(0, idx))
+        calls.add((self.x.index_select(0, idx) + view4(self.g[idx]) * new).clamp(0.0, 1.0), idx)
 
         def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
             self.begin_search(idx[adv], new[adv], self.g[idx[adv]], first=False)

@@ -86,8 +86,7 @@ class SimBA(Attack):
         """Map flat basis coordinates (B,) to the unit basis vectors as images (B, C, H, W)."""
 
         def directions(coords: torch.Tensor) -> torch.Tensor:
-            q = torch.zeros((len(coords), shape.numel()), device=device)
-            q[torch.arange(len(coords), device=device), coords] = 1.0
+            q = torch.zeros((len(coords), shape.numel()), device=device).scatter_(1, coords[:, None], 1.0)
             return q.view(-1, *shape)
 
         return directions
@@ -110,26 +109,45 @@ class SimBA(Attack):
             loss[idx[ok]] = score_loss(logits[ok], y[idx[ok]], self.loss)
 
         t = 0
+        last, x_live = None, x
         while True:
             idx = oracle.live()
             if not len(idx):
                 break
-            q = directions(order[idx, t % order.shape[1]])
+            if idx is not last:  # the oracle hands out the same live set until an image finishes
+                last, x_live = idx, x.index_select(0, idx)
+            q = directions(order[:, t % order.shape[1]].index_select(0, idx))
             t += 1
+            # the images' current points (x_adv itself when all are live: the rows that try -q have not
+            # moved since +q)
+            xi, base = x_live, x_adv if len(idx) == len(x) else x_adv.index_select(0, idx)
             for sign in (1.0, -1.0):
-                cand = threat.project(x_adv[idx] + sign * self.step * q, x[idx])
+                cand = threat.project(base + sign * self.step * q, xi)
                 logits = oracle(cand, idx)
-                ok = ~torch.isnan(logits).any(1)
-                new = torch.full((len(idx),), float("inf"), device=device)
-                new[ok] = score_loss(logits[ok], y[idx[ok]], self.loss)
-                better = ok & (new < loss[idx])
-                x_adv[idx[better]] = cand[better]
-                loss[idx[better]] = new[better]
-                # Only the answered images that did not improve try -q, if they are still live.
-                rest = ok & ~better & ~oracle.done[idx]
-                idx, q = idx[rest], q[rest]
-                if not len(idx):
+                nan = torch.isnan(logits).any(1)  # rows of images that were done before this query
+                if bool(nan.any()):
+                    ok = ~nan
+                    new = torch.full((len(idx),), float("inf"), device=device)
+                    new[ok] = score_loss(logits[ok], y[idx[ok]], self.loss)
+                    better = ok & (new < loss[idx])
+                else:
+                    new = score_loss(logits, y[idx], self.loss)
+                    better = new < loss[idx]
+                pos = torch.nonzero(better).flatten()
+                if len(pos):
+                    rows = idx[pos]
+                    x_adv[rows] = cand.index_select(0, pos)
+                    loss[rows] = new[pos]
+                # Only the answered images that did not improve try -q, if they are still live (all of
+                # them: the same live set, which keeps the oracle's fast path).
+                rest = ~nan & ~better & ~oracle.done[idx]
+                if bool(rest.all()):
+                    continue
+                rest = torch.nonzero(rest).flatten()
+                if not len(rest):
                     break
+                idx, q = idx[rest], q.index_select(0, rest)
+                xi, base = xi.index_select(0, rest), base.index_select(0, rest)
         return x_adv
 
 
@@ -189,6 +207,8 @@ class SimBADCT(SimBA):
             u = torch.div(coords % (height * width), width, rounding_mode="floor")
             v = coords % width
             plane = dh[u][:, :, None] * dw[v][:, None, :]  # (B, H, W), unit l2 norm
+            if channels == 1:  # the plane is the whole image
+                return plane[:, None]
             q = torch.zeros((len(coords), channels, height, width), device=device)
             q[torch.arange(len(coords), device=device), c] = plane
             return q

@@ -13,6 +13,7 @@ window corners are drawn from the paper's {0, ..., w - s}.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -53,24 +54,56 @@ def meta_pattern(s: int) -> torch.Tensor:
 
 
 def window_mask(
-    top: torch.Tensor, left: torch.Tensor, side: torch.Tensor, height: int, width: int
+    top: torch.Tensor, left: torch.Tensor, side: torch.Tensor | int, height: int, width: int
 ) -> torch.Tensor:
-    """(B, 1, H, W) mask of the square of side ``side[b]`` with top-left corner (top[b], left[b])."""
-    rows = torch.arange(height, device=top.device)[None, :, None]
-    cols = torch.arange(width, device=top.device)[None, None, :]
-    top, left, side = top[:, None, None], left[:, None, None], side[:, None, None]
-    inside = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
-    return inside[:, None]
+    """(B, 1, H, W) mask of the square of side ``side[b]`` (or ``side`` for all) with top-left corner
+    (top[b], left[b])."""
+    if isinstance(side, int):  # one side for all: the rows and columns of each corner, looked up
+        in_rows, in_cols = _band(height, side, top.device)[top], _band(width, side, top.device)[left]
+    else:
+        rows = torch.arange(height, device=top.device)[None, :]
+        cols = torch.arange(width, device=top.device)[None, :]
+        top, left, side = top[:, None], left[:, None], side[:, None]
+        in_rows = ((rows >= top) & (rows < top + side)).to(torch.uint8)  # (B, H)
+        in_cols = ((cols >= left) & (cols < left + side)).to(torch.uint8)
+    # the outer product in uint8 (0/1), read as bool: much faster than a broadcast bool `&` on a CPU
+    return (in_rows[:, :, None] * in_cols[:, None, :]).view(torch.bool)[:, None]
+
+
+@functools.lru_cache(maxsize=64)
+def _band(size: int, side: int, device: torch.device) -> torch.Tensor:
+    """(size - side + 1, size) uint8: row t marks the ``side`` positions from t on."""
+    pos = torch.arange(size, device=device)
+    start = torch.arange(size - side + 1, device=device)[:, None]
+    return ((pos >= start) & (pos < start + side)).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _square_offsets(b: int, c: int, h: int, w: int, side: int, device: torch.device) -> torch.Tensor:
+    """(B, C, side, side) flat positions in a (B, C, H, W) tensor of the square at corner (0, 0) of each
+    image and channel: add ``top * W + left`` to move it."""
+    image = torch.arange(b, device=device).view(-1, 1, 1, 1) * (c * h * w)
+    channel = torch.arange(c, device=device).view(1, -1, 1, 1) * (h * w)
+    rows = torch.arange(side, device=device).view(1, 1, -1, 1) * w
+    return image + channel + rows + torch.arange(side, device=device).view(1, 1, 1, -1)
 
 
 def random_corner(
-    side: torch.Tensor, height: int, width: int, gen: torch.Generator
+    side: torch.Tensor | int, height: int, width: int, gen: torch.Generator, count: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform top-left corners in {0, ..., H - side} x {0, ..., W - side}, one per image."""
-    u = torch.rand((2, len(side)), generator=gen, device=side.device, dtype=torch.float64)
+    """Uniform top-left corners in {0, ..., H - side} x {0, ..., W - side}, one per image (``count``
+    images when ``side`` is one int for all)."""
+    n = len(side) if count is None else count
+    u = torch.rand((2, n), generator=gen, device=gen.device, dtype=torch.float64)
     top = (u[0] * (height - side + 1)).long().clamp(max=height - side)
     left = (u[1] * (width - side + 1)).long().clamp(max=width - side)
     return top, left
+
+
+def unchanged(cand: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Rows where ``cand`` equals ``best`` to 1e-7 everywhere (max |difference| < 1e-7: one float
+    reduction instead of an elementwise comparison)."""
+    return torch.nonzero((cand - best).abs_().flatten(1).amax(1) < 1e-7).flatten()
 
 
 def random_sign(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -137,28 +170,60 @@ class Square(Attack):
 
     # ---------------------------------------------------------------------------------------- update
     def step_linf(
-        self, x: torch.Tensor, best: torch.Tensor, side: torch.Tensor, eps: float, gen: torch.Generator
+        self, x: torch.Tensor, best: torch.Tensor, side: torch.Tensor | int, eps: float, gen: torch.Generator
     ) -> torch.Tensor:
-        """Give one random square per image a new +-eps per channel (Algorithm 2)."""
+        """Give one random square per image a new +-eps per channel (Algorithm 2). ``side``: per image,
+        or one int for all."""
         b, c, h, w = x.shape
-        top, left = random_corner(side, h, w, gen)
+        top, left = random_corner(side, h, w, gen, count=b)
+        if isinstance(side, int) and c == 1:
+            return self._square_only(x, best, top, left, side, eps, gen)
         win = window_mask(top, left, side, h, w)
         colour = eps * random_sign((b, c, 1, 1), gen, x.device)
         # x +- eps is inside the ball and ``best`` already is: only [0, 1] needs enforcing.
-        cand = torch.where(win, (x + colour).clamp(0.0, 1.0), best)
-        rows = torch.nonzero(((cand - best).abs() < 1e-7).flatten(1).all(1)).flatten()
+        cand = torch.where(win, (x + colour).clamp_(0.0, 1.0), best)
+        if not self.max_redraws:
+            return cand
+        if c == 1:  # the other sign always changes the square: what redrawing until it does gives
+            same = (cand - best).abs_().flatten(1).amax(1) < 1e-7  # the square changed nothing
+            if bool(same.any()):
+                colour = torch.where(same.view(-1, 1, 1, 1), -colour, colour)
+                cand = torch.where(win, (x + colour).clamp_(0.0, 1.0), best)  # the same where unchanged
+            return cand
+        rows = unchanged(cand, best)
         for _ in range(self.max_redraws):  # a square that changes nothing would waste the query
             if not len(rows):
                 break
-            if c == 1:  # the other sign always changes the square: what redrawing until it does gives
-                colour[rows] = -colour[rows]
-            else:
-                colour[rows] = eps * random_sign((len(rows), c, 1, 1), gen, x.device)
-            cand[rows] = torch.where(win[rows], (x[rows] + colour[rows]).clamp(0.0, 1.0), best[rows])
-            if c == 1:
-                break
-            rows = rows[((cand[rows] - best[rows]).abs() < 1e-7).flatten(1).all(1)]
+            colour[rows] = eps * random_sign((len(rows), c, 1, 1), gen, x.device)
+            best_r = best.index_select(0, rows)
+            new = (x.index_select(0, rows) + colour.index_select(0, rows)).clamp_(0.0, 1.0)
+            cand[rows] = torch.where(win.index_select(0, rows), new, best_r)
+            rows = rows[unchanged(cand.index_select(0, rows), best_r)]
         return cand
+
+    def _square_only(
+        self,
+        x: torch.Tensor,
+        best: torch.Tensor,
+        top: torch.Tensor,
+        left: torch.Tensor,
+        side: int,
+        eps: float,
+        gen: torch.Generator,
+    ) -> torch.Tensor:
+        """``step_linf`` for one channel and one side for all: the same candidates, computing only the
+        pixels of each square (the rest is ``best``) instead of whole images."""
+        b, c, h, w = x.shape
+        colour = eps * random_sign((b, c, 1, 1), gen, x.device)
+        pos = _square_offsets(b, c, h, w, side, x.device) + (top * w + left).view(-1, 1, 1, 1)
+        xs = x.take(pos)
+        value = (xs + colour).clamp_(0.0, 1.0)
+        if self.max_redraws:  # a square that changes nothing would waste the query: take the other sign
+            same = (value - best.take(pos)).abs_().flatten(1).amax(1) < 1e-7
+            if bool(same.any()):
+                colour = torch.where(same.view(-1, 1, 1, 1), -colour, colour)
+                value = (xs + colour).clamp_(0.0, 1.0)
+        return best.clone().put_(pos, value)
 
     def step_l2(
         self,
@@ -208,32 +273,62 @@ class Square(Attack):
             for k, s in enumerate(sides.tolist()):
                 bank[k, :s, :s] = meta_pattern(s).to(x.device)
 
+        # p's level at each step count, looked up instead of recomputed: an image answers at most n_iters
+        # queries, so its step count stays below n_iters (p_level is used past the table all the same).
+        table = p_level(torch.arange(n_iters, device=x.device), n_iters)
+        side_at = sides[table].tolist()
         x_adv = x.clone()
         loss = torch.full((len(x),), float("inf"), device=x.device)
         it = torch.zeros(len(x), dtype=torch.long, device=x.device)  # update steps answered, per image
+        # Every live image has answered every query so far (an unanswered one is finished), so all share
+        # the step count `steps`, and linf draws its squares with one side for all (a plain int).
+        steps, uniform = 0, norm == "linf"
+        last, xi, yi = None, x, y
         first = True  # the first query of every image is its init point
         while True:
             idx = oracle.live()
             if not len(idx):
                 break
             every = len(idx) == len(x)  # all images live (the common case): no gathers
-            xi, best = (x, x_adv) if every else (x[idx], x_adv[idx])
+            if idx is not last:  # the oracle hands out the same live set until an image finishes
+                last = idx
+                xi, yi = (x, y) if every else (x.index_select(0, idx), y[idx])
+            best = x_adv if every else x_adv.index_select(0, idx)
             if first:
                 cand = self.init_linf(xi, eps, gen) if norm == "linf" else self.init_l2(xi, eps, gen)
+            elif uniform:
+                if steps < n_iters:
+                    side = side_at[steps]
+                else:
+                    side = int(sides[p_level(torch.tensor([steps], device=x.device), n_iters)][0])
+                cand = self.step_linf(xi, best, side, eps, gen)
             else:
-                level = p_level(it[idx], n_iters)
+                done = it if every else it[idx]
+                level = table[done] if steps < n_iters else p_level(done, n_iters)
                 if norm == "linf":
                     cand = self.step_linf(xi, best, sides[level], eps, gen)
                 else:
                     cand = self.step_l2(xi, best, level, sides[level], bank, eps, gen)
             logits = oracle(cand, idx)
-            ok = ~torch.isnan(logits).any(1)  # rows of images that were done before this query
-            if not bool(ok.all()):
-                idx, cand, logits = idx[ok], cand[ok], logits[ok]
-            new_loss = margin_loss(logits, y[idx])
-            better = new_loss < loss[idx]  # always true for the init point (loss starts at inf)
-            x_adv[idx[better]] = cand[better]
-            loss[idx[better]] = new_loss[better]
-            it[idx] += 0 if first else 1
+            y_ok = yi
+            if bool(torch.isnan(logits).any()):  # rows of images that were done before this query
+                ok = ~torch.isnan(logits).any(1)
+                if uniform and bool((~ok & ~oracle.done[idx]).any()):  # a NaN answer of a live image
+                    uniform = False
+                    it.fill_(steps)  # what every live image had made so far
+                idx, cand, logits, y_ok, every = idx[ok], cand[ok], logits[ok], yi[ok], False
+            new_loss = margin_loss(logits, y_ok)
+            better = new_loss < (loss if every else loss[idx])  # always true for the init point (inf)
+            pos = torch.nonzero(better).flatten()
+            rows = idx[pos]
+            x_adv[rows] = cand.index_select(0, pos)
+            loss[rows] = new_loss[pos]
+            if not first:
+                if not uniform:  # (while uniform, every live image has made `steps` steps)
+                    if every:
+                        it += 1
+                    else:
+                        it[idx] += 1
+                steps += 1
             first = False
         return x_adv

@@ -27,6 +27,17 @@ def hash32(v: torch.Tensor) -> torch.Tensor:
     return v ^ (v >> 16)
 
 
+def hash32_int(v: int) -> int:
+    """:func:`hash32` of one Python integer (the same bits: only the low 32 bits of each product count,
+    so int64 wrap-around in the tensor version changes nothing), without creating tensors."""
+    v &= _M32
+    v ^= v >> 16
+    v = (v * 0x7FEB352D) & _M32
+    v ^= v >> 15
+    v = (v * 0x846CA68B) & _M32
+    return v ^ (v >> 16)
+
+
 def image_keys(x: torch.Tensor, seed: int) -> torch.Tensor:
     """One 32-bit key per image from its pixels (quantized to 1/4096, so exact on every device) and seed."""
     q = torch.round(x.flatten(1).double() * 4096).long()
@@ -41,8 +52,10 @@ class ImageStreams:
 
     def __init__(self, x: torch.Tensor, seed: int) -> None:
         self.keys = image_keys(x, seed)
-        self.seed_mix = int(hash32(torch.tensor([seed & _M32]))[0])
+        self.seed_mix = hash32_int(seed & _M32)
         self.counter = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        # count -> (every image's rotation keys % count, the count as a one-element tensor), made once
+        self._per_count: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _draw(self, idx: torch.Tensor, count: int, normal: bool) -> torch.Tensor:
         """(len(idx), count): the next ``count`` values of each image's stream.
@@ -51,18 +64,29 @@ class ImageStreams:
         position), which each image then rotates by an offset taken from its own key: a Gaussian or
         uniform vector stays one under a fixed permutation, and nothing depends on the other images.
         """
-        out = torch.empty((len(idx), count), device=idx.device)
         ctr = self.counter[idx]
-        for c in torch.unique(ctr).tolist():  # one value when the images move in lockstep (the usual case)
-            rows = torch.nonzero(ctr == c).flatten()
-            seed = int(hash32(torch.tensor([c & _M32 ^ self.seed_mix ^ (c >> 32)]))[0])
-            gen = torch.Generator(device=idx.device).manual_seed(seed)
-            draw = (torch.randn if normal else torch.rand)((count,), generator=gen, device=idx.device)
-            shift = self.keys[idx[rows]] % count
-            pos = (torch.arange(count, device=idx.device)[None] + shift[:, None]) % count
-            out[rows] = draw[pos]
-        self.counter.index_add_(0, idx, torch.full_like(idx, count))
+        positions = torch.unique(ctr).tolist()
+        if count not in self._per_count:
+            self._per_count[count] = (self.keys % count, torch.tensor([count], device=idx.device))
+        shifts, step = self._per_count[count]
+        if len(positions) == 1:  # the images move in lockstep (the usual case): one draw for all
+            out = self._rotated(positions[0], shifts[idx], count, normal)
+        else:
+            out = torch.empty((len(idx), count), device=idx.device)
+            for c in positions:
+                rows = torch.nonzero(ctr == c).flatten()
+                out[rows] = self._rotated(c, shifts[idx[rows]], count, normal)
+        self.counter.index_add_(0, idx, step.expand(len(idx)))
         return out
+
+    def _rotated(self, c: int, shifts: torch.Tensor, count: int, normal: bool) -> torch.Tensor:
+        """The draw at stream position ``c``, rotated left by each of ``shifts`` (an image's key % count)."""
+        seed = hash32_int(c & _M32 ^ self.seed_mix ^ (c >> 32))
+        gen = torch.Generator(device=shifts.device).manual_seed(seed)
+        draw = (torch.randn if normal else torch.rand)((count,), generator=gen, device=shifts.device)
+        # row k of the windows of [draw, draw] is draw rotated by k: one gather, no index arithmetic
+        windows = torch.cat([draw, draw]).unfold(0, count, 1)
+        return windows.index_select(0, shifts)
 
     def uniform(self, idx: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Uniform [0, 1) floats of shape (len(idx), *shape)."""

@@ -20,18 +20,31 @@ EPS_TOLERANCE = 1e-6
 def distance(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-row linf or l2 norm of ``x_adv - x``."""
     delta = (x_adv - x).flatten(1)
-    return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    if norm != "linf":
+        return delta.norm(dim=1)
+    return (delta.abs() if delta.requires_grad else delta.abs_()).amax(1)  # in place unless autograd needs it
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     """Project ``x_adv`` onto the eps-ball around ``x`` (linf or l2) intersected with [0, 1]."""
     delta = x_adv - x
+    if delta.requires_grad:  # autograd keeps the intermediate values
+        if norm == "linf":
+            delta = delta.clamp(-eps, eps)
+        else:
+            delta = delta * (eps / _row_norms(delta)).clamp(max=1.0)
+        return (x + delta).clamp(0.0, 1.0)
+    # the same values, computed in place in the new tensor ``delta`` (no copies)
     if norm == "linf":
-        delta = delta.clamp(-eps, eps)
+        delta.clamp_(-eps, eps)
     else:
-        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-        delta = delta * (eps / norms).clamp(max=1.0)
-    return (x + delta).clamp(0.0, 1.0)
+        delta.mul_((eps / _row_norms(delta)).clamp(max=1.0))
+    return delta.add_(x).clamp_(0.0, 1.0)
+
+
+def _row_norms(delta: torch.Tensor) -> torch.Tensor:
+    """Per-row l2 norm of ``delta`` (at least 1e-12), shaped to broadcast against it."""
+    return delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (delta.dim() - 1)))
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,13 @@ class ThreatModel:
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``x_adv`` projected onto the eps-ball around ``x`` and [0, 1]."""
         return project(x_adv, x, self.norm, self.eps)
+
+    def project_probes(self, probes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Probes (B, m, C, H, W) around the images ``x`` (B, C, H, W) projected like ``project``, as
+        (B * m, C, H, W): for linf ``x`` broadcasts over the probes (no copies); l2 needs a norm per probe."""
+        if self.norm == "linf":
+            return self.project(probes, x[:, None]).flatten(0, 1)
+        return self.project(probes.flatten(0, 1), x.repeat_interleave(probes.shape[1], 0))
 
     def contains(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per-row mask: ``x_adv`` lies in the eps-ball around ``x`` (with the float slack)."""

@@ -129,7 +129,9 @@ def bench_defenses(
     "attack_names",
     default=None,
     callback=parsed(names),
-    help="Comma-separated attacks (default: all).",
+    help="Comma-separated attacks (default: the query attacks, score- and decision-based). Any registered "
+    "attack can be named, white-box and transfer ones too, but their ratio says little: their time goes "
+    "into gradients or a surrogate, not into counted queries.",
 )
 @click.option("--images", type=int, default=100, show_default=True, help="Images attacked per attack.")
 @click.option("--budget", type=int, default=200, show_default=True, help="Queries per image for the ratio.")
@@ -204,8 +206,7 @@ def bench_attacks(
 ) -> None:
     """Queries/s of each attack / the model's forward images/s (target >= 0.9); --peers: Square and
     HopSkipJump vs torchattacks, ART and foolbox."""
-    from ..attacks import ATTACKS
-    from ..bench.attacks import compare_hsja, compare_square, measure_attacks
+    from ..bench.attacks import QUERY_ATTACKS, compare_hsja, compare_square, measure_attacks
     from ..models.data import sample
     from ..reports.console import bench_attacks_table, peers_table
 
@@ -216,7 +217,7 @@ def bench_attacks(
         return x.to(device), y.to(device)
 
     rows = measure_attacks(
-        model, *images_on_device(images), attack_names or ATTACKS, budget=budget, batch_size=batch_size,
+        model, *images_on_device(images), attack_names or QUERY_ATTACKS, budget=budget, batch_size=batch_size,
         rounds=rounds, seed=seed,
     )  # fmt: skip
     click.echo(
@@ -244,8 +245,8 @@ def bench_attacks(
                 name, large_images, device=device, cache_dir=cache_dir, seed=seed
             )
             big_rows = measure_attacks(
-                big, bx, by, attack_names or ATTACKS, budget=large_budget, batch_size=batch, rounds=rounds,
-                seed=seed,
+                big, bx, by, attack_names or QUERY_ATTACKS, budget=large_budget, batch_size=batch,
+                rounds=rounds, seed=seed,
             )  # fmt: skip
             click.echo(
                 f"\n{name} (random weights), {large_images} images, budget {large_budget}, batch {batch}:"

@@ -27,12 +27,25 @@ def test_draws_are_standard_normal_in_the_body_and_the_tails():
     assert abs(draws.mean()) < 4 / math.sqrt(n)
     assert abs(draws.std() / 1.0 - 1) < 4 / math.sqrt(2 * n)
     assert stats.kstest(draws[:500_000], "norm").pvalue > 1e-3
-    # the ziggurat's rare paths: the wedges and the tail beyond R = 3.65 carry the right mass
-    for cut in (2.0, 3.0, 3.6541528853610088, 4.0):
+    # the ziggurat's rare paths: the wedges and the tail beyond R carry the right mass
+    for cut in (2.0, 3.0, 3.6541528853610088, fastnoise._R, 4.5):
         share = (np.abs(draws) > cut).mean()
         expected = 2 * stats.norm.sf(cut)
         assert abs(share - expected) < 5 * math.sqrt(expected / n) + 1e-7, cut
     assert np.abs(draws).max() < 7
+
+
+def test_the_ziggurat_base_is_marsaglia_and_tsangs_for_their_layer_counts():
+    # RNOR's published constants (r, v) for 128 and 256 layers, from the same bisection as ours
+    for layers, r, v in (
+        (128, 3.442619855899, 9.91256303526217e-3),
+        (256, 3.6541528853610088, 4.92867323399e-3),
+    ):
+        got_r, got_v = fastnoise._ziggurat_base(layers)
+        assert abs(got_r - r) < 1e-9 and abs(got_v - v) < 1e-11
+    kn, wn, fn = fastnoise._ziggurat_tables()
+    assert len(kn) == fastnoise._LAYERS == 1 << (64 - fastnoise._LAYER_SHIFT)
+    assert fn[0] == 1.0 and np.all(np.diff(fn[1:]) < 0) and kn.max() < 2**31
 
 
 def test_draws_are_independent_across_rows_calls_and_neighbours():

@@ -33,26 +33,55 @@ try:  # numba is a dependency; without it (an unusual install) the torch path is
 except ImportError:  # pragma: no cover
     numba = None
 
-_LAYERS = 256
-_R = 3.6541528853610088  # where the tail begins, for 256 layers
+_LAYERS = 1024  # more layers than RNOR's 256: fewer draws outside their layer's rectangle (0.4%, not 1.3%)
+_LAYER_SHIFT = 54  # a draw's layer: the top log2(_LAYERS) bits of its 64-bit number
+
+
+def _density(x: float) -> float:
+    return math.exp(-0.5 * x * x)
+
+
+def _ziggurat_base(layers: int) -> tuple[float, float]:
+    """Where the tail begins, ``r``, and each layer's area, ``v``, for a ziggurat of ``layers`` layers
+    under the unnormalised normal density: the ``r`` for which the layers of area ``v`` (the base strip
+    being the rectangle under ``f(r)`` plus the tail) stack up to exactly ``f(0) = 1`` (found by
+    bisection; gives Marsaglia & Tsang's r = 3.6541528853610088 for 256 layers)."""
+
+    def overshoot(r: float) -> tuple[float, float]:
+        v = r * _density(r) + math.sqrt(math.pi / 2) * math.erfc(r / math.sqrt(2))
+        x = r
+        for _ in range(layers - 2):
+            top = v / x + _density(x)
+            if top >= 1.0:  # the layers reach the top too early: r is too small
+                return 1.0, v
+            x = math.sqrt(-2.0 * math.log(top))
+        return v / x + _density(x) - 1.0, v
+
+    lo, hi = 2.0, 6.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if overshoot(mid)[0] > 0 else (lo, mid)
+    return lo, overshoot(lo)[1]
+
+
+_R, _V = _ziggurat_base(_LAYERS)
 
 
 def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The 256-layer ziggurat tables of the standard normal (Marsaglia & Tsang 2000, RNOR): layer ``i``'s
-    acceptance bound ``kn``, scale ``wn`` and density ``fn``."""
+    """The ziggurat tables of the standard normal (Marsaglia & Tsang 2000, RNOR, with ``_LAYERS``
+    layers): layer ``i``'s acceptance bound ``kn``, scale ``wn`` and density ``fn``."""
     dn = tn = _R
-    vn = 4.92867323399e-3
     m1 = 2147483648.0
     kn, wn, fn = np.zeros(_LAYERS, np.int64), np.zeros(_LAYERS), np.zeros(_LAYERS)
-    q = vn / math.exp(-0.5 * dn * dn)
+    q = _V / _density(dn)
     kn[0], kn[1] = int(dn / q * m1), 0
     wn[0], wn[-1] = q / m1, dn / m1
-    fn[0], fn[-1] = 1.0, math.exp(-0.5 * dn * dn)
+    fn[0], fn[-1] = 1.0, _density(dn)
     for i in range(_LAYERS - 2, 0, -1):
-        dn = math.sqrt(-2.0 * math.log(vn / dn + math.exp(-0.5 * dn * dn)))
+        dn = math.sqrt(-2.0 * math.log(_V / dn + _density(dn)))
         kn[i + 1] = int(dn / tn * m1)
         tn = dn
-        fn[i], wn[i] = math.exp(-0.5 * dn * dn), dn / m1
+        fn[i], wn[i] = _density(dn), dn / m1
     return kn, wn, fn
 
 
@@ -82,11 +111,12 @@ if numba is not None:
         same 64-bit number, its layer ``iz``."""
         s = s + _GAMMA
         bits = _mix(s)
-        return np.int64(np.int32(np.uint32(bits & np.uint64(0xFFFFFFFF)))), np.int64(bits >> np.uint64(56)), s
+        value = np.int64(np.int32(np.uint32(bits & np.uint64(0xFFFFFFFF))))
+        return value, np.int64(bits >> np.uint64(_LAYER_SHIFT)), s
 
     @_jit
     def _gauss_slow(hz: np.int64, iz: np.int64, s: np.uint64) -> tuple[float, np.uint64]:
-        """The ziggurat's rare path (about 1.3% of draws): the tail or the wedge of layer ``iz``, then new
+        """The ziggurat's rare path (about 0.4% of draws): the tail or the wedge of layer ``iz``, then new
         draws until one is accepted."""
         while True:
             x = hz * _WN[iz]
@@ -111,9 +141,9 @@ if numba is not None:
     @_jit
     def _normals(vals: np.ndarray, m: int, s: np.uint64) -> np.uint64:
         """Fill ``vals[:m]`` with standard normal numbers from the stream at ``s``; returns the stream's
-        next state. Draw ``i`` is the ziggurat (Marsaglia & Tsang's 256 layers; value and layer from
-        separate bits of one 64-bit number) on the stream's ``i``-th number, in a branch-free loop the
-        compiler vectorises; the draws that fall outside their layer's rectangle (about 1.3%) are then
+        next state. Draw ``i`` is the ziggurat (Marsaglia & Tsang's, ``_LAYERS`` layers; value and layer
+        from separate bits of one 64-bit number) on the stream's ``i``-th number, in a branch-free loop the
+        compiler vectorises; the draws that fall outside their layer's rectangle (about 0.4%) are then
         finished in order on the numbers that follow."""
         for i in range(m):
             bits = s + np.uint64(i + 1) * _GAMMA
@@ -121,7 +151,7 @@ if numba is not None:
             bits = (bits ^ (bits >> np.uint64(27))) * _M2
             bits = bits ^ (bits >> np.uint64(31))
             hz = np.int32(np.uint32(bits & np.uint64(0xFFFFFFFF)))
-            iz = np.int64(bits >> np.uint64(56))
+            iz = np.int64(bits >> np.uint64(_LAYER_SHIFT))
             vals[i] = hz * _WN[iz] if abs(np.int64(hz)) < _KN[iz] else np.nan
         rest = s + np.uint64(m) * _GAMMA
         for i in range(m):

@@ -23,7 +23,7 @@ import torch
 from .base import register_attack
 from .decision import DecisionAttack, blend, view4
 from .oracle import Oracle
-from .phases import Calls, ask_random_starts, by_count, keep
+from .phases import Calls, PhaseRun
 from .streams import ImageStreams
 
 START, SEARCH, WALK, DONE = range(4)
@@ -62,8 +62,10 @@ class Boundary(DecisionAttack):
         return _Run(self, oracle, x, y, seed).loop()
 
 
-class _Run:
+class _Run(PhaseRun):
     """One Boundary Attack run: per-image state, one oracle call per step for all live images."""
+
+    SEARCH, DONE = SEARCH, DONE  # the codes PhaseRun needs
 
     def __init__(self, attack: Boundary, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
         self.a, self.oracle, self.x, self.y = attack, oracle, x, y
@@ -73,54 +75,30 @@ class _Run:
         self.tries = torch.zeros(num, dtype=torch.long, device=dev)
         self.x_adv, self.start = x.clone(), x.clone()
         self.lo, self.hi = torch.zeros(num, device=dev), torch.ones(num, device=dev)
+        self.tol = torch.full((num,), attack.start_tol, device=dev)
         self.spherical = torch.full((num,), attack.spherical_step, device=dev)
         self.source = torch.full((num,), attack.source_step, device=dev)
         self.steps = torch.zeros(num, dtype=torch.long, device=dev)
         self.sph_wins, self.src_wins = torch.zeros_like(self.steps), torch.zeros_like(self.steps)
+        self.asks = {START: self.ask_start, SEARCH: self.ask_search, WALK: self.ask_walk}
 
     def loop(self) -> torch.Tensor:
-        asks = {START: self.ask_start, SEARCH: self.ask_search, WALK: self.ask_walk}
-        while True:
-            idx = self.oracle.live()
-            idx = keep(idx, self.phase[idx] != DONE)
-            searching = idx[self.phase[idx] == SEARCH]
-            if len(searching):
-                self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.a.start_tol])
-            if not len(idx):
-                break
-            calls, handlers = Calls(), []
-            for code, group in by_count(idx, self.phase[idx]):  # phase by phase, in the order of the codes
-                handlers += asks[code](calls, group)
-            for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
-                handler(ok, adv)
+        self.run_phases()
         searching = torch.nonzero(self.phase == SEARCH).flatten()  # cut short: hi is still adversarial
-        self.x_adv[searching] = blend(
-            self.x.index_select(0, searching), self.start.index_select(0, searching), self.hi[searching]
-        )
+        self.x_adv[searching] = self.point(searching, self.hi[searching])
         return self.x_adv
 
-    def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:
-        def found(won: torch.Tensor, start: torch.Tensor) -> None:
-            self.start[won], self.lo[won], self.hi[won], self.phase[won] = start, 0.0, 1.0, SEARCH
+    def begin_search(self, idx: torch.Tensor, start: torch.Tensor) -> None:
+        self.start[idx], self.lo[idx], self.hi[idx], self.phase[idx] = start, 0.0, 1.0, SEARCH
 
-        return ask_random_starts(self, calls, idx, done=DONE, found=found)
-
-    def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
+    def point(self, idx: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The blended-noise start: binary search on the line from x to the adversarial noise."""
-        mid = (self.lo[idx] + self.hi[idx]) / 2
-        calls.add(blend(self.x.index_select(0, idx), self.start.index_select(0, idx), mid), idx)
-
-        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
-            self.hi[idx[adv]] = mid[adv]
-            self.lo[idx[ok & ~adv]] = mid[ok & ~adv]
-            self.end_search(idx[ok & (self.hi[idx] - self.lo[idx] <= self.a.start_tol)])
-
-        return [answer]
+        return blend(self.x.index_select(0, idx), self.start.index_select(0, idx), r)
 
     def end_search(self, idx: torch.Tensor) -> None:
         if not len(idx):
             return
-        self.x_adv[idx] = blend(self.x.index_select(0, idx), self.start.index_select(0, idx), self.hi[idx])
+        self.x_adv[idx] = self.point(idx, self.hi[idx])
         self.phase[idx] = WALK
 
     def ask_walk(self, calls: Calls, idx: torch.Tensor) -> list:

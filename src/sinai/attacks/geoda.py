@@ -36,7 +36,7 @@ import torch
 from .base import register_attack
 from .decision import DecisionAttack, blend, view4
 from .oracle import Oracle
-from .phases import Calls, ask_random_starts, by_count, keep, probe_chunk
+from .phases import Calls, PhaseRun, by_count, probe_chunk
 from .streams import ImageStreams
 
 START, SEARCH, PROBES, GROW, DONE = range(5)
@@ -109,8 +109,10 @@ def dct_rows(n: int, k: int, *, device: torch.device | None = None) -> torch.Ten
     return rows.float()
 
 
-class _Run:
+class _Run(PhaseRun):
     """One GeoDA run: per-image state, one oracle call per step for all live images."""
+
+    SEARCH, DONE = SEARCH, DONE  # the codes PhaseRun needs
 
     def __init__(self, attack: GeoDA, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
         self.a, self.oracle, self.x, self.y = attack, oracle, x, y
@@ -138,27 +140,17 @@ class _Run:
         self.answered = torch.ones(num, dtype=torch.bool, device=dev)
         self.scale = torch.ones(num, device=dev)
         self.grows = torch.zeros(num, dtype=torch.long, device=dev)
+        self.asks = {
+            START: self.ask_start,
+            SEARCH: self.ask_search,
+            PROBES: self.ask_probes,
+            GROW: self.ask_grow,
+        }
 
     def loop(self) -> torch.Tensor:
-        asks = {START: self.ask_start, SEARCH: self.ask_search, PROBES: self.ask_probes, GROW: self.ask_grow}
-        while True:
-            idx = self.oracle.live()
-            idx = keep(idx, self.phase[idx] != DONE)
-            searching = idx[self.phase[idx] == SEARCH]
-            if len(searching):
-                self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.tol[searching]])
-            if not len(idx):
-                break
-            calls, handlers = Calls(), []
-            for code, group in by_count(idx, self.phase[idx]):  # phase by phase, in the order of the codes
-                handlers += asks[code](calls, group)
-            for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
-                handler(ok, adv)
+        self.run_phases()
         self.end_search(torch.nonzero(self.phase == SEARCH).flatten())  # cut short: hi is still adversarial
         return self.best
-
-    def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:
-        return ask_random_starts(self, calls, idx, done=DONE, found=self.begin_search)
 
     # -- the line from x to `outer`, searched to tol x sigma sqrt(d) from the boundary (in l2)
     def begin_search(self, idx: torch.Tensor, outer: torch.Tensor) -> None:
@@ -168,22 +160,14 @@ class _Run:
         length = (outer - self.x.index_select(0, idx)).flatten(1).norm(dim=1).clamp_min(1e-12)
         self.tol[idx] = self.a.tol * self.a.sigma * self.d**0.5 / length
 
-    def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
-        mid = (self.lo[idx] + self.hi[idx]) / 2
-        calls.add(blend(self.x.index_select(0, idx), self.outer.index_select(0, idx), mid), idx)
-
-        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
-            self.hi[idx[adv]] = mid[adv]
-            self.lo[idx[ok & ~adv]] = mid[ok & ~adv]
-            self.end_search(idx[ok & (self.hi[idx] - self.lo[idx] <= self.tol[idx])])
-
-        return [answer]
+    def point(self, idx: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return blend(self.x.index_select(0, idx), self.outer.index_select(0, idx), r)
 
     def end_search(self, idx: torch.Tensor) -> None:
         """x_B found: keep the best; next, the probes of the next iteration."""
         if not len(idx):
             return
-        self.x_b[idx] = blend(self.x.index_select(0, idx), self.outer.index_select(0, idx), self.hi[idx])
+        self.x_b[idx] = self.point(idx, self.hi[idx])
         norms = (self.x_b.index_select(0, idx) - self.x.index_select(0, idx)).flatten(1).norm(dim=1)
         better = norms < self.best_norm[idx]
         self.best[idx[better]], self.best_norm[idx[better]] = self.x_b[idx[better]], norms[better]

@@ -30,7 +30,7 @@ import torch
 from .base import register_attack
 from .decision import DecisionAttack, blend, box, view4
 from .oracle import Oracle
-from .phases import Calls, ask_random_starts, by_count, keep, probe_chunk
+from .phases import Calls, PhaseRun, by_count, probe_chunk
 from .streams import ImageStreams
 from .threat import distance
 
@@ -76,8 +76,10 @@ class HopSkipJump(DecisionAttack):
         return _Run(self, oracle, x, y, seed).loop()
 
 
-class _Run:
+class _Run(PhaseRun):
     """One HopSkipJump run: per-image state, one oracle call per step for all live images."""
+
+    SEARCH, DONE = SEARCH, DONE  # the codes PhaseRun needs
 
     def __init__(
         self, attack: HopSkipJump, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, seed: int
@@ -102,28 +104,15 @@ class _Run:
         self.answered = torch.ones(num, dtype=torch.bool, device=dev)
         self.v, self.step = torch.zeros_like(x), torch.zeros(num, device=dev)
         self.halvings = torch.zeros(num, dtype=torch.long, device=dev)
-
-    def loop(self) -> torch.Tensor:
-        asks = {
+        self.asks = {
             START: self.ask_start,
             SEARCH: self.ask_search,
             ESTIMATE: self.ask_probes,
             STEP: self.ask_step,
         }
-        while True:
-            idx = self.oracle.live()
-            idx = keep(idx, self.phase[idx] != DONE)
-            searching = idx[self.phase[idx] == SEARCH]
-            if len(searching):
-                self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.tol[searching]])
-                idx = keep(idx, self.phase[idx] != DONE)
-            if not len(idx):
-                break
-            calls, handlers = Calls(), []
-            for code, group in by_count(idx, self.phase[idx]):  # phase by phase, in the order of the codes
-                handlers += asks[code](calls, group)
-            for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
-                handler(ok, adv)
+
+    def loop(self) -> torch.Tensor:
+        self.run_phases()
         # line searches the oracle cut short still end at an adversarial hi
         searching = torch.nonzero(self.phase == SEARCH).flatten()
         self.x_adv[searching] = self.point(searching, self.hi[searching])
@@ -145,17 +134,6 @@ class _Run:
             r0 = distance(outer, self.x.index_select(0, idx), "linf")
             self.hi[idx], self.tol[idx] = r0, self.theta * r0
 
-    def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
-        mid = (self.lo[idx] + self.hi[idx]) / 2
-        calls.add(self.point(idx, mid), idx)
-
-        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
-            self.hi[idx[adv]] = mid[adv]
-            self.lo[idx[ok & ~adv]] = mid[ok & ~adv]
-            self.end_search(idx[ok & (self.hi[idx] - self.lo[idx] <= self.tol[idx])])
-
-        return [answer]
-
     def end_search(self, idx: torch.Tensor) -> None:
         """The boundary point is found: next, the probes of iteration t (or done after max_iter)."""
         if not len(idx):
@@ -176,10 +154,6 @@ class _Run:
         scale = math.sqrt(self.d) * self.theta if self.norm == "l2" else self.d * self.theta
         self.delta[idx] = scale * self.dist[idx]
         self.phase[idx] = ESTIMATE
-
-    # -- random start
-    def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:
-        return ask_random_starts(self, calls, idx, done=DONE, found=self.begin_search)
 
     # -- gradient-direction probes (eq. 16), in chunks of at most `probe_chunk` per image and call
     def ask_probes(self, calls: Calls, idx: torch.Tensor) -> list:

@@ -328,7 +328,8 @@ class Oracle:
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(x) <= self.batch_size:
             return self.model(x).float()
-        out = [self.model(x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        # chunks of nearly equal sizes (at most batch_size): no small remainder forward
+        out = [self.model(part) for part in x.tensor_split(math.ceil(len(x) / self.batch_size))]
         return torch.cat(out).float()
 
     @torch.no_grad()

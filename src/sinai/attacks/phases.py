@@ -6,12 +6,14 @@ batch. Written as a state machine, each image is in its own phase (start, line s
 search, ...) and makes its next query of that phase at every step; one oracle call answers the queries
 of all live images, whatever their phases. An image's own sequence of queries depends only on its own
 answers and its own random stream (:class:`~sinai.attacks.streams.ImageStreams`), so it is the same alone
-as in a batch (RayS, :mod:`sinai.attacks.rays`, was the first attack built this way).
+as in a batch (RayS, :mod:`sinai.attacks.rays`, was the first attack built this way). :class:`PhaseRun`
+is the loop, random start and binary search the attacks share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -21,6 +23,10 @@ from .oracle import Oracle
 #: Largest number of probe elements (probes x pixels) one image asks in one oracle call; fixed per image,
 #: never derived from the batch, so that an image's draws are the same alone and in a batch.
 PROBE_ELEMENTS = 1 << 19
+
+#: Start tries an image asks one per oracle call; after that many misses it asks ``START_GROUP`` per call.
+START_SINGLE = 10
+START_GROUP = 10
 
 
 def probe_chunk(d: int) -> int:
@@ -58,6 +64,115 @@ class Calls:
         return list(zip(ok.split(sizes), adv.split(sizes), strict=True))
 
 
+class PhaseRun:
+    """Base of one run of a decision attack written as per-image state machines.
+
+    A subclass keeps, per image, ``phase`` (its code; ``DONE``: nothing left to ask) and the state of
+    its phases, maps each phase code to the method that asks that phase's next queries (``asks``:
+    ``ask(calls, images)`` adds their candidates to ``calls`` and returns the handlers of the answers,
+    one per group it added), and for the images in phase ``SEARCH`` keeps a binary search on
+    ``point(images, r)`` over [``lo``, ``hi``] (adversarial at ``hi``, not at ``lo``) to ``tol``, which
+    ``end_search`` ends. :meth:`run_phases` then makes one oracle call per step for all live images.
+
+    The random start (:meth:`ask_start`) needs ``streams``, ``shape``, ``tries`` (per image) and
+    ``a.start_tries``, and hands the adversarial starts it finds to ``begin_search``.
+    """
+
+    SEARCH: ClassVar[int]
+    DONE: ClassVar[int]
+    oracle: Oracle
+    y: torch.Tensor
+    phase: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    tol: torch.Tensor
+    asks: dict[int, Callable[[Calls, torch.Tensor], list]]
+
+    def run_phases(self) -> None:
+        """Until no live image has a query left: one oracle call per step asks each its next query(s)."""
+        while True:
+            idx = self.oracle.live()
+            idx = keep(idx, self.phase[idx] != self.DONE)
+            searching = idx[self.phase[idx] == self.SEARCH]
+            if len(searching):  # a search that starts narrow enough ends before its first query
+                self.end_search(searching[self.narrow(searching)])
+                idx = keep(idx, self.phase[idx] != self.DONE)
+            if not len(idx):
+                return
+            calls, handlers = Calls(), []
+            for code, group in by_count(idx, self.phase[idx]):  # phase by phase, in the order of the codes
+                handlers += self.asks[code](calls, group)
+            for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
+                handler(ok, adv)
+
+    # -- the random start
+    def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:
+        """Random images until one is labelled adversarial, at most ``a.start_tries`` per image: uniform
+        noise (the papers' start), every other try a binary image (a model that labels all uniform noise
+        alike may still see one as another class), from the image's own stream; the first adversarial
+        one goes to ``begin_search``, and an image that misses every try is ``DONE``.
+
+        An image asks its first ``START_SINGLE`` tries one per call; one that missed that often is
+        unlikely to find a start soon (its model labels most noise like the image), so it asks the rest
+        ``START_GROUP`` per call: the tries of a group after its first adversarial one are spent for
+        nothing, but it does not need ``start_tries`` oracle calls, alone at the end of a run.
+        """
+        tries = self.tries[idx]
+        counts = torch.where(tries < START_SINGLE, 1, (self.a.start_tries - tries).clamp(max=START_GROUP))
+        handlers = []
+        for m, group in by_count(idx, counts):
+            first = self.tries[group]
+            noise = self.streams.uniform(group, (m, *self.shape))
+            binary = (first[:, None] + torch.arange(m, device=idx.device)) % 2 == 1
+            noise = torch.where(
+                binary.view(*binary.shape, *[1] * len(self.shape)), (noise < 0.5).float(), noise
+            )
+            calls.add(noise.view(-1, *self.shape), group if m == 1 else group.repeat_interleave(m))
+
+            def answer(
+                ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, m: int = m, noise=noise
+            ) -> None:
+                ok, adv = ok.view(-1, m), adv.view(-1, m)
+                hit = adv.any(1)
+                won = torch.nonzero(hit).flatten()
+                self.begin_search(group[won], noise[won, adv[won].float().argmax(1)])  # the first hit
+                missed = group[ok.all(1) & ~hit]
+                self.tries[missed] += m
+                self.phase[missed[self.tries[missed] >= self.a.start_tries]] = self.DONE
+
+            handlers.append(answer)
+        return handlers
+
+    def begin_search(self, idx: torch.Tensor, outer: torch.Tensor) -> None:
+        """Images ``idx`` found the adversarial starts ``outer``: next, their binary search."""
+        raise NotImplementedError
+
+    # -- the binary search of phase SEARCH
+    def point(self, idx: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The candidates of images ``idx`` at search parameters ``r``."""
+        raise NotImplementedError
+
+    def end_search(self, idx: torch.Tensor) -> None:
+        """The searches of images ``idx`` are narrow enough: ``hi`` is their boundary point."""
+        raise NotImplementedError
+
+    def narrow(self, idx: torch.Tensor) -> torch.Tensor:
+        """Per image of ``idx``: its search interval is within ``tol``."""
+        return self.hi[idx] - self.lo[idx] <= self.tol[idx]
+
+    def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
+        """One bisection query per image: the midpoint of its interval."""
+        mid = (self.lo[idx] + self.hi[idx]) / 2
+        calls.add(self.point(idx, mid), idx)
+
+        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
+            self.hi[idx[adv]] = mid[adv]
+            self.lo[idx[ok & ~adv]] = mid[ok & ~adv]
+            self.end_search(idx[ok & self.narrow(idx)])
+
+        return [answer]
+
+
 def by_count(idx: torch.Tensor, counts: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """``idx`` grouped by ``counts`` (one per entry), ascending: [(count, images with that count), ...].
     One count: ``idx`` itself (no copy; the oracle's handed-out live set keeps its fast path)."""
@@ -72,35 +187,13 @@ def keep(idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return idx if bool(mask.all()) else idx[mask]
 
 
-def ask_random_starts(
-    attack: object,
-    calls: Calls,
-    idx: torch.Tensor,
-    *,
-    done: int,
-    found: Callable[[torch.Tensor, torch.Tensor], None],
-) -> list:
-    """The random-start phase the decision attacks share: each image in ``idx`` asks one random image
-    (every other try a binary one) from its own stream; ``found(images, starts)`` takes those whose start
-    is adversarial, and an image that misses ``attack.a.start_tries`` times is ``done``.
-
-    ``attack`` carries ``streams``, ``shape``, ``tries``, ``phase`` and ``a.start_tries``.
-    """
-    handlers = []
-    for binary, group in by_count(idx, attack.tries[idx] % 2):
-        noise = attack.streams.uniform(group, attack.shape)
-        if binary:
-            noise = (noise < 0.5).float()
-        calls.add(noise, group)
-
-        def answer(ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, noise=noise) -> None:
-            found(group[adv], noise[adv])
-            missed = group[ok & ~adv]
-            attack.tries[missed] += 1
-            attack.phase[missed[attack.tries[missed] >= attack.a.start_tries]] = done
-
-        handlers.append(answer)
-    return handlers
-
-
-__all__ = ["PROBE_ELEMENTS", "Calls", "ask_random_starts", "by_count", "keep", "probe_chunk"]
+__all__ = [
+    "PROBE_ELEMENTS",
+    "START_GROUP",
+    "START_SINGLE",
+    "Calls",
+    "PhaseRun",
+    "by_count",
+    "keep",
+    "probe_chunk",
+]

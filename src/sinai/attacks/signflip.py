@@ -12,10 +12,13 @@ shrunk to the boundary by a binary search on the linf radius) and repeats two on
    projection can succeed. p adapts to the flip success rate over the last ``window`` flips (above
    0.7: p x 1.5, below 0.3: p / 1.5, within [1/n, 0.5]).
 
-The attack stops when the oracle verifies an adversarial example inside the eps-ball. Randomness
-(noise start, flip masks) comes from per-image streams, so an image's run does not depend on the
-other images of the batch. If r is already <= eps (a success the vote did not confirm on a noisy
-model), the projection aims at 0.9 r instead.
+The attack stops when the oracle verifies an adversarial example inside the eps-ball. If r is already
+<= eps (a success the vote did not confirm on a noisy model), the projection aims at 0.9 r instead.
+
+Each image runs this as its own state machine (start tries, binary search, projection, sign flip;
+:mod:`sinai.attacks.phases`): one oracle call per step answers the next query of every live image,
+whatever its phase. Randomness (noise start, flip masks) comes from per-image streams, so an image's
+queries are the same alone as in a batch.
 """
 
 from __future__ import annotations
@@ -23,9 +26,13 @@ from __future__ import annotations
 import torch
 
 from .base import register_attack
-from .decision import DecisionAttack, ask, bisect, box, random_start, view4
+from .decision import DecisionAttack, box, view4
 from .oracle import Oracle
+from .phases import Calls, PhaseRun
 from .streams import ImageStreams
+
+START, SEARCH, PROJECT, FLIP, DONE = range(5)
+"""An image's phase: random start tries, binary search of the start's radius, projection, sign flip."""
 
 
 @register_attack("signflip")
@@ -52,82 +59,103 @@ class SignFlip(DecisionAttack):
         self.eta, self.p, self.grow, self.shrink = float(eta), float(p), float(grow), float(shrink)
         self.window, self.start_tries, self.tol = int(window), int(start_tries), float(tol)
 
-    @staticmethod
-    def keep(
-        delta: torch.Tensor, idx: torch.Tensor, cand: torch.Tensor, xi: torch.Tensor, adv: torch.Tensor
-    ) -> None:
+    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
+        """Attack all live images, each in its own phase; return the current adversarial point (x where
+        none)."""
+        return _Run(self, oracle, x, y, seed).loop()
+
+
+class _Run(PhaseRun):
+    """One Sign Flip run: per-image state, one oracle call per step for all live images."""
+
+    SEARCH, DONE = SEARCH, DONE  # the codes PhaseRun needs
+
+    def __init__(self, attack: SignFlip, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
+        self.a, self.oracle, self.x, self.y = attack, oracle, x, y
+        self.streams = ImageStreams(x, seed)
+        num, self.n, self.shape, dev = len(x), x[0].numel(), tuple(x.shape[1:]), x.device
+        self.phase = torch.full((num,), START, dtype=torch.long, device=dev)
+        self.tries = torch.zeros(num, dtype=torch.long, device=dev)
+        self.start, self.delta = x.clone(), torch.zeros_like(x)
+        self.lo, self.hi, self.tol = (torch.zeros(num, device=dev) for _ in range(3))
+        self.eta = torch.full((num,), attack.eta, device=dev)
+        self.p = torch.full((num,), max(attack.p, 1.0 / self.n), device=dev)
+        self.flips, self.flip_wins = (torch.zeros(num, dtype=torch.long, device=dev) for _ in range(2))
+        self.asks = {
+            START: self.ask_start,
+            SEARCH: self.ask_search,
+            PROJECT: self.ask_project,
+            FLIP: self.ask_flip,
+        }
+
+    def loop(self) -> torch.Tensor:
+        self.run_phases()
+        # searches the oracle cut short still end at an adversarial hi
+        self.end_search(torch.nonzero(self.phase == SEARCH).flatten())
+        return self.x + self.delta
+
+    # -- start: uniform noise, then the smallest linf box around x that keeps it adversarial
+    def begin_search(self, idx: torch.Tensor, start: torch.Tensor) -> None:
+        if not len(idx):
+            return
+        r0 = (start - self.x.index_select(0, idx)).flatten(1).abs().amax(1)
+        self.start[idx], self.phase[idx] = start, SEARCH
+        self.lo[idx], self.hi[idx], self.tol[idx] = 0.0, r0, self.a.tol * r0
+
+    def point(self, idx: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return box(self.x.index_select(0, idx), self.start.index_select(0, idx), r)
+
+    def end_search(self, idx: torch.Tensor) -> None:
+        if not len(idx):
+            return
+        self.delta[idx] = self.point(idx, self.hi[idx]) - self.x.index_select(0, idx)
+        self.phase[idx] = PROJECT
+
+    def keep(self, idx: torch.Tensor, cand: torch.Tensor, xi: torch.Tensor, adv: torch.Tensor) -> None:
         """The candidates labelled adversarial become the perturbations of their images."""
         pos = torch.nonzero(adv).flatten()
-        delta[idx[pos]] = cand.index_select(0, pos) - xi.index_select(0, pos)
+        self.delta[idx[pos]] = cand.index_select(0, pos) - xi.index_select(0, pos)
 
-    def run(self, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, *, seed: int) -> torch.Tensor:
-        """Attack all live images together; return the current adversarial point (x where none)."""
-        eps = oracle.threat.eps
-        streams = ImageStreams(x, seed)
-        num, n = len(x), x[0].numel()
-        shape = tuple(x.shape[1:])
+    # -- 1. projection towards eps
+    def ask_project(self, calls: Calls, idx: torch.Tensor) -> list:
+        eps = self.oracle.threat.eps
+        xi, di = self.x.index_select(0, idx), self.delta.index_select(0, idx)
+        r = di.flatten(1).abs().amax(1)
+        target = torch.where(r > eps, eps, 0.9 * r)
+        eta = self.eta[idx]
+        r_new = r - eta * (r - target)
+        cand = (xi + di.clamp_(-view4(r_new), view4(r_new))).clamp_(0.0, 1.0)
+        calls.add(cand, idx)
 
-        # Start: uniform noise, then the smallest linf box around x that keeps it adversarial.
-        idx = oracle.live()
-        delta = torch.zeros_like(x)
-        has = torch.zeros(num, dtype=torch.bool, device=x.device)
-        start, found = random_start(oracle, x, y, idx, streams, tries=self.start_tries)
-        idx, start = idx[found], start[found]
-        if len(idx):
-            r0 = (start - x[idx]).flatten(1).abs().amax(1)
-            _, hi, _ = bisect(
-                oracle,
-                idx,
-                y,
-                lambda p, r: box(x[idx[p]], start[p], r),
-                torch.zeros_like(r0),
-                r0,
-                self.tol * r0,
+        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
+            self.keep(idx, cand, xi, adv)
+            # eta grows on success, shrinks on an answered failure
+            self.eta[idx] = torch.where(
+                adv, (eta * self.a.grow).clamp(max=1.0), torch.where(ok, eta * self.a.shrink, eta)
             )
-            delta[idx] = box(x[idx], start, hi) - x[idx]
-            has[idx] = True
+            self.phase[idx] = FLIP
 
-        eta = torch.full((num,), self.eta, device=x.device)
-        p = torch.full((num,), max(self.p, 1.0 / n), device=x.device)
-        flips = torch.zeros(num, dtype=torch.long, device=x.device)
-        flip_wins = torch.zeros_like(flips)
-        last, x_live = None, x
-        while True:
-            idx = oracle.live(among=has)
-            if not len(idx):
-                break
-            if idx is not last:  # the oracle hands out the same live set until an image finishes
-                last, x_live = idx, x.index_select(0, idx)
-            # 1. projection towards eps
-            xi, di = x_live, delta.index_select(0, idx)
-            r = di.flatten(1).abs().amax(1)
-            target = torch.where(r > eps, eps, 0.9 * r)
-            eta_i = eta[idx]
-            r_new = r - eta_i * (r - target)
-            cand = (xi + di.clamp_(-view4(r_new), view4(r_new))).clamp_(0.0, 1.0)
-            ok, adv = ask(oracle, cand, idx, y)
-            self.keep(delta, idx, cand, xi, adv)
-            # eta grows on success, shrinks on an answered failure (idx: distinct images)
-            eta[idx] = torch.where(
-                adv, (eta_i * self.grow).clamp(max=1.0), torch.where(ok, eta_i * self.shrink, eta_i)
-            )
-            if not bool(ok.all()):
-                idx, xi = idx[ok], xi[ok]
-                if not len(idx):
-                    continue
-            # 2. random sign flip
-            di, p_i = delta.index_select(0, idx), p[idx]
-            mask = streams.uniform(idx, shape) < view4(p_i)
-            cand = (xi + torch.where(mask, -di, di)).clamp_(0.0, 1.0)
-            ok, adv = ask(oracle, cand, idx, y)
-            self.keep(delta, idx, cand, xi, adv)
-            # flip statistics; every `window` flips p adapts to the success rate (idx: distinct images)
-            count, wins = flips[idx] + ok, flip_wins[idx] + adv
-            due = ok & (count % self.window == 0)
-            rate = wins.float() / self.window
+        return [answer]
+
+    # -- 2. random sign flip
+    def ask_flip(self, calls: Calls, idx: torch.Tensor) -> list:
+        a = self.a
+        xi, di, p = self.x.index_select(0, idx), self.delta.index_select(0, idx), self.p[idx]
+        mask = self.streams.uniform(idx, self.shape) < view4(p)
+        cand = (xi + torch.where(mask, -di, di)).clamp_(0.0, 1.0)
+        calls.add(cand, idx)
+
+        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
+            self.keep(idx, cand, xi, adv)
+            # flip statistics; every `window` flips p adapts to the success rate
+            count, wins = self.flips[idx] + ok, self.flip_wins[idx] + adv
+            due = ok & (count % a.window == 0)
+            rate = wins.float() / a.window
             up, down = due & (rate > 0.7), due & (rate < 0.3)
-            p[idx] = torch.where(
-                up, (p_i * 1.5).clamp(max=0.5), torch.where(down, (p_i / 1.5).clamp(min=1.0 / n), p_i)
+            self.p[idx] = torch.where(
+                up, (p * 1.5).clamp(max=0.5), torch.where(down, (p / 1.5).clamp(min=1.0 / self.n), p)
             )
-            flips[idx], flip_wins[idx] = count, torch.where(due, 0, wins)
-        return x + delta
+            self.flips[idx], self.flip_wins[idx] = count, torch.where(due, 0, wins)
+            self.phase[idx] = PROJECT
+
+        return [answer]

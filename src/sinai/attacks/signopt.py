@@ -25,7 +25,7 @@ import torch
 from .base import register_attack
 from .decision import DecisionAttack, view4
 from .oracle import Oracle
-from .phases import Calls, by_count, keep, probe_chunk
+from .phases import Calls, PhaseRun, by_count, probe_chunk
 from .streams import ImageStreams
 
 START, SEARCH, PROBES, STEP, DONE = range(5)
@@ -69,8 +69,10 @@ class SignOPT(DecisionAttack):
         return _Run(self, oracle, x, y, seed).loop()
 
 
-class _Run:
+class _Run(PhaseRun):
     """One Sign-OPT run: per-image state, one oracle call per step for all live images."""
+
+    SEARCH, DONE = SEARCH, DONE  # the codes PhaseRun needs
 
     def __init__(self, attack: SignOPT, oracle: Oracle, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
         self.a, self.oracle, self.x, self.y = attack, oracle, x, y
@@ -87,23 +89,15 @@ class _Run:
         self.grad, self.drawn = torch.zeros_like(x), torch.zeros(num, dtype=torch.long, device=dev)
         self.answered = torch.ones(num, dtype=torch.bool, device=dev)
         self.halvings = torch.zeros(num, dtype=torch.long, device=dev)
+        self.asks = {
+            START: self.ask_start,
+            SEARCH: self.ask_search,
+            PROBES: self.ask_probes,
+            STEP: self.ask_step,
+        }
 
     def loop(self) -> torch.Tensor:
-        asks = {START: self.ask_start, SEARCH: self.ask_search, PROBES: self.ask_probes, STEP: self.ask_step}
-        while True:
-            idx = self.oracle.live()
-            idx = keep(idx, self.phase[idx] != DONE)
-            searching = idx[self.phase[idx] == SEARCH]
-            if len(searching):
-                self.end_search(searching[self.hi[searching] - self.lo[searching] <= self.tol[searching]])
-                idx = keep(idx, self.phase[idx] != DONE)
-            if not len(idx):
-                break
-            calls, handlers = Calls(), []
-            for code, group in by_count(idx, self.phase[idx]):  # phase by phase, in the order of the codes
-                handlers += asks[code](calls, group)
-            for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
-                handler(ok, adv)
+        self.run_phases()
         # searches the oracle cut short still end at an adversarial hi
         self.end_search(torch.nonzero(self.phase == SEARCH).flatten(), finished=True)
         found = torch.isfinite(self.g)
@@ -137,18 +131,8 @@ class _Run:
         self.ray[idx], self.lo[idx], self.hi[idx] = ray, 0.0, hi
         self.tol[idx], self.first[idx], self.phase[idx] = self.a.tol * hi, first, SEARCH
 
-    def ask_search(self, calls: Calls, idx: torch.Tensor) -> list:
-        mid = (self.lo[idx] + self.hi[idx]) / 2
-        calls.add(
-            (self.x.index_select(0, idx) + view4(mid) * self.ray.index_select(0, idx)).clamp(0.0, 1.0), idx
-        )
-
-        def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
-            self.hi[idx[adv]] = mid[adv]
-            self.lo[idx[ok & ~adv]] = mid[ok & ~adv]
-            self.end_search(idx[ok & (self.hi[idx] - self.lo[idx] <= self.tol[idx])])
-
-        return [answer]
+    def point(self, idx: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return (self.x.index_select(0, idx) + view4(r) * self.ray.index_select(0, idx)).clamp(0.0, 1.0)
 
     def end_search(self, idx: torch.Tensor, *, finished: bool = False) -> None:
         """g of the searched ray is hi: the start's sets theta; a step's replaces theta where nearer (and

@@ -5,8 +5,12 @@ Each iteration takes the next direction ``q`` of a random ordering of an orthono
 per run and per image) and tries ``x + step * q``; if the loss went down the step is kept (one query),
 otherwise ``x - step * q`` is tried (a second query) and kept if it is better. The paper's step is
 ``epsilon = 0.2`` (here ``step``) and its loss the true-class probability (``loss="prob"``); the default
-here is the margin on logits. Batched: one oracle call with ``+q`` for all live images, then one with
-``-q`` for those that did not improve. The starting loss costs one query per image.
+here is the margin on logits. The starting loss costs one query per image.
+
+Each image runs this as its own state machine: at every oracle call it makes its next query, ``+q`` of
+its next direction or ``-q`` of its current one, and one call answers all live images, so the batch
+stays full (no second, smaller call for the images whose ``+q`` did not help). An image's queries are
+the same alone as in a batch.
 
 ``SimBA`` uses the pixel basis; ``SimBADCT`` the 2-D orthonormal DCT basis, low frequencies first: with
 ``order="strided"`` (the authors' code, used by SND Appendix B.1 with ``freq_dims=28, stride=7`` on
@@ -28,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from .base import Attack, check_loss, generator, register_attack, score_loss
+from .decision import view4
 from .oracle import Oracle
 
 ORDERS = ("strided", "rand")
@@ -98,6 +103,7 @@ class SimBA(Attack):
         gen = generator(device, seed)
         shape = x.shape[1:]
         order = self._order(len(x), shape, gen, device, limit=oracle.budget // oracle.eot)
+        cols = order.shape[1]
         directions = self._basis(shape, device)
         x_adv = x.clone()
         loss = torch.full((len(x),), float("inf"), device=device)
@@ -108,7 +114,10 @@ class SimBA(Attack):
             ok = ~torch.isnan(logits).any(1)
             loss[idx[ok]] = score_loss(logits[ok], y[idx[ok]], self.loss)
 
-        t = 0
+        # Per image: how many directions it has tried (+q of order[i, t_i] is its next query), and
+        # whether it tries -q of its current direction order[i, t_i - 1] first.
+        tried = torch.zeros(len(x), dtype=torch.long, device=device)
+        minus = torch.zeros(len(x), dtype=torch.bool, device=device)
         last, x_live = None, x
         while True:
             idx = oracle.live()
@@ -116,38 +125,28 @@ class SimBA(Attack):
                 break
             if idx is not last:  # the oracle hands out the same live set until an image finishes
                 last, x_live = idx, x.index_select(0, idx)
-            q = directions(order[:, t % order.shape[1]].index_select(0, idx))
-            t += 1
-            # the images' current points (x_adv itself when all are live: the rows that try -q have not
-            # moved since +q)
-            xi, base = x_live, x_adv if len(idx) == len(x) else x_adv.index_select(0, idx)
-            for sign in (1.0, -1.0):
-                cand = threat.project(base + sign * self.step * q, xi)
-                logits = oracle(cand, idx)
-                nan = torch.isnan(logits).any(1)  # rows of images that were done before this query
-                if bool(nan.any()):
-                    ok = ~nan
-                    new = torch.full((len(idx),), float("inf"), device=device)
-                    new[ok] = score_loss(logits[ok], y[idx[ok]], self.loss)
-                    better = ok & (new < loss[idx])
-                else:
-                    new = score_loss(logits, y[idx], self.loss)
-                    better = new < loss[idx]
-                pos = torch.nonzero(better).flatten()
-                if len(pos):
-                    rows = idx[pos]
-                    x_adv[rows] = cand.index_select(0, pos)
-                    loss[rows] = new[pos]
-                # Only the answered images that did not improve try -q, if they are still live (all of
-                # them: the same live set, which keeps the oracle's fast path).
-                rest = ~nan & ~better & ~oracle.done[idx]
-                if bool(rest.all()):
-                    continue
-                rest = torch.nonzero(rest).flatten()
-                if not len(rest):
-                    break
-                idx, q = idx[rest], q.index_select(0, rest)
-                xi, base = xi.index_select(0, rest), base.index_select(0, rest)
+            neg = minus[idx]
+            t = tried[idx] - neg.long()
+            q = directions(order[idx, t % cols])
+            base = x_adv if len(idx) == len(x) else x_adv.index_select(0, idx)
+            step = torch.where(neg, -self.step, self.step)
+            cand = threat.project(base + view4(step) * q, x_live)
+            logits = oracle(cand, idx)
+            ok = ~torch.isnan(logits).any(1)  # False: rows of images that were done before this query
+            if bool(ok.all()):
+                new = score_loss(logits, y[idx], self.loss)
+            else:
+                new = torch.full((len(idx),), float("inf"), device=device)
+                new[ok] = score_loss(logits[ok], y[idx[ok]], self.loss)
+            better = new < loss[idx]
+            pos = torch.nonzero(better).flatten()
+            if len(pos):
+                rows = idx[pos]
+                x_adv[rows] = cand.index_select(0, pos)
+                loss[rows] = new[pos]
+            # +q that did not help: -q of the same direction next; otherwise the next direction
+            tried[idx] = t + 1
+            minus[idx] = ok & ~better & ~neg
         return x_adv
 
 

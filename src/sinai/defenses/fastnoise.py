@@ -139,12 +139,13 @@ if numba is not None:
     _M2 = np.uint64(0x94D049BB133111EB)
 
     @_jit
-    def _normals(vals: np.ndarray, m: int, s: np.uint64) -> np.uint64:
-        """Fill ``vals[:m]`` with standard normal numbers from the stream at ``s``; returns the stream's
-        next state. Draw ``i`` is the ziggurat (Marsaglia & Tsang's, ``_LAYERS`` layers; value and layer
-        from separate bits of one 64-bit number) on the stream's ``i``-th number, in a branch-free loop the
-        compiler vectorises; the draws that fall outside their layer's rectangle (about 0.4%) are then
-        finished in order on the numbers that follow."""
+    def _rectangles(vals: np.ndarray, m: int, s: np.uint64) -> None:
+        """The fast part of ``m`` standard normal draws from the stream at ``s``: draw ``i`` is the
+        ziggurat (Marsaglia & Tsang's, ``_LAYERS`` layers; value and layer from separate bits of one
+        64-bit number) on the stream's ``i``-th number, in a branch-free loop the compiler vectorises;
+        ``vals[i]`` is NaN where the draw falls outside its layer's rectangle (about 0.4%), which
+        :func:`_finish` completes as its reader meets it, in order, on the numbers past the ``m``-th
+        (``rest``, starting at ``s + m * gamma``)."""
         for i in range(m):
             bits = s + np.uint64(i + 1) * _GAMMA
             bits = (bits ^ (bits >> np.uint64(30))) * _M1
@@ -153,12 +154,14 @@ if numba is not None:
             hz = np.int32(np.uint32(bits & np.uint64(0xFFFFFFFF)))
             iz = np.int64(bits >> np.uint64(_LAYER_SHIFT))
             vals[i] = hz * _WN[iz] if abs(np.int64(hz)) < _KN[iz] else np.nan
-        rest = s + np.uint64(m) * _GAMMA
-        for i in range(m):
-            if np.isnan(vals[i]):
-                hz, iz, _ = _draw(s + np.uint64(i) * _GAMMA)
-                vals[i], rest = _gauss_slow(hz, iz, rest)
-        return rest
+
+    @_jit
+    def _finish(i: int, s: np.uint64, rest: np.uint64) -> tuple[float, np.uint64]:
+        """Draw ``i`` of :func:`_rectangles` at ``s`` that fell outside its rectangle, completed on the
+        stream's spare numbers at ``rest``: (its value, the spare stream's next state). Read in the
+        readers' loops, where the rare branch costs next to nothing, not in a separate pass."""
+        hz, iz, _ = _draw(s + np.uint64(i) * _GAMMA)
+        return _gauss_slow(hz, iz, rest)
 
     @_jit
     def _select(a: np.ndarray, m: int, k: int) -> float:
@@ -200,16 +203,23 @@ if numba is not None:
     @_jit
     def _add_chosen(o, chosen, count, std, state, vals):  # pragma: no cover - compiled
         """Add ``std`` times a fresh standard normal to ``o`` at the ``count`` indices ``chosen``."""
-        _normals(vals, count, state)
+        _rectangles(vals, count, state)
+        rest = state + np.uint64(count) * _GAMMA
         features = std.shape[0]
         if features == 1:
-            s = std[0]
+            scale = std[0]
             for i in range(count):
-                o[chosen[i]] += s * vals[i]
+                v = vals[i]
+                if v != v:
+                    v, rest = _finish(i, state, rest)
+                o[chosen[i]] += scale * v
         else:
             for i in range(count):
+                v = vals[i]
+                if v != v:
+                    v, rest = _finish(i, state, rest)
                 j = chosen[i]
-                o[j] += std[j % features] * vals[i]
+                o[j] += std[j % features] * v
 
     @_jit
     def _row_state(key: np.uint64, r: int) -> np.uint64:
@@ -341,13 +351,14 @@ if numba is not None:
         for r in range(r0, r1):
             row = z[r]
             o = out[r]
-            _normals(vals, n, _row_state(key, r))
-            if features == 1:
-                for j in range(n):
-                    o[j] = row[j] + std[0] * vals[j]
-            else:
-                for j in range(n):
-                    o[j] = row[j] + std[j % features] * vals[j]
+            state = _row_state(key, r)
+            _rectangles(vals, n, state)
+            rest = state + np.uint64(n) * _GAMMA
+            for j in range(n):
+                v = vals[j]
+                if v != v:
+                    v, rest = _finish(j, state, rest)
+                o[j] = row[j] + (std[0] if features == 1 else std[j % features]) * v
 
     @_jit
     def _fill_rows(z, out, std, key, r0, r1):  # pragma: no cover - compiled (z is out)
@@ -355,9 +366,14 @@ if numba is not None:
         vals = np.empty(n)
         for r in range(r0, r1):
             o = out[r]
-            _normals(vals, n, _row_state(key, r))
+            state = _row_state(key, r)
+            _rectangles(vals, n, state)
+            rest = state + np.uint64(n) * _GAMMA
             for j in range(n):
-                o[j] = std[0] * vals[j]
+                v = vals[j]
+                if v != v:
+                    v, rest = _finish(j, state, rest)
+                o[j] = std[0] * v
 
 
 #: Entries below which one thread does the whole tensor (handing work to threads costs ~50 us).

@@ -125,8 +125,8 @@ class _Run(PhaseRun):
         def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
             ok, adv = ok.view(-1, 2), adv.view(-1, 2)
             answered = ok.all(1)
-            keep = answered & adv[:, 1]
-            self.x_adv[idx[keep]] = full[keep]
+            keep = torch.nonzero(answered & adv[:, 1]).flatten()
+            self.x_adv.index_copy_(0, idx.index_select(0, keep), full.index_select(0, keep))
             live, adv = idx[answered], adv[answered]
             self.steps[live] += 1
             self.sph_wins[live] += adv[:, 0].long()

@@ -195,7 +195,8 @@ class _Run(PhaseRun):
                 ok: torch.Tensor, adv: torch.Tensor, group: torch.Tensor = group, m: int = m, eta=eta
             ) -> None:
                 phi = torch.where(adv.view(-1, m), 1.0, -1.0)
-                self.w[group] += eta.mul_(phi.view(-1, m, 1, 1, 1)).sum(1)  # (eta: not needed after)
+                # w += sum phi_i eta_i (in place in eta: not needed after)
+                self.w.index_add_(0, group, eta.mul_(phi.view(-1, m, 1, 1, 1)).sum(1))
                 self.answered[group] &= ok.view(-1, m).all(1)
                 self.drawn[group] += m
                 self.end_probes(group[self.drawn[group] >= self.samples[group]])

@@ -92,15 +92,23 @@ class PhaseRun:
         """Until no live image has a query left: one oracle call per step asks each its next query(s)."""
         while True:
             idx = self.oracle.live()
-            idx = keep(idx, self.phase[idx] != self.DONE)
-            searching = idx[self.phase[idx] == self.SEARCH]
-            if len(searching):  # a search that starts narrow enough ends before its first query
-                self.end_search(searching[self.narrow(searching)])
-                idx = keep(idx, self.phase[idx] != self.DONE)
-            if not len(idx):
+            # one gather of the phases and one list of the codes per step (what the groups need anyway)
+            phase = self.phase.index_select(0, idx)
+            codes = torch.unique(phase).tolist()
+            if self.SEARCH in codes:  # a search that starts narrow enough ends before its first query
+                searching = idx[phase == self.SEARCH]
+                narrow = searching[self.narrow(searching)]
+                if len(narrow):
+                    self.end_search(narrow)
+                    phase = self.phase.index_select(0, idx)
+                    codes = torch.unique(phase).tolist()
+            asked = [code for code in codes if code != self.DONE]
+            if not asked:
                 return
             calls, handlers = Calls(), []
-            for code, group in by_count(idx, self.phase[idx]):  # phase by phase, in the order of the codes
+            for code in asked:  # phase by phase, in the order of the codes
+                # one code: ``idx`` itself (no copy; the oracle's handed-out live set keeps its fast path)
+                group = idx if len(codes) == 1 else idx[phase == code]
                 handlers += self.asks[code](calls, group)
             for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
                 handler(ok, adv)
@@ -182,11 +190,6 @@ def by_count(idx: torch.Tensor, counts: torch.Tensor) -> list[tuple[int, torch.T
     return [(int(c), idx[counts == c]) for c in values]
 
 
-def keep(idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``idx[mask]``, or ``idx`` itself when the mask keeps every entry (see :func:`by_count`)."""
-    return idx if bool(mask.all()) else idx[mask]
-
-
 __all__ = [
     "PROBE_ELEMENTS",
     "START_GROUP",
@@ -194,6 +197,5 @@ __all__ = [
     "Calls",
     "PhaseRun",
     "by_count",
-    "keep",
     "probe_chunk",
 ]

@@ -59,24 +59,29 @@ class RayS(DecisionAttack):
                 break
             if idx is not last:  # the oracle hands out the same live set until an image finishes
                 last, xi = idx, x.index_select(0, idx)
-            was_searching = searching[idx]
+            was_searching = searching.index_select(0, idx)
             check = idx[~was_searching]
             if len(check):
                 self.next_trial(check, stage, block, direction, trial, coords, n)
                 hi[check], lo[check] = radius[check].clamp(max=1.0), 0.0
-            lo_i, hi_i = lo[idx], hi[idx]
+            lo_i, hi_i = lo.index_select(0, idx), hi.index_select(0, idx)
             r = torch.where(was_searching, (lo_i + hi_i) / 2, hi_i)
-            cand = (xi + view4(r) * trial.index_select(0, idx).view_as(xi)).clamp_(0.0, 1.0)
+            # every image live: the live set is 0..N-1 in order, no gather; x + r d' in one addcmul
+            # (d' = +-1: the product r d' is exact, so the sums are those of x + (r * d'))
+            d = trial if len(idx) == num else trial.index_select(0, idx)
+            cand = torch.addcmul(xi, view4(r), d.view_as(xi)).clamp_(0.0, 1.0)
             ok, adv = ask(oracle, cand, idx, y)
             # a fast check that passed starts a search on [0, r*]; a search step halves its interval
             stepped = ok & was_searching
             hi_i = torch.where(stepped & adv, r, hi_i)
             lo_i = torch.where(stepped & ~adv, r, lo_i)
             now_searching = was_searching | (ok & adv)
-            hi[idx], lo[idx], searching[idx] = hi_i, lo_i, now_searching
-            self.settle(
-                idx[now_searching & ok & (hi_i - lo_i <= tol)], searching, hi, radius, trial, direction
-            )
+            hi.index_copy_(0, idx, hi_i)
+            lo.index_copy_(0, idx, lo_i)
+            searching.index_copy_(0, idx, now_searching)
+            narrow = now_searching & ok & (hi_i - lo_i <= tol)
+            if bool(narrow.any()):
+                self.settle(idx[narrow], searching, hi, radius, trial, direction)
         # searches the oracle cut short (success verified, budget spent) still found an adversarial hi
         self.settle(torch.nonzero(searching).flatten(), searching, hi, radius, trial, direction)
         found = torch.isfinite(radius)
@@ -110,14 +115,14 @@ class RayS(DecisionAttack):
         n: int,
     ) -> None:
         """d' = d with its next block flipped, for images ``idx`` (d itself the first time); advance."""
-        s, b = stage[idx], block[idx]
+        s, b = stage.index_select(0, idx), block.index_select(0, idx)
         parts = 2**s
         length = (n + parts - 1) // parts  # ceil(n / 2**s)
         # block b = -1 (d itself) ends at 0: it flips nothing
         start = b * length
         flip = (coords >= start[:, None]) & (coords < (start + length)[:, None])
         d = direction.index_select(0, idx)
-        trial[idx] = torch.where(flip, -d, d)
+        trial.index_copy_(0, idx, torch.where(flip, -d, d))
         b = b + 1
         wrap = b * length >= n  # past the last block: halve the blocks, or restart at one block
         stage[idx] = torch.where(wrap, torch.where(length > 1, s + 1, 0), s)

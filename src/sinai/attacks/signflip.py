@@ -114,7 +114,8 @@ class _Run(PhaseRun):
     def keep(self, idx: torch.Tensor, cand: torch.Tensor, xi: torch.Tensor, adv: torch.Tensor) -> None:
         """The candidates labelled adversarial become the perturbations of their images."""
         pos = torch.nonzero(adv).flatten()
-        self.delta[idx[pos]] = cand.index_select(0, pos) - xi.index_select(0, pos)
+        new = cand.index_select(0, pos).sub_(xi.index_select(0, pos))
+        self.delta.index_copy_(0, idx.index_select(0, pos), new)
 
     # -- 1. projection towards eps
     def ask_project(self, calls: Calls, idx: torch.Tensor) -> list:
@@ -122,7 +123,7 @@ class _Run(PhaseRun):
         xi, di = self.x.index_select(0, idx), self.delta.index_select(0, idx)
         r = di.flatten(1).abs().amax(1)
         target = torch.where(r > eps, eps, 0.9 * r)
-        eta = self.eta[idx]
+        eta = self.eta.index_select(0, idx)
         r_new = r - eta * (r - target)
         cand = (xi + di.clamp_(-view4(r_new), view4(r_new))).clamp_(0.0, 1.0)
         calls.add(cand, idx)
@@ -130,32 +131,31 @@ class _Run(PhaseRun):
         def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
             self.keep(idx, cand, xi, adv)
             # eta grows on success, shrinks on an answered failure
-            self.eta[idx] = torch.where(
-                adv, (eta * self.a.grow).clamp(max=1.0), torch.where(ok, eta * self.a.shrink, eta)
-            )
-            self.phase[idx] = FLIP
+            failed = torch.where(ok, eta * self.a.shrink, eta)
+            self.eta.index_copy_(0, idx, torch.where(adv, (eta * self.a.grow).clamp(max=1.0), failed))
+            self.phase.index_fill_(0, idx, FLIP)
 
         return [answer]
 
     # -- 2. random sign flip
     def ask_flip(self, calls: Calls, idx: torch.Tensor) -> list:
         a = self.a
-        xi, di, p = self.x.index_select(0, idx), self.delta.index_select(0, idx), self.p[idx]
-        mask = self.streams.uniform(idx, self.shape) < view4(p)
-        cand = (xi + torch.where(mask, -di, di)).clamp_(0.0, 1.0)
+        xi, di, p = self.x.index_select(0, idx), self.delta.index_select(0, idx), self.p.index_select(0, idx)
+        flip = torch.where(self.streams.uniform(idx, self.shape) < view4(p), -1.0, 1.0)
+        cand = torch.addcmul(xi, di, flip).clamp_(0.0, 1.0)  # x + (+-delta): the product is exact
         calls.add(cand, idx)
 
         def answer(ok: torch.Tensor, adv: torch.Tensor) -> None:
             self.keep(idx, cand, xi, adv)
             # flip statistics; every `window` flips p adapts to the success rate
-            count, wins = self.flips[idx] + ok, self.flip_wins[idx] + adv
+            count, wins = self.flips.index_select(0, idx) + ok, self.flip_wins.index_select(0, idx) + adv
             due = ok & (count % a.window == 0)
             rate = wins.float() / a.window
             up, down = due & (rate > 0.7), due & (rate < 0.3)
-            self.p[idx] = torch.where(
-                up, (p * 1.5).clamp(max=0.5), torch.where(down, (p / 1.5).clamp(min=1.0 / self.n), p)
-            )
-            self.flips[idx], self.flip_wins[idx] = count, torch.where(due, 0, wins)
-            self.phase[idx] = PROJECT
+            lowered = torch.where(down, (p / 1.5).clamp(min=1.0 / self.n), p)
+            self.p.index_copy_(0, idx, torch.where(up, (p * 1.5).clamp(max=0.5), lowered))
+            self.flips.index_copy_(0, idx, count)
+            self.flip_wins.index_copy_(0, idx, torch.where(due, 0, wins))
+            self.phase.index_fill_(0, idx, PROJECT)
 
         return [answer]

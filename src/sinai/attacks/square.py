@@ -108,7 +108,7 @@ def unchanged(cand: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
 
 def random_sign(shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> torch.Tensor:
     """Uniform +-1 of the given shape."""
-    return torch.randint(0, 2, shape, generator=gen, device=device).float() * 2 - 1
+    return torch.randint(0, 2, shape, generator=gen, device=device).float().mul_(2).sub_(1)
 
 
 @register_attack("square")
@@ -318,11 +318,12 @@ class Square(Attack):
                     it.fill_(steps)  # what every live image had made so far
                 idx, cand, logits, y_ok, every = idx[ok], cand[ok], logits[ok], yi[ok], False
             new_loss = margin_loss(logits, y_ok)
-            better = new_loss < (loss if every else loss[idx])  # always true for the init point (inf)
+            # always true for the init point (inf)
+            better = new_loss < (loss if every else loss.index_select(0, idx))
             pos = torch.nonzero(better).flatten()
-            rows = idx[pos]
-            x_adv[rows] = cand.index_select(0, pos)
-            loss[rows] = new_loss[pos]
+            rows = idx.index_select(0, pos)
+            x_adv.index_copy_(0, rows, cand.index_select(0, pos))
+            loss.index_copy_(0, rows, new_loss.index_select(0, pos))
             if not first:
                 if not uniform:  # (while uniform, every live image has made `steps` steps)
                     if every:

@@ -164,6 +164,15 @@ if numba is not None:
         return _gauss_slow(hz, iz, rest)
 
     @_jit
+    def _value(vals: np.ndarray, i: int, s: np.uint64, rest: np.uint64) -> tuple[float, np.uint64]:
+        """Draw ``i`` of :func:`_rectangles` at ``s``, finished by :func:`_finish` if it needs it: (its
+        value, the spare stream's next state)."""
+        v = vals[i]
+        if v != v:
+            return _finish(i, s, rest)
+        return v, rest
+
+    @_jit
     def _select(a: np.ndarray, m: int, k: int) -> float:
         """The ``k``-th smallest (0-based) of ``a[:m]``, partitioning ``a`` in place (Hoare's FIND with a
         median-of-three pivot; a sort finishes the rare input that makes it take too many rounds)."""
@@ -209,15 +218,11 @@ if numba is not None:
         if features == 1:
             scale = std[0]
             for i in range(count):
-                v = vals[i]
-                if v != v:
-                    v, rest = _finish(i, state, rest)
+                v, rest = _value(vals, i, state, rest)
                 o[chosen[i]] += scale * v
         else:
             for i in range(count):
-                v = vals[i]
-                if v != v:
-                    v, rest = _finish(i, state, rest)
+                v, rest = _value(vals, i, state, rest)
                 j = chosen[i]
                 o[j] += std[j % features] * v
 
@@ -355,9 +360,7 @@ if numba is not None:
             _rectangles(vals, n, state)
             rest = state + np.uint64(n) * _GAMMA
             for j in range(n):
-                v = vals[j]
-                if v != v:
-                    v, rest = _finish(j, state, rest)
+                v, rest = _value(vals, j, state, rest)
                 o[j] = row[j] + (std[0] if features == 1 else std[j % features]) * v
 
     @_jit
@@ -370,9 +373,7 @@ if numba is not None:
             _rectangles(vals, n, state)
             rest = state + np.uint64(n) * _GAMMA
             for j in range(n):
-                v = vals[j]
-                if v != v:
-                    v, rest = _finish(j, state, rest)
+                v, rest = _value(vals, j, state, rest)
                 o[j] = std[0] * v
 
 

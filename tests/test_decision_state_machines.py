@@ -54,6 +54,17 @@ class Bright(torch.nn.Module):
         return torch.stack([torch.zeros_like(z), z], 1).float()
 
 
+def assert_same_alone(name, x, y, model, before_alone=lambda i: None):
+    """Each image's queries, success time and adversarial are the same attacked alone as in the batch."""
+    together, adv_together = run(name, x, y, model)
+    for i in range(len(x)):
+        before_alone(i)
+        alone, adv_alone = run(name, x[i : i + 1], y[i : i + 1], model)
+        assert int(alone.queries[0]) == int(together.queries[i])
+        assert int(alone.success_at[0]) == int(together.success_at[i])
+        assert torch.equal(adv_alone[0], adv_together[i])
+
+
 def setup(n=6, seed=1):
     torch.manual_seed(0)
     model = Linear3(seed=seed)
@@ -75,12 +86,7 @@ def test_every_call_asks_every_live_image(name):
 @pytest.mark.parametrize("name", MACHINES)
 def test_each_image_makes_the_queries_it_makes_alone(name):
     model, x, y = setup(n=4, seed=2)
-    together, adv_together = run(name, x, y, model)
-    for i in range(len(x)):
-        alone, adv_alone = run(name, x[i : i + 1], y[i : i + 1], model)
-        assert int(alone.queries[0]) == int(together.queries[i])
-        assert int(alone.success_at[0]) == int(together.success_at[i])
-        assert torch.equal(adv_alone[0], adv_together[i])
+    assert_same_alone(name, x, y, model)
 
 
 def test_hsja_stops_after_max_iter_iterations():
@@ -134,13 +140,12 @@ def test_simba_each_image_makes_the_queries_it_makes_alone(name, monkeypatch):
     order = cls._order(make_attack(name), len(x), x.shape[1:], torch.Generator().manual_seed(0), x.device)
     rows = order
     monkeypatch.setattr(cls, "_order", lambda self, n, *args, **kwargs: rows)
-    together, adv_together = run(name, x, y, model)
-    for i in range(len(x)):
+
+    def own_row(i: int) -> None:
+        nonlocal rows
         rows = order[i : i + 1]
-        alone, adv_alone = run(name, x[i : i + 1], y[i : i + 1], model)
-        assert int(alone.queries[0]) == int(together.queries[i])
-        assert int(alone.success_at[0]) == int(together.success_at[i])
-        assert torch.equal(adv_alone[0], adv_together[i])
+
+    assert_same_alone(name, x, y, model, before_alone=own_row)
 
 
 @pytest.mark.parametrize("name", STARTS)
@@ -149,12 +154,7 @@ def test_late_starts_are_the_same_alone(name):
     torch.manual_seed(0)
     x, model = torch.rand(6, 1, 8, 8) * 0.5, Bright()
     y = torch.zeros(6, dtype=torch.long)
-    together, adv_together = run(name, x, y, model)
-    for i in range(len(x)):
-        alone, adv_alone = run(name, x[i : i + 1], y[i : i + 1], model)
-        assert int(alone.queries[0]) == int(together.queries[i])
-        assert int(alone.success_at[0]) == int(together.success_at[i])
-        assert torch.equal(adv_alone[0], adv_together[i])
+    assert_same_alone(name, x, y, model)
 
 
 @pytest.mark.parametrize("name", STARTS)

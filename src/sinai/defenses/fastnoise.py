@@ -1,21 +1,23 @@
-"""Fast exact noise on CPU: selection, Gaussian draws and addition fused in one compiled pass per row.
+"""Fast exact noise on CPU: selection, Gaussian draws and addition in a few vectorised passes per row.
 
 SINAI's logit-selective noise (SINAI, Sec. 3.2) adds fresh i.i.d. N(0, std^2) noise to exactly the
 ``k = ceil(ratio * n)`` smallest logits of each sample, on every forward. With torch ops on a CPU that
 costs a ``topk`` over every entry and about 3-5 ns per Gaussian number from the serial CPU generator,
-more than a small network's own forward. Here each sample's row is handled by one compiled function
-(numba, ``nogil``) and rows are split over threads:
+more than a small network's own forward. Here each sample's row is handled by compiled functions (numba,
+``nogil``) whose loops the compiler vectorises, and rows are split over threads:
 
-- selection: the ``k``-th smallest value is bracketed by the quantiles of a strided subsample, one
-  branch-free pass lists the entries below the bracket and the few inside it, a histogram of those few
-  finds the bucket that holds the ``k``-th value and an exact selection runs in that bucket (on the
-  whole row when the bracket misses); ties at the ``k``-th value are taken in index order, so exactly
-  ``k`` entries get noise;
+- selection: the entries are mapped to integers of the same order, and the ``k``-th smallest is found
+  by counting passes alone (a vectorised compare and sum each): a bracket around the previous row's
+  ``k``-th value, narrowed by interpolating the counts (a bisection when a step fails to halve it), and
+  one minimum pass when the ``k``-th is the first value above the bracket; ties at the ``k``-th value
+  are taken in index order, so exactly ``k`` entries get noise;
 - noise: each row has its own counter-based stream (SplitMix64, Steele et al., OOPSLA 2014) keyed by
   the row and one 64-bit key drawn per call from the defended model's seeded ``torch.Generator``, so
-  the noise depends on the seed and the call, never on threads; Gaussians come from the ziggurat
-  method (Marsaglia & Tsang, J. Stat. Softw. 2000) with separate random bits for layer and value
-  (Doornik 2005), drawn in vectorised blocks and only for the selected entries.
+  the noise depends on the seed and the call, never on threads; each 64-bit number gives two Gaussians
+  by the Box-Muller transform (Box & Muller, Ann. Math. Stat. 1958): 32 bits for the radius, 32 for the
+  angle, with a logarithm, sine and cosine written as short series so that the loop vectorises
+  (relative error below 1e-7, float32's resolution); a selection of a quarter or more of a row draws
+  for every entry and adds with one masked pass, a smaller one draws only for the entries it lists.
 """
 
 from __future__ import annotations
@@ -30,65 +32,50 @@ import torch
 
 try:  # numba is a dependency; without it (an unusual install) the torch path is used
     import numba
+    from llvmlite import ir
+    from numba.extending import intrinsic
 except ImportError:  # pragma: no cover
     numba = None
 
-_LAYERS = 1024  # more layers than RNOR's 256: fewer draws outside their layer's rectangle (0.4%, not 1.3%)
-_LAYER_SHIFT = 54  # a draw's layer: the top log2(_LAYERS) bits of its 64-bit number
+_SERIES = (
+    0.5,
+    2.0**-32,
+    2.0**-29 * math.pi / 4,
+    math.sqrt(2.0),
+    math.log(2.0),
+    *(1.0 / (2 * i + 1) for i in range(1, 4)),  # log(m) = 2 atanh(t): t + t^3/3 + ... + t^7/7
+    *((-1) ** i / math.factorial(2 * i + 1) for i in range(1, 4)),  # sin: th - th^3/3! + ... - th^7/7!
+    *((-1) ** i / math.factorial(2 * i) for i in range(1, 5)),  # cos: 1 - th^2/2! + ... + th^8/8!
+)
+"""The Box-Muller transform's constants: 1/2, the scales of the radius and angle bits, sqrt(2), log(2)
+and the series' coefficients. On their ranges (|t| <= 0.172, th < pi/4) the first left-out terms are
+below 4e-7 (sine: th^9/9!; log: 2 t^9/9 is 3e-8; cosine: th^10/10! is 3e-8)."""
 
-
-def _density(x: float) -> float:
-    return math.exp(-0.5 * x * x)
-
-
-def _ziggurat_base(layers: int) -> tuple[float, float]:
-    """Where the tail begins, ``r``, and each layer's area, ``v``, for a ziggurat of ``layers`` layers
-    under the unnormalised normal density: the ``r`` for which the layers of area ``v`` (the base strip
-    being the rectangle under ``f(r)`` plus the tail) stack up to exactly ``f(0) = 1`` (found by
-    bisection; gives Marsaglia & Tsang's r = 3.6541528853610088 for 256 layers)."""
-
-    def overshoot(r: float) -> tuple[float, float]:
-        v = r * _density(r) + math.sqrt(math.pi / 2) * math.erfc(r / math.sqrt(2))
-        x = r
-        for _ in range(layers - 2):
-            top = v / x + _density(x)
-            if top >= 1.0:  # the layers reach the top too early: r is too small
-                return 1.0, v
-            x = math.sqrt(-2.0 * math.log(top))
-        return v / x + _density(x) - 1.0, v
-
-    lo, hi = 2.0, 6.0
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if overshoot(mid)[0] > 0 else (lo, mid)
-    return lo, overshoot(lo)[1]
-
-
-_R, _V = _ziggurat_base(_LAYERS)
-
-
-def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ziggurat tables of the standard normal (Marsaglia & Tsang 2000, RNOR, with ``_LAYERS``
-    layers): layer ``i``'s acceptance bound ``kn``, scale ``wn`` and density ``fn``."""
-    dn = tn = _R
-    m1 = 2147483648.0
-    kn, wn, fn = np.zeros(_LAYERS, np.int64), np.zeros(_LAYERS), np.zeros(_LAYERS)
-    q = _V / _density(dn)
-    kn[0], kn[1] = int(dn / q * m1), 0
-    wn[0], wn[-1] = q / m1, dn / m1
-    fn[0], fn[-1] = 1.0, _density(dn)
-    for i in range(_LAYERS - 2, 0, -1):
-        dn = math.sqrt(-2.0 * math.log(_V / dn + _density(dn)))
-        kn[i + 1] = int(dn / tn * m1)
-        tn = dn
-        fn[i], wn[i] = _density(dn), dn / m1
-    return kn, wn, fn
-
-
-_KN, _WN, _FN = _ziggurat_tables()
+#: The constants in each float type the kernels run in (the float32 path computes in float32).
+_CONSTANTS = {dtype: tuple(dtype(v) for v in _SERIES) for dtype in (np.float32, np.float64)}
 
 if numba is not None:
-    _jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+    _jit = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+
+    @intrinsic
+    def _leading_zeros(typingctx, x):  # pragma: no cover - compiled
+        """``llvm.ctlz`` (one instruction, vectorised), which numba does not expose."""
+
+        def codegen(context, builder, signature, args):
+            return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
+
+        return x(x), codegen
+
+    @intrinsic
+    def _sqrt(typingctx, x):  # pragma: no cover - compiled
+        """``llvm.sqrt``: numba's ``math.sqrt`` calls libm, which stops the loop from vectorising."""
+
+        def codegen(context, builder, signature, args):
+            return builder.call(builder.module.declare_intrinsic("llvm.sqrt", [args[0].type]), [args[0]])
+
+        return x(x), codegen
+
+    _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 
     @_jit
     def _mix(z: np.uint64) -> np.uint64:
@@ -97,284 +84,318 @@ if numba is not None:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
 
-    _GAMMA = np.uint64(0x9E3779B97F4A7C15)
-
-    @_jit
-    def _uniform(s: np.uint64) -> tuple[float, np.uint64]:
-        """A uniform in (0, 1) (53 random bits) and the advanced stream state."""
-        s = s + _GAMMA
-        return ((_mix(s) >> np.uint64(11)) + 0.5) * (1.0 / 9007199254740992.0), s
-
-    @_jit
-    def _draw(s: np.uint64) -> tuple[np.int64, np.int64, np.uint64]:
-        """One ziggurat draw: its value bits ``hz`` (a signed 32-bit integer) and, from other bits of the
-        same 64-bit number, its layer ``iz``."""
-        s = s + _GAMMA
-        bits = _mix(s)
-        value = np.int64(np.int32(np.uint32(bits & np.uint64(0xFFFFFFFF))))
-        return value, np.int64(bits >> np.uint64(_LAYER_SHIFT)), s
-
-    @_jit
-    def _gauss_slow(hz: np.int64, iz: np.int64, s: np.uint64) -> tuple[float, np.uint64]:
-        """The ziggurat's rare path (about 0.4% of draws): the tail or the wedge of layer ``iz``, then new
-        draws until one is accepted."""
-        while True:
-            x = hz * _WN[iz]
-            if iz == 0:  # the tail beyond R (Marsaglia 1964)
-                while True:
-                    u, s = _uniform(s)
-                    x = -math.log(u) / _R
-                    u, s = _uniform(s)
-                    if -2.0 * math.log(u) >= x * x:
-                        break
-                return (_R + x if hz > 0 else -_R - x), s
-            u, s = _uniform(s)
-            if _FN[iz] + u * (_FN[iz - 1] - _FN[iz]) < math.exp(-0.5 * x * x):
-                return x, s
-            hz, iz, s = _draw(s)
-            if abs(hz) < _KN[iz]:
-                return hz * _WN[iz], s
-
-    _M1 = np.uint64(0xBF58476D1CE4E5B9)
-    _M2 = np.uint64(0x94D049BB133111EB)
-
-    @_jit
-    def _rectangles(vals: np.ndarray, m: int, s: np.uint64) -> None:
-        """The fast part of ``m`` standard normal draws from the stream at ``s``: draw ``i`` is the
-        ziggurat (Marsaglia & Tsang's, ``_LAYERS`` layers; value and layer from separate bits of one
-        64-bit number) on the stream's ``i``-th number, in a branch-free loop the compiler vectorises;
-        ``vals[i]`` is NaN where the draw falls outside its layer's rectangle (about 0.4%), which
-        :func:`_finish` completes as its reader meets it, in order, on the numbers past the ``m``-th
-        (``rest``, starting at ``s + m * gamma``)."""
-        for i in range(m):
-            bits = s + np.uint64(i + 1) * _GAMMA
-            bits = (bits ^ (bits >> np.uint64(30))) * _M1
-            bits = (bits ^ (bits >> np.uint64(27))) * _M2
-            bits = bits ^ (bits >> np.uint64(31))
-            hz = np.int32(np.uint32(bits & np.uint64(0xFFFFFFFF)))
-            iz = np.int64(bits >> np.uint64(_LAYER_SHIFT))
-            vals[i] = hz * _WN[iz] if abs(np.int64(hz)) < _KN[iz] else np.nan
-
-    @_jit
-    def _finish(i: int, s: np.uint64, rest: np.uint64) -> tuple[float, np.uint64]:
-        """Draw ``i`` of :func:`_rectangles` at ``s`` that fell outside its rectangle, completed on the
-        stream's spare numbers at ``rest``: (its value, the spare stream's next state). Read in the
-        readers' loops, where the rare branch costs next to nothing, not in a separate pass."""
-        hz, iz, _ = _draw(s + np.uint64(i) * _GAMMA)
-        return _gauss_slow(hz, iz, rest)
-
-    @_jit
-    def _value(vals: np.ndarray, i: int, s: np.uint64, rest: np.uint64) -> tuple[float, np.uint64]:
-        """Draw ``i`` of :func:`_rectangles` at ``s``, finished by :func:`_finish` if it needs it: (its
-        value, the spare stream's next state)."""
-        v = vals[i]
-        if v != v:
-            return _finish(i, s, rest)
-        return v, rest
-
-    @_jit
-    def _select(a: np.ndarray, m: int, k: int) -> float:
-        """The ``k``-th smallest (0-based) of ``a[:m]``, partitioning ``a`` in place (Hoare's FIND with a
-        median-of-three pivot; a sort finishes the rare input that makes it take too many rounds)."""
-        lo, hi = 0, m - 1
-        rounds = 0
-        while hi > lo:
-            rounds += 1
-            if rounds > 64:
-                a[lo : hi + 1].sort()
-                break
-            mid = (lo + hi) >> 1
-            if a[mid] < a[lo]:
-                a[mid], a[lo] = a[lo], a[mid]
-            if a[hi] < a[lo]:
-                a[hi], a[lo] = a[lo], a[hi]
-            if a[hi] < a[mid]:
-                a[hi], a[mid] = a[mid], a[hi]
-            pivot = a[mid]
-            i, j = lo, hi
-            while i <= j:
-                while a[i] < pivot:
-                    i += 1
-                while a[j] > pivot:
-                    j -= 1
-                if i <= j:
-                    a[i], a[j] = a[j], a[i]
-                    i += 1
-                    j -= 1
-            if k <= j:
-                hi = j
-            elif k >= i:
-                lo = i
-            else:
-                break
-        return a[k]
-
-    @_jit
-    def _add_chosen(o, chosen, count, std, state, vals):  # pragma: no cover - compiled
-        """Add ``std`` times a fresh standard normal to ``o`` at the ``count`` indices ``chosen``."""
-        _rectangles(vals, count, state)
-        rest = state + np.uint64(count) * _GAMMA
-        features = std.shape[0]
-        if features == 1:
-            scale = std[0]
-            for i in range(count):
-                v, rest = _value(vals, i, state, rest)
-                o[chosen[i]] += scale * v
-        else:
-            for i in range(count):
-                v, rest = _value(vals, i, state, rest)
-                j = chosen[i]
-                o[j] += std[j % features] * v
-
     @_jit
     def _row_state(key: np.uint64, r: int) -> np.uint64:
         """The start of row ``r``'s stream under ``key``."""
         return _mix(key ^ _mix(np.uint64(r) + np.uint64(0x632BE59BD9B4E019)))
 
-    _SAMPLE = 256
-    _BUCKETS = 128
+    @numba.njit(nogil=True, cache=True, error_model="numpy", inline="always")
+    def _pair(bits, c, f):  # pragma: no cover - compiled
+        """Two independent standard normal draws from the 64-bit number ``bits`` (Box-Muller), in the
+        float type ``f`` with its constants ``c`` (:data:`_CONSTANTS`): the top 32 bits ``h`` give
+        ``u = (2h + 1) / 2^33`` in (0, 1) and the radius ``sqrt(-2 log u)`` (``log u`` from ``u``'s
+        binary exponent and ``2 atanh(t)`` of its mantissa); the low 32 bits give the angle: a quadrant,
+        a reflection about its diagonal, and ``th`` in [0, pi/4)."""
+        half, scale_u, scale_th, sqrt2, ln2, l3, l5, l7, s3, s5, s7, k2, k4, k6, k8 = c
+        one, two, zero = f(1.0), f(2.0), f(0.0)
+        odd = ((bits >> np.uint64(32)) << np.uint64(1)) | np.uint64(1)  # 2h + 1 < 2^33
+        power = np.uint64(63) - _leading_zeros(odd)  # floor(log2(2h + 1)), at most 32
+        mant = f(odd << (np.uint64(32) - power)) * scale_u  # (2h + 1) / 2^power, in [1, 2]
+        exponent = f(power) - f(33.0)
+        big = mant > sqrt2  # log of a mantissa in [1/sqrt2, sqrt2]: |t| <= 0.172
+        mant = mant * half if big else mant
+        exponent = exponent + one if big else exponent
+        t = (mant - one) / (mant + one)
+        t2 = t * t
+        log_u = exponent * ln2 + two * t * (one + t2 * (l3 + t2 * (l5 + t2 * l7)))
+        radius = _sqrt(-two * log_u)
+        low = bits & np.uint64(0xFFFFFFFF)
+        th = f(low & np.uint64(0x1FFFFFFF)) * scale_th
+        h2 = th * th
+        sin = th * (one + h2 * (s3 + h2 * (s5 + h2 * s7)))
+        cos = one + h2 * (k2 + h2 * (k4 + h2 * (k6 + h2 * k8)))
+        swap = ((low >> np.uint64(29)) & np.uint64(1)) != np.uint64(0)  # the angle pi/2 - th instead
+        x = sin if swap else cos
+        y = cos if swap else sin
+        quadrant = low >> np.uint64(30)  # turned by quadrant * pi/2: (x, y) -> (-y, x) -> ...
+        turn = (quadrant & np.uint64(1)) != np.uint64(0)
+        a = y if turn else x
+        b = x if turn else y
+        a = zero - a if (quadrant == np.uint64(1)) | (quadrant == np.uint64(2)) else a
+        b = zero - b if quadrant >= np.uint64(2) else b
+        return radius * a, radius * b
 
     @_jit
-    def _choose_exact(
-        row, o, k, chosen, band, scratch, sample, buckets, small, hist
-    ) -> int:  # pragma: no cover - compiled
-        """Copy ``row`` to ``o`` and list in ``chosen`` exactly the ``k`` smallest entries of ``row`` (ties
-        at the ``k``-th value in index order); returns ``k``.
+    def _gaussians(vals, m, s, c) -> None:  # pragma: no cover - compiled
+        """``vals[:m]`` = ``m`` standard normal draws from the stream at ``s`` (``vals`` holds ``m + 1``),
+        computed in ``vals``' float type: the stream's ``i``-th number gives draws ``i`` and
+        ``i + ceil(m / 2)`` (:func:`_pair`)."""
+        pairs = (m + 1) >> 1
+        for i in range(pairs):
+            vals[i], vals[i + pairs] = _pair(_mix(s + np.uint64(i + 1) * _GAMMA), c, vals.dtype.type)
 
-        The ``k``-th value is bracketed by quantiles of a strided subsample (Floyd & Rivest, CACM 1975):
-        one branch-free pass copies the row, lists the entries below the bracket (all chosen) and the few
-        inside it, a histogram of those few finds the bucket that holds the ``k``-th value, and an exact
-        selection runs in that bucket. When the bracket misses (rare) the selection runs on the whole
-        row.
-        """
+    @_jit
+    def _add_listed(o, chosen, count, std, state, vals, c) -> None:  # pragma: no cover - compiled
+        """Add ``std`` times a fresh standard normal to ``o`` at the ``count`` indices ``chosen``."""
+        _gaussians(vals, count, state, c)
+        features = std.shape[0]
+        if features == 1:
+            scale = std[0]
+            for i in range(count):
+                o[chosen[i]] += scale * vals[i]
+        else:
+            for i in range(count):
+                j = chosen[i]
+                o[j] += std[j % features] * vals[i]
+
+    @_jit
+    def _add_where(row, o, keys, cut, split, std, s, c, vals) -> None:  # pragma: no cover - compiled
+        """``o = row + std * noise`` where ``keys <= cut`` before ``split`` and ``keys <= cut - 1`` from
+        it on (integer keys), ``o = row`` elsewhere; every entry has its draw from the stream at ``s``
+        as :func:`_gaussians` lays them out (``std``: one value or one per feature of the last
+        dimension). One std and an even row draw and add in one vectorised loop."""
         n = row.shape[0]
-        if n >= 8 * _SAMPLE:
-            step = n // _SAMPLE
-            for i in range(_SAMPLE):
-                sample[i] = row[i * step]
-            p = k / n
-            margin = 3.0 * math.sqrt(p * (1.0 - p) / _SAMPLE) + 2.0 / _SAMPLE
-            first = max(0, int((p - margin) * _SAMPLE))
-            last = min(_SAMPLE - 1, int(math.ceil((p + margin) * _SAMPLE)))
-            lo = _select(sample, _SAMPLE, first)
-            # after the first selection, the entries past ``first`` are the ones >= lo
-            hi = _select(sample[first:], _SAMPLE - first, last - first)
-            count = 0
-            inside = 0
-            for j in range(n):
-                v = row[j]
-                o[j] = v
-                chosen[count] = j
-                count += v < lo
-                band[inside] = j
-                inside += (v >= lo) & (v <= hi)
-            if count < k <= count + inside:
-                # the (k - count)-th smallest of the bracket: a histogram of its values finds the bucket
-                # that holds it, and the exact selection runs on that bucket alone
-                need = k - count
-                scale = _BUCKETS / (hi - lo) if hi > lo else 0.0
-                hist[:] = 0
-                for i in range(inside):
-                    v = row[band[i]]
-                    scratch[i] = v
-                    b = min(int((v - lo) * scale), _BUCKETS - 1)
-                    buckets[i] = b
-                    hist[b] += 1
-                before = 0
-                target = 0
-                while before + hist[target] < need:
-                    before += hist[target]
-                    target += 1
-                size = 0
-                for i in range(inside):
-                    small[size] = scratch[i]
-                    size += buckets[i] == target
-                kth = _select(small, size, need - before - 1)
-                ties = need - before
-                for i in range(size):
-                    ties -= small[i] < kth
-                return _take(row, band, inside, kth, ties, chosen, count)
+        f = row.dtype.type
+        zero = f(0.0)
+        before, after = keys.dtype.type(cut), keys.dtype.type(cut - 1)
+        pairs = n >> 1
+        if std.shape[0] == 1 and n == 2 * pairs:
+            scale = std[0]
+            for i in range(pairs):  # (the vectoriser needs this exact trip count)
+                a, b = _pair(_mix(s + np.uint64(i + 1) * _GAMMA), c, f)
+                j = i + pairs
+                o[i] = row[i] + (scale * a if keys[i] <= (before if i < split else after) else zero)
+                o[j] = row[j] + (scale * b if keys[j] <= (before if j < split else after) else zero)
+            return
+        _gaussians(vals, n, s, c)
+        features = std.shape[0]
         for j in range(n):
-            scratch[j] = row[j]
-            o[j] = row[j]
-            band[j] = j
-        kth = _select(scratch, n, k - 1)
-        less = 0
-        for j in range(n):
-            less += row[j] < kth
-        return _take(row, band, n, kth, k - less, chosen, 0)
+            scale = std[j % features]
+            o[j] = row[j] + (scale * vals[j] if keys[j] <= (before if j < split else after) else zero)
 
     @_jit
-    def _take(row, among, m, kth, ties, chosen, count) -> int:  # pragma: no cover - compiled
-        """Append to ``chosen[count:]`` the entries ``among[:m]`` of ``row`` below ``kth`` and the first
-        ``ties`` equal to it, in index order (branch-free); returns the new count."""
-        for i in range(m):
-            j = among[i]
-            v = row[j]
+    def _list_where(keys, cut, chosen, count, a, b) -> int:  # pragma: no cover - compiled
+        """Append to ``chosen[count:]`` the entries ``a`` to ``b`` whose ``keys <= cut`` (branch-free)."""
+        cut = keys.dtype.type(cut)
+        for j in range(a, b):
             chosen[count] = j
-            equal = v == kth
-            count += (v < kth) | (equal & (ties > 0))
-            ties -= equal
+            count += keys[j] <= cut
         return count
 
     @_jit
-    def _exact_rows(z, out, k, std, key, r0, r1):  # pragma: no cover - compiled
-        n = z.shape[1]
-        chosen = np.empty(n, np.int32)
-        band = np.empty(n, np.int32)
-        scratch = np.empty(n, z.dtype)
-        sample = np.empty(_SAMPLE, z.dtype)
-        buckets = np.empty(n, np.int32)
-        small = np.empty(n, z.dtype)
-        hist = np.empty(_BUCKETS, np.int64)
-        vals = np.empty(n)
-        for r in range(r0, r1):
-            count = _choose_exact(z[r], out[r], k, chosen, band, scratch, sample, buckets, small, hist)
-            _add_chosen(out[r], chosen, count, std, _row_state(key, r), vals)
+    def _add_selected(row, o, keys, cut, split, count, std, state, vals, chosen, c):  # pragma: no cover
+        """Noise on the ``count`` entries whose ``keys <= cut`` before ``split`` and ``keys < cut`` from
+        it on: drawn for every entry and added in masked passes when they are a quarter of the row or
+        more, else drawn for the listed ones only."""
+        n = row.shape[0]
+        if 4 * count >= n:
+            _add_where(row, o, keys, cut, split, std, state, c, vals)
+            return
+        o[:] = row
+        listed = _list_where(keys, cut - 1, chosen, _list_where(keys, cut, chosen, 0, 0, split), split, n)
+        _add_listed(o, chosen, listed, std, state, vals, c)
 
     @_jit
-    def _threshold_rows(z, out, threshold, std, key, r0, r1):  # pragma: no cover - compiled
+    def _order(row, keys, flip) -> tuple[int, int]:  # pragma: no cover - compiled
+        """``keys``: integers in the order of the floats ``row`` (the IEEE bits, a negative's magnitude
+        bits flipped by ``flip``, -0.0 made +0.0 so that equal floats have equal keys); returns their
+        min and max."""
+        bits = row.view(keys.dtype)
+        low = keys.dtype.type(flip)
+        high = -low - 1
+        for j in range(row.shape[0]):
+            b = bits[j]
+            key = b ^ (flip if b < 0 else 0)
+            key += key == -1
+            keys[j] = key
+            low = min(low, keys[j])
+            high = max(high, keys[j])
+        return low, high
+
+    @_jit
+    def _count_le(keys, t) -> int:  # pragma: no cover - compiled
+        """How many ``keys`` are ``<= t``."""
+        t = keys.dtype.type(t)
+        c = 0
+        for j in range(keys.shape[0]):
+            c += keys[j] <= t
+        return c
+
+    @_jit
+    def _min_above(keys, t, none) -> int:  # pragma: no cover - compiled
+        """The smallest key ``> t`` (``none`` if there is none)."""
+        t = keys.dtype.type(t)
+        none = keys.dtype.type(none)
+        m = none
+        for j in range(keys.shape[0]):
+            v = keys[j]
+            m = min(m, v if v > t else none)
+        return m
+
+    @_jit
+    def _max_at_most(keys, t, none) -> int:  # pragma: no cover - compiled
+        """The largest key ``<= t`` (``none`` if there is none)."""
+        t = keys.dtype.type(t)
+        none = keys.dtype.type(none)
+        m = none
+        for j in range(keys.shape[0]):
+            v = keys[j]
+            m = max(m, v if v <= t else none)
+        return m
+
+    @_jit
+    def _at(low, p):
+        """The key ``p - 1`` above ``low`` (position 0 stands for "below every key"). Positions are
+        unsigned: a float64 row's keys can span more than an int64 difference holds."""
+        return np.int64(np.uint64(low) + (p - np.uint64(1)))
+
+    @_jit
+    def _kth_key(keys, k, low, high, guess, density) -> tuple[int, int, float]:  # pragma: no cover
+        """The ``k``-th smallest (1-based) of ``keys`` (whose min and max are ``low``, ``high``), how many
+        keys are below it, and the density of keys near it (keys per key unit), by counting passes alone.
+
+        The bracket ``lo < kth <= hi`` (count(<= lo) < k <= count(<= hi)) starts from the previous row's
+        ``k``-th key ``guess`` and its ``density`` (0: none): Newton steps from the guess until the
+        counts straddle ``k``; it then narrows by interpolating the counts. While steps fail to halve the
+        bracket's count (a value tied many times, as a CNN's background gives, stops the counts from
+        shrinking) it checks the bracket's top key, its bottom key and bisects, in turn; when the
+        ``k``-th is the first key above ``lo``, one minimum pass finds it.
+        """
+        n = keys.shape[0]
+        if k == 1:
+            return low, 0, density
+        one = np.uint64(1)
+        lo, c_lo = np.uint64(0), 0
+        hi, c_hi = np.uint64(high) - np.uint64(low) + one, n
+        if density > 0.0 and low <= guess < high:
+            p = np.uint64(guess) - np.uint64(low) + one
+            for _ in range(6):  # Newton steps, a little long, until the counts straddle k
+                c = _count_le(keys, _at(low, p))
+                if c >= k:
+                    hi, c_hi = p, c
+                else:
+                    lo, c_lo = p, c
+                if lo > np.uint64(0) and c_hi < n:
+                    break
+                t = float(p) + 1.5 * (k - c - 0.5) / density
+                if t <= float(lo) + 1.0 or t >= float(hi) - 1.0:
+                    break
+                p = np.uint64(t)
+        stalls = 0  # steps in a row that failed to halve the bracket's count
+        measured = False
+        while hi - lo > one:
+            if not measured and lo > np.uint64(0) and c_hi < n:  # the first bracket: a running mean
+                measured = True
+                found = (c_hi - c_lo) / float(hi - lo)
+                density = found if density == 0.0 else 0.5 * (density + found)
+            if c_lo == k - 1:
+                return _min_above(keys, _at(low, lo), high), c_lo, density
+            before = c_hi - c_lo
+            if stalls % 3 == 1:  # the k-th may be the bracket's top key, tied many times: try it
+                top = _max_at_most(keys, _at(low, hi), low)
+                t = np.uint64(top) - np.uint64(low) + one
+                c = _count_le(keys, _at(low, t - one))
+                if c < k:
+                    return top, c, density
+                hi, c_hi = t - one, c
+            elif stalls % 3 == 2:  # or its bottom key
+                bottom = _min_above(keys, _at(low, lo), high)
+                t = np.uint64(bottom) - np.uint64(low) + one
+                c = _count_le(keys, bottom)
+                if c >= k:
+                    return bottom, c_lo, density
+                lo, c_lo = t, c
+            else:
+                if stalls > 0:
+                    t = lo + ((hi - lo) >> one)
+                else:
+                    share = (k - c_lo - 0.5) / (c_hi - c_lo)
+                    t = min(max(lo + np.uint64(share * float(hi - lo)), lo + one), hi - one)
+                c = _count_le(keys, _at(low, t))
+                if c >= k:
+                    hi, c_hi = t, c
+                else:
+                    lo, c_lo = t, c
+            stalls = stalls + 1 if 2 * (c_hi - c_lo) > before else 0
+        return _at(low, hi), c_lo, density
+
+    @_jit
+    def _split(keys, kth, ties, less, n) -> int:  # pragma: no cover - compiled
+        """The index just past the ``ties``-th entry equal to ``kth`` (``n`` when no more are equal):
+        blocks are counted in one vectorised pass each, and only the block that holds it is read."""
+        if _count_le(keys, kth) - less == ties:
+            return n
+        kth = keys.dtype.type(kth)
+        for a in range(0, n, 256):
+            b = min(a + 256, n)
+            equal = 0
+            for j in range(a, b):
+                equal += keys[j] == kth
+            if equal < ties:
+                ties -= equal
+                continue
+            for j in range(a, b):
+                ties -= keys[j] == kth
+                if ties == 0:
+                    return j + 1
+        return n
+
+    @_jit
+    def _exact_rows(z, out, k, std, flip, c, key, r0, r1):  # pragma: no cover - compiled
+        """Exactly the ``k`` smallest entries of each row get noise, ties at the ``k``-th value in index
+        order (:func:`_kth_key`, :func:`_split`, :func:`_add_selected`)."""
         n = z.shape[1]
+        keys = np.empty(n, flip.dtype)
+        vals = np.empty(n + 1, z.dtype)
         chosen = np.empty(n, np.int32)
-        vals = np.empty(n)
+        kth, density = 0, 0.0  # the previous row's k-th key and the density of keys near it (0: none)
+        for r in range(r0, r1):
+            row, o = z[r], out[r]
+            low, high = _order(row, keys, flip[0])
+            kth, less, density = _kth_key(keys, k, low, high, kth, density)
+            # the k - less entries equal to the k-th that come first get noise: all of them before
+            # ``split``, none after (split = n when all entries equal to the k-th are taken)
+            split = _split(keys, kth, k - less, less, n)
+            _add_selected(row, o, keys, kth, split, k, std, _row_state(key, r), vals, chosen, c)
+
+    @_jit
+    def _threshold_rows(z, out, threshold, std, c, key, r0, r1):  # pragma: no cover - compiled
+        n = z.shape[1]
+        vals = np.empty(n + 1, z.dtype)
+        chosen = np.empty(n, np.int32)
         for r in range(r0, r1):
             row = z[r]
-            o = out[r]
-            count = 0
-            for j in range(n):
-                v = row[j]
-                o[j] = v
-                chosen[count] = j
-                count += v <= threshold
-            _add_chosen(o, chosen, count, std, _row_state(key, r), vals)
+            count = _count_le(row, threshold)
+            _add_selected(row, out[r], row, threshold, n, count, std, _row_state(key, r), vals, chosen, c)
 
     @_jit
-    def _all_rows(z, out, std, key, r0, r1):  # pragma: no cover - compiled
+    def _all_rows(z, out, std, c, key, r0, r1):  # pragma: no cover - compiled
         n = z.shape[1]
         features = std.shape[0]
-        vals = np.empty(n)
+        vals = np.empty(n + 1, z.dtype)
         for r in range(r0, r1):
             row = z[r]
             o = out[r]
-            state = _row_state(key, r)
-            _rectangles(vals, n, state)
-            rest = state + np.uint64(n) * _GAMMA
-            for j in range(n):
-                v, rest = _value(vals, j, state, rest)
-                o[j] = row[j] + (std[0] if features == 1 else std[j % features]) * v
+            _gaussians(vals, n, _row_state(key, r), c)
+            if features == 1:
+                scale = std[0]
+                for j in range(n):
+                    o[j] = row[j] + scale * vals[j]
+            else:
+                for t in range(0, n, features):
+                    for f in range(features):
+                        o[t + f] = row[t + f] + std[f] * vals[t + f]
 
     @_jit
-    def _fill_rows(z, out, std, key, r0, r1):  # pragma: no cover - compiled (z is out)
+    def _fill_rows(z, out, std, c, key, r0, r1):  # pragma: no cover - compiled (z is out)
         n = out.shape[1]
-        vals = np.empty(n)
+        vals = np.empty(n + 1, out.dtype)
+        scale = std[0]
         for r in range(r0, r1):
             o = out[r]
-            state = _row_state(key, r)
-            _rectangles(vals, n, state)
-            rest = state + np.uint64(n) * _GAMMA
+            _gaussians(vals, n, _row_state(key, r), c)
             for j in range(n):
-                v, rest = _value(vals, j, state, rest)
-                o[j] = std[0] * v
+                o[j] = scale * vals[j]
 
 
 #: Entries below which one thread does the whole tensor (handing work to threads costs ~50 us).
@@ -420,22 +441,24 @@ def _run(kernel, flat: np.ndarray, out: np.ndarray, *args) -> None:
     if threads == 1:
         kernel(flat, out, *args, 0, rows)
         return
-    bounds = np.linspace(0, rows, threads + 1).astype(int)
+    bounds = [rows * i // threads for i in range(threads + 1)]
     pool = _executor(threads - 1)
     jobs = [
-        pool.submit(kernel, flat, out, *args, int(r0), int(r1))
-        for r0, r1 in zip(bounds[1:-1], bounds[2:], strict=True)
+        pool.submit(kernel, flat, out, *args, r0, r1) for r0, r1 in zip(bounds[1:-1], bounds[2:], strict=True)
     ]
-    kernel(flat, out, *args, 0, int(bounds[1]))  # the first share on this thread, which would only wait
+    kernel(flat, out, *args, 0, bounds[1])  # the first share on this thread, which would only wait
     for job in jobs:
         job.result()
 
 
+def _np_dtype(dtype: torch.dtype) -> type:
+    return np.float32 if dtype == torch.float32 else np.float64
+
+
 def _std_array(std: float | torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    np_dtype = np.float32 if dtype == torch.float32 else np.float64
     if isinstance(std, torch.Tensor):
-        return std.detach().cpu().numpy().astype(np_dtype)
-    return np.array([std], dtype=np_dtype)
+        return std.detach().cpu().numpy().astype(_np_dtype(dtype))
+    return np.array([std], dtype=_np_dtype(dtype))
 
 
 def key_from(gen: torch.Generator) -> np.uint64:
@@ -444,24 +467,35 @@ def key_from(gen: torch.Generator) -> np.uint64:
     return np.uint64((hi << 32) | lo)
 
 
+# the bits that turn a negative float's IEEE bits into an integer of the same order (one entry: the
+# kernel reads the key type from it)
+_FLIP = {
+    torch.float32: np.array([(1 << 31) - 1], np.int32),
+    torch.float64: np.array([(1 << 63) - 1], np.int64),
+}
+
+
 def _apply(kernel, z: torch.Tensor, *args, gen: torch.Generator) -> torch.Tensor:
     flat = z.detach().reshape(z.shape[0] if z.dim() > 1 else 1, -1).contiguous()
     out = torch.empty_like(flat)
-    _run(kernel, flat.numpy(), out.numpy(), *args, key_from(gen))
+    _run(kernel, flat.numpy(), out.numpy(), *args, _CONSTANTS[_np_dtype(z.dtype)], key_from(gen))
     return out.view_as(z)
 
 
 def add_exact(z: torch.Tensor, k: int, std: float | torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """``z`` plus N(0, std^2) noise on exactly the ``k`` smallest entries of each sample (first
     dimension; 0 < k < entries per sample); ``std`` is a float or a vector over the last dimension."""
-    return _apply(_exact_rows, z, k, _std_array(std, z.dtype), gen=gen)
+    return _apply(_exact_rows, z, k, _std_array(std, z.dtype), _FLIP[z.dtype], gen=gen)
 
 
 def add_below(
     z: torch.Tensor, threshold: float, std: float | torch.Tensor, gen: torch.Generator
 ) -> torch.Tensor:
     """``z`` plus N(0, std^2) noise on its entries ``<= threshold`` (threshold selection)."""
-    return _apply(_threshold_rows, z, float(threshold), _std_array(std, z.dtype), gen=gen)
+    cut = _np_dtype(z.dtype)(threshold)
+    if cut > threshold:  # the kernel compares in z's type: the largest value not above the threshold
+        cut = np.nextafter(cut, -np.inf)
+    return _apply(_threshold_rows, z, cut, _std_array(std, z.dtype), gen=gen)
 
 
 def add_all(z: torch.Tensor, std: float | torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -472,5 +506,6 @@ def add_all(z: torch.Tensor, std: float | torch.Tensor, gen: torch.Generator) ->
 def fill(out: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
     """Fill the contiguous CPU tensor ``out`` with N(0, std^2) noise, in place; returns ``out``."""
     flat = out.view(out.shape[0] if out.dim() > 1 else 1, -1).numpy()
-    _run(_fill_rows, flat, flat, _std_array(float(std), out.dtype), key_from(gen))
+    c = _CONSTANTS[_np_dtype(out.dtype)]
+    _run(_fill_rows, flat, flat, _std_array(float(std), out.dtype), c, key_from(gen))
     return out

@@ -373,31 +373,20 @@ if numba is not None:
     @_jit
     def _all_rows(z, out, std, c, key, r0, r1):  # pragma: no cover - compiled
         n = z.shape[1]
-        features = std.shape[0]
         vals = np.empty(n + 1, z.dtype)
+        every = z.dtype.type(np.inf)  # every entry is <= it (a NaN entry stays NaN either way)
         for r in range(r0, r1):
-            row = z[r]
-            o = out[r]
-            _gaussians(vals, n, _row_state(key, r), c)
-            if features == 1:
-                scale = std[0]
-                for j in range(n):
-                    o[j] = row[j] + scale * vals[j]
-            else:
-                for t in range(0, n, features):
-                    for f in range(features):
-                        o[t + f] = row[t + f] + std[f] * vals[t + f]
+            _add_where(z[r], out[r], z[r], every, n, std, _row_state(key, r), c, vals)
 
     @_jit
     def _fill_rows(z, out, std, c, key, r0, r1):  # pragma: no cover - compiled (z is out)
         n = out.shape[1]
         vals = np.empty(n + 1, out.dtype)
-        scale = std[0]
+        every = out.dtype.type(np.inf)
         for r in range(r0, r1):
             o = out[r]
-            _gaussians(vals, n, _row_state(key, r), c)
-            for j in range(n):
-                o[j] = scale * vals[j]
+            o[:] = 0.0
+            _add_where(o, o, o, every, n, std, _row_state(key, r), c, vals)
 
 
 #: Entries below which one thread does the whole tensor (handing work to threads costs ~50 us).

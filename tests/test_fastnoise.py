@@ -67,6 +67,19 @@ def test_the_vectorised_transform_is_box_muller(dtype):
     assert np.abs(vals[:m] - expected).max() < tolerance * max(1.0, np.abs(expected).max())
 
 
+@pytest.mark.parametrize("n", [1000, 1001])
+def test_the_fused_draw_and_add_loop_draws_what_the_transform_draws(n):
+    """Noise on all entries (one loop that draws and adds, or the buffered path for an odd row) is the
+    row's stream as :func:`fastnoise._gaussians` lays it out, which the test above checks."""
+    noisy = fastnoise.add_all(torch.zeros(3, n), 1.0, gen(5))
+    key = fastnoise.key_from(gen(5))
+    for row in range(3):
+        vals = np.empty(n + 1, np.float32)
+        state = np.uint64(fastnoise._row_state(key, row))  # (numba hands a uint64 back as a Python int)
+        fastnoise._gaussians(vals, n, state, fastnoise._CONSTANTS[np.float32])
+        assert np.array_equal(noisy[row].numpy(), vals[:n])
+
+
 def test_draws_are_independent_across_rows_calls_and_neighbours():
     g = gen(3)
     a = fastnoise.fill(torch.empty(64, 20000), 1.0, g).double()

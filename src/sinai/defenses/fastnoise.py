@@ -382,11 +382,12 @@ if numba is not None:
     def _fill_rows(z, out, std, c, key, r0, r1):  # pragma: no cover - compiled (z is out)
         n = out.shape[1]
         vals = np.empty(n + 1, out.dtype)
+        zeros = np.zeros(
+            n, out.dtype
+        )  # not ``out`` itself: a loop that reads what it writes does not vectorise
         every = out.dtype.type(np.inf)
         for r in range(r0, r1):
-            o = out[r]
-            o[:] = 0.0
-            _add_where(o, o, o, every, n, std, _row_state(key, r), c, vals)
+            _add_where(zeros, out[r], zeros, every, n, std, _row_state(key, r), c, vals)
 
 
 #: Entries below which one thread does the whole tensor (handing work to threads costs ~50 us).

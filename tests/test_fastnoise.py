@@ -47,12 +47,14 @@ def _box_muller_reference(state: int, m: int) -> np.ndarray:
     out = np.empty(2 * pairs)
     for i in range(pairs):
         bits = mix((state + (i + 1) * gamma) & mask)
-        u = (2 * (bits >> 32) + 1) / 2.0**33
+        u = ((bits >> 32) | 1) / 2.0**32
         low = bits & 0xFFFFFFFF
         th = (low & 0x1FFFFFFF) * 2.0**-29 * math.pi / 4
-        angle = (low >> 30) * math.pi / 2 + (math.pi / 2 - th if (low >> 29) & 1 else th)
+        angle = math.pi / 2 - th if (low >> 29) & 1 else th  # uniform in [0, pi/2)
+        signs = -1 if (low >> 30) & 1 else 1, -1 if low >> 31 else 1  # the quadrant
         radius = math.sqrt(-2 * math.log(u))
-        out[i], out[i + pairs] = radius * math.cos(angle), radius * math.sin(angle)
+        out[i] = signs[0] * radius * math.cos(angle)
+        out[i + pairs] = signs[1] * radius * math.sin(angle)
     return out[:m]
 
 
@@ -69,15 +71,18 @@ def test_the_vectorised_transform_is_box_muller(dtype):
 
 @pytest.mark.parametrize("n", [1000, 1001])
 def test_the_fused_draw_and_add_loop_draws_what_the_transform_draws(n):
-    """Noise on all entries (one loop that draws and adds, or the buffered path for an odd row) is the
-    row's stream as :func:`fastnoise._gaussians` lays it out, which the test above checks."""
+    """Noise on all entries and ``fill`` (loops that draw and add or store, or the buffered path for an
+    odd row) are the row's stream as :func:`fastnoise._gaussians` lays it out, which the test above
+    checks."""
     noisy = fastnoise.add_all(torch.zeros(3, n), 1.0, gen(5))
+    filled = fastnoise.fill(torch.empty(3, n), 1.0, gen(5))
     key = fastnoise.key_from(gen(5))
     for row in range(3):
         vals = np.empty(n + 1, np.float32)
         state = np.uint64(fastnoise._row_state(key, row))  # (numba hands a uint64 back as a Python int)
         fastnoise._gaussians(vals, n, state, fastnoise._CONSTANTS[np.float32])
         assert np.array_equal(noisy[row].numpy(), vals[:n])
+        assert np.array_equal(filled[row].numpy(), vals[:n])
 
 
 def test_draws_are_independent_across_rows_calls_and_neighbours():
@@ -128,15 +133,26 @@ def test_threshold_and_all_add_noise_exactly_where_they_should():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_same_key_same_noise_whatever_the_thread_count(dtype, monkeypatch):
+    """Rows split over numba's thread pool, over Python threads (where no thread-safe pool can run) or
+    not at all give the same noise."""
     z = torch.randn(48, 5000, dtype=dtype)
+    monkeypatch.setattr(fastnoise, "PARALLEL_ENTRIES", 1)
     results = []
-    for threads in (1, 2, 3):
+    for threads, pool in ((1, True), (2, True), (3, True), (2, False), (3, False)):
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
-        monkeypatch.setattr(fastnoise, "PARALLEL_ENTRIES", 1)
-        results.append(fastnoise.add_exact(z, 1850, 0.3, gen(9)))
-    assert all(torch.equal(results[0], r) for r in results[1:])
-    assert results[0].dtype == dtype
-    assert not torch.equal(results[0], fastnoise.add_exact(z, 1850, 0.3, gen(10)))
+        monkeypatch.setattr(fastnoise, "_layer_pid", None if pool else -1)
+        results.append(
+            (
+                fastnoise.add_exact(z, 1850, 0.3, gen(9)),
+                fastnoise.add_below(z, 0.1, 0.3, gen(9)),
+                fastnoise.add_all(z, 0.3, gen(9)),
+                fastnoise.fill(torch.empty_like(z), 0.3, gen(9)),
+            )
+        )
+        assert pool or not fastnoise._numba_threads()  # (a machine without OpenMP or TBB has no pool)
+    assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(results[0], r, strict=True))
+    assert results[0][0].dtype == dtype
+    assert not torch.equal(results[0][0], fastnoise.add_exact(z, 1850, 0.3, gen(10)))
 
 
 def test_vector_std_scales_each_feature():

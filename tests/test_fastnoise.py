@@ -43,9 +43,9 @@ def _box_muller_reference(state: int, m: int) -> np.ndarray:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
         return z ^ (z >> 31)
 
-    pairs = (m + 1) // 2
-    out = np.empty(2 * pairs)
-    for i in range(pairs):
+    half = m // 2
+    out = np.empty(m)
+    for i in range(half + m % 2):  # number i gives draws i and i + m // 2; an odd m's last number, the last
         bits = mix((state + (i + 1) * gamma) & mask)
         u = ((bits >> 32) | 1) / 2.0**32
         low = bits & 0xFFFFFFFF
@@ -53,8 +53,11 @@ def _box_muller_reference(state: int, m: int) -> np.ndarray:
         angle = math.pi / 2 - th if (low >> 29) & 1 else th  # uniform in [0, pi/2)
         signs = -1 if (low >> 30) & 1 else 1, -1 if low >> 31 else 1  # the quadrant
         radius = math.sqrt(-2 * math.log(u))
-        out[i] = signs[0] * radius * math.cos(angle)
-        out[i + pairs] = signs[1] * radius * math.sin(angle)
+        if i < half:
+            out[i] = signs[0] * radius * math.cos(angle)
+            out[i + half] = signs[1] * radius * math.sin(angle)
+        else:
+            out[m - 1] = signs[0] * radius * math.cos(angle)
     return out[:m]
 
 

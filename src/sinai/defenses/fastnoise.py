@@ -143,13 +143,16 @@ if numba is not None:
 
     @_jit
     def _gaussians(vals, m, s, c) -> None:  # pragma: no cover - compiled
-        """``vals[:m]`` = ``m`` standard normal draws from the stream at ``s`` (``vals`` holds ``m + 1``),
-        computed in ``vals``' float type: the stream's ``i``-th number gives draws ``i`` and
-        ``i + ceil(m / 2)`` (:func:`_pair`)."""
+        """``vals[:m]`` = ``m`` standard normal draws from the stream at ``s``, computed in ``vals``' float
+        type: the stream's ``i``-th number gives draws ``i`` and ``i + m // 2`` (:func:`_pair`), and for
+        an odd ``m`` the next number gives the last draw (loops whose second store is at the trip count
+        vectorise; the compiler cannot prove any other offset safe)."""
         _wide()
-        pairs = (m + 1) >> 1
-        for i in range(pairs):
-            vals[i], vals[i + pairs] = _pair(_mix(s + np.uint64(i + 1) * _GAMMA), c, vals.dtype.type)
+        half = m >> 1
+        for i in range(half):
+            vals[i], vals[i + half] = _pair(_mix(s + np.uint64(i + 1) * _GAMMA), c, vals.dtype.type)
+        if m > 2 * half:
+            vals[m - 1] = _pair(_mix(s + np.uint64(half + 1) * _GAMMA), c, vals.dtype.type)[0]
 
     @_jit
     def _add_listed(o, chosen, count, std, state, vals, c) -> None:  # pragma: no cover - compiled
@@ -171,26 +174,31 @@ if numba is not None:
         """``o = row + std * noise`` where ``keys <= cut`` before ``split`` and ``keys <= cut - 1`` from
         it on (integer keys), ``o = row`` elsewhere; every entry has its draw from the stream at ``s``
         as :func:`_gaussians` lays them out (``std``: one value or one per feature of the last
-        dimension). One std and an even row draw and add in one vectorised loop."""
+        dimension). One std draws and adds in one vectorised loop."""
         _wide()
         n = row.shape[0]
         f = row.dtype.type
         zero = f(0.0)
         before, after = keys.dtype.type(cut), keys.dtype.type(cut - 1)
-        pairs = n >> 1
-        if std.shape[0] == 1 and n == 2 * pairs:
+        if std.shape[0] == 1:
             scale = std[0]
-            for i in range(pairs):  # (the vectoriser needs this exact trip count)
+            half = n >> 1
+            for i in range(half):
                 a, b = _pair(_mix(s + np.uint64(i + 1) * _GAMMA), c, f)
-                j = i + pairs
+                j = i + half
                 o[i] = row[i] + (scale * a if keys[i] <= (before if i < split else after) else zero)
                 o[j] = row[j] + (scale * b if keys[j] <= (before if j < split else after) else zero)
+            if n > 2 * half:
+                j = n - 1
+                a = _pair(_mix(s + np.uint64(half + 1) * _GAMMA), c, f)[0]
+                o[j] = row[j] + (scale * a if keys[j] <= (before if j < split else after) else zero)
             return
         _gaussians(vals, n, s, c)
         features = std.shape[0]
-        for j in range(n):
-            scale = std[j % features]
-            o[j] = row[j] + (scale * vals[j] if keys[j] <= (before if j < split else after) else zero)
+        for start in range(0, n, features):  # (n is a multiple of the features)
+            for q in range(features):
+                j = start + q
+                o[j] = row[j] + (std[q] * vals[j] if keys[j] <= (before if j < split else after) else zero)
 
     @_jit
     def _list_where(keys, cut, chosen, count, a, b) -> int:  # pragma: no cover - compiled
@@ -410,21 +418,24 @@ if numba is not None:
         _wide()
         n = out.shape[1]
         f = out.dtype.type
-        pairs = n >> 1
+        half = n >> 1
         vals = np.empty(n + 1, out.dtype)
         features = std.shape[0]
         for r in range(r0, r1):
             o, s = out[r], _row_state(key, r)
-            if features == 1 and n == 2 * pairs:
+            if features == 1:
                 scale = std[0]
-                for i in range(pairs):
+                for i in range(half):
                     a, b = _pair(_mix(s + np.uint64(i + 1) * _GAMMA), c, f)
                     o[i] = scale * a
-                    o[i + pairs] = scale * b
+                    o[i + half] = scale * b
+                if n > 2 * half:
+                    o[n - 1] = scale * _pair(_mix(s + np.uint64(half + 1) * _GAMMA), c, f)[0]
             else:
                 _gaussians(vals, n, s, c)
-                for j in range(n):
-                    o[j] = std[j % features] * vals[j]
+                for start in range(0, n, features):
+                    for q in range(features):
+                        o[start + q] = std[q] * vals[start + q]
 
     # Rows split over numba's own thread pool (OpenMP or TBB, whose workers spin a moment before they
     # sleep): a hand-off costs about 10 us, against 80-200 us through Python threads (see :func:`_run`).

@@ -246,9 +246,10 @@ if numba is not None:
         """How many ``keys`` are ``<= t``."""
         _wide()
         t = keys.dtype.type(t)
-        c = 0
+        one, zero = np.int32(1), np.int32(0)
+        c = zero  # 32-bit sums (rows hold fewer than 2^31 entries): twice the lanes of 64-bit ones
         for j in range(keys.shape[0]):
-            c += keys[j] <= t
+            c = np.int32(c + (one if keys[j] <= t else zero))
         return c
 
     @_jit
@@ -361,9 +362,9 @@ if numba is not None:
         kth = keys.dtype.type(kth)
         for a in range(0, n, 256):
             b = min(a + 256, n)
-            equal = 0
+            equal = np.int32(0)
             for j in range(a, b):
-                equal += keys[j] == kth
+                equal = np.int32(equal + (np.int32(1) if keys[j] == kth else np.int32(0)))
             if equal < ties:
                 ties -= equal
                 continue
@@ -490,7 +491,7 @@ def supports(z: torch.Tensor) -> bool:
         and z.dtype in (torch.float32, torch.float64)
         and not (torch.is_grad_enabled() and z.requires_grad)
         and z.dim() >= 1
-        and z.numel() > 0
+        and 0 < z.numel() // (z.shape[0] if z.dim() > 1 else 1) < 2**31  # (the kernels count in 32 bits)
         and available()
     )
 

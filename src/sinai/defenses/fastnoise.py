@@ -4,10 +4,12 @@ SINAI's logit-selective noise (SINAI, Sec. 3.2) adds fresh i.i.d. N(0, std^2) no
 ``k = ceil(ratio * n)`` smallest logits of each sample, on every forward. With torch ops on a CPU that
 costs a ``topk`` over every entry and about 3-5 ns per Gaussian number from the serial CPU generator,
 more than a small network's own forward. Here each sample's row is handled by compiled functions (numba,
-``nogil``) whose loops the compiler vectorises, and rows are split over threads:
+``nogil``) whose loops the compiler vectorises (with 512-bit vectors where the CPU has them), and rows
+are split over threads (numba's own pool; Python threads where it cannot run):
 
 - selection: the entries are mapped to integers of the same order, and the ``k``-th smallest is found
-  by counting passes alone (a vectorised compare and sum each, about 7 per row on a ViT's GeLU logits):
+  by counting passes alone (a vectorised compare and sum each, about 7 per row on a ViT's GeLU logits,
+  13-15 on the embedded CNN's, whose values are tied in many places):
   Newton steps from the previous row's ``k``-th value, then interpolation of the counts (with checks
   for a value tied many times and bisections when a step fails to halve the bracket), and one minimum
   pass when the ``k``-th is the first value above the bracket; ties at the ``k``-th value are taken in

@@ -6,6 +6,9 @@ selection as the torch path (autograd, GPU) it stands in for. Statistics, never 
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -156,6 +159,27 @@ def test_same_key_same_noise_whatever_the_thread_count(dtype, monkeypatch):
     assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(results[0], r, strict=True))
     assert results[0][0].dtype == dtype
     assert not torch.equal(results[0][0], fastnoise.add_exact(z, 1850, 0.3, gen(10)))
+
+
+def test_without_a_thread_safe_pool_rows_go_to_python_threads():
+    """numba's "workqueue" layer aborts when two threads launch at once: where it is the only one (here
+    named by the user), the rows are split over Python threads and the noise is the same."""
+    script = (
+        "import sinai, torch\n"
+        "from sinai.defenses import fastnoise\n"
+        "torch.set_num_threads(2)\n"
+        "z = torch.randn(64, 4096)\n"
+        "noisy = fastnoise.add_exact(z, 1000, 0.3, torch.Generator().manual_seed(9))\n"
+        "torch.set_num_threads(1)\n"
+        "alone = fastnoise.add_exact(z, 1000, 0.3, torch.Generator().manual_seed(9))\n"
+        "print(fastnoise._numba_threads(), torch.equal(noisy, alone), (noisy != z).sum().item())\n"
+    )
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True", str(64 * 1000)]
 
 
 def test_vector_std_scales_each_feature():

@@ -516,8 +516,9 @@ def _numba_threads() -> bool:
     if _layer_pid is None:
         from numba.np.ufunc import parallel
 
-        if not parallel._is_initialized:
-            numba.config.THREADING_LAYER = "threadsafe"  # chosen at the first launch, in any code
+        if not parallel._is_initialized and numba.config.THREADING_LAYER == "default":
+            # chosen at the first launch, in any code; a layer the user named is kept
+            numba.config.THREADING_LAYER = "threadsafe"
         try:
             _fill_split(
                 np.zeros((1, 2), np.float32),

@@ -88,6 +88,26 @@ def test_attack_throughput_bookkeeping_over_rounds():
         measure_attacks(model, x, y, ["square"], rounds=0)
 
 
+@pytest.mark.parametrize("norm, eps", [("linf", 0.05), ("l2", 0.5)])
+def test_the_forward_rate_is_taken_on_images_like_the_queries(norm, eps):
+    """The reference forward rate runs on the clean images moved to the ball's edge (seeded), in [0, 1]."""
+    from sinai.attacks import ThreatModel
+    from sinai.bench.attacks import query_like
+
+    x = images(8, seed=3)
+    probe = query_like(x, ThreatModel(norm, eps), seed=1)
+    step = (probe - x).flatten(1)
+    assert probe.min() >= 0 and probe.max() <= 1 and not torch.equal(probe, x)
+    if norm == "linf":
+        assert step.abs().amax(1).max() <= eps + 1e-6
+        inside = (x > eps) & (x < 1 - eps)  # the clamp leaves these at exactly +-eps
+        assert torch.allclose((probe - x)[inside].abs(), torch.full_like((probe - x)[inside], eps))
+    else:
+        assert (step.norm(dim=1) <= eps + 1e-5).all()
+    assert torch.equal(probe, query_like(x, ThreatModel(norm, eps), seed=1))
+    assert not torch.equal(probe, query_like(x, ThreatModel(norm, eps), seed=2))
+
+
 def test_square_peer_comparison_times_every_installed_tool():
     from sinai.bench.attacks import compare_square
 

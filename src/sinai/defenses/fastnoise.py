@@ -520,6 +520,7 @@ def _numba_threads() -> bool:
             # chosen at the first launch, in any code; a layer the user named is kept
             numba.config.THREADING_LAYER = "threadsafe"
         try:
+            numba.set_num_threads(1)  # (starts the layer; the probe needs no team of every core)
             _fill_split(
                 np.zeros((1, 2), np.float32),
                 np.zeros((1, 2), np.float32),

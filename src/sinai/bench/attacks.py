@@ -5,7 +5,7 @@ eps so that few images are broken and the live set stays full: the ratio then sh
 costs beyond the forwards it asks for (target >= 0.9).
 
 The forward rate is measured on images like the attack's queries: each clean image moved to the edge
-of the threat ball in a seeded random direction, inside [0, 1]. A model's forward can depend on its
+of the threat ball along seeded random signs, inside [0, 1]. A model's forward can depend on its
 input's values: the embedded CNN forwarded such images about 10% slower than MNIST's clean ones, whose
 background is exactly zero. Against clean images that difference would count as engine overhead.
 
@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ..attacks import ATTACKS, Oracle, QueryRules, ThreatModel, attack_class, make_attack
+from ..attacks.square import random_sign
+from ..attacks.threat import project
 from ..evaluation.clean import predict
 
 #: The query-based attacks (score- and decision-based), the default of :func:`measure_attacks`: their
@@ -52,16 +54,11 @@ class ThroughputRow:
 
 @torch.no_grad()
 def query_like(x: torch.Tensor, threat: ThreatModel, seed: int = 0) -> torch.Tensor:
-    """``x`` moved to the edge of ``threat``'s ball in a seeded random direction (random signs for linf,
-    a random unit direction for l2), clamped to [0, 1]: images like an attack's queries."""
+    """``x`` moved to the edge of ``threat``'s ball along seeded random signs (projected onto the ball
+    and [0, 1]): images like an attack's queries."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    if threat.norm == "linf":
-        step = torch.randint(0, 2, x.shape, generator=gen, device=x.device).to(x.dtype).mul_(2).sub_(1)
-        step.mul_(threat.eps)
-    else:
-        step = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        step.mul_(threat.eps / step.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1)))
-    return (x + step).clamp_(0.0, 1.0)
+    step = random_sign(tuple(x.shape), gen, x.device).mul_(max(1.0, threat.eps))  # (past the edge)
+    return project(x + step, x, threat.norm, threat.eps)
 
 
 def forward_rate(model: nn.Module, x: torch.Tensor, batch_size: int, repeats: int = 5) -> float:

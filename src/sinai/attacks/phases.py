@@ -91,7 +91,7 @@ class PhaseRun:
     def run_phases(self) -> None:
         """Until no live image has a query left: one oracle call per step asks each its next query(s)."""
         while True:
-            idx = self.oracle.live()
+            idx = self.oracle.live(among=self._asking())
             # one gather of the phases and one list of the codes per step (what the groups need anyway)
             phase = self.phase.index_select(0, idx)
             codes = torch.unique(phase).tolist()
@@ -112,6 +112,18 @@ class PhaseRun:
                 handlers += self.asks[code](calls, group)
             for handler, (ok, adv) in zip(handlers, calls.ask(self.oracle, self.y), strict=True):
                 handler(ok, adv)
+
+    def _asking(self) -> torch.Tensor:
+        """The images not ``DONE``, as a mask that stays the same tensor while no image becomes ``DONE``:
+        the oracle then hands out the same live set again, and a step whose images all ask one query
+        of one phase takes its fast path (images whose start failed stay live to the oracle but ask
+        nothing)."""
+        now = self.phase != self.DONE
+        known = getattr(self, "_active", None)
+        if known is not None and torch.equal(known, now):
+            return known
+        self._active = now
+        return now
 
     # -- the random start
     def ask_start(self, calls: Calls, idx: torch.Tensor) -> list:

@@ -145,6 +145,44 @@ def test_rays_asks_every_live_image_in_every_oracle_call():
     assert len(oracle.calls) == 200 and all(asked == live for asked, live in oracle.calls)
 
 
+class Brightness(nn.Module):
+    """Class 1 for dark images (mean < 0.1), else class 0: every noise start of a bright image is
+    labelled like the image itself, so its start fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.num_classes, self.input_shape = 2, (1, 8, 8)
+
+    def forward(self, x):
+        dark = (x.flatten(1).mean(1) < 0.1).float() * self.scale
+        return torch.stack([1 - dark, dark], 1)
+
+
+def test_images_whose_start_failed_leave_the_rest_on_the_oracles_fast_path():
+    class Recording(Oracle):
+        def __call__(self, x, idx):
+            self.calls.append((len(idx), self._handed_out(idx) is not None))
+            return super().__call__(x, idx)
+
+    x = torch.cat([torch.rand(3, 1, 8, 8) * 0.06, 0.5 + 0.5 * torch.rand(3, 1, 8, 8)])
+    model = Brightness()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    assert y.tolist() == [1, 1, 1, 0, 0, 0]
+    # eps too small for a dark image to reach mean 0.1: the dark images run their full course
+    oracle, _, _ = oracle_for(model, x, y, "signflip", 300, eps=0.02, votes=0)
+    oracle.__class__ = Recording
+    oracle.calls = []
+    make_attack("signflip")(oracle, seed=0)
+    assert not oracle.success.any() and (oracle.queries[:3] == 300).all()
+    assert (oracle.queries[3:] == 100).all()  # the bright images gave up after their 100 start tries
+    # The dark images ask one query in every call. After the bright ones' starts (10 calls of one try,
+    # 9 of ten), each call is the oracle's own live set among them: the bright ones are still live to it.
+    late = oracle.calls[19:]
+    assert len(late) == 300 - 19 and all(rows == 3 and handed for rows, handed in late)
+
+
 @pytest.mark.parametrize("name", ["rays", "hsja"])
 def test_eot_majority_counts_m_queries_per_logical_query(name):
     model = Counting(Linear3(seed=2))

@@ -87,6 +87,7 @@ class PhaseRun:
     hi: torch.Tensor
     tol: torch.Tensor
     asks: dict[int, Callable[[Calls, torch.Tensor], list]]
+    _active: torch.Tensor | None = None  # the last mask ``_asking`` handed out
 
     def run_phases(self) -> None:
         """Until no live image has a query left: one oracle call per step asks each its next query(s)."""
@@ -119,9 +120,8 @@ class PhaseRun:
         of one phase takes its fast path (images whose start failed stay live to the oracle but ask
         nothing)."""
         now = self.phase != self.DONE
-        known = getattr(self, "_active", None)
-        if known is not None and torch.equal(known, now):
-            return known
+        if self._active is not None and torch.equal(self._active, now):
+            return self._active
         self._active = now
         return now
 

@@ -174,8 +174,9 @@ def test_images_whose_start_failed_leave_the_rest_on_the_oracles_fast_path():
         y = model(x).argmax(1)
     assert y.tolist() == [1, 1, 1, 0, 0, 0]
     # eps too small for a dark image to reach mean 0.1: the dark images run their full course
-    oracle, _, _ = oracle_for(model, x, y, "signflip", 300, eps=0.02, votes=0)
-    oracle.__class__ = Recording
+    oracle = Recording(
+        model, x, y, threat=ThreatModel("linf", 0.02), rules=QueryRules(budget=300, votes=0), output="labels"
+    )
     oracle.calls = []
     make_attack("signflip")(oracle, seed=0)
     assert not oracle.success.any() and (oracle.queries[:3] == 300).all()

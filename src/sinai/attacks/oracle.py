@@ -439,15 +439,20 @@ class Oracle:
         within = self._within_early(x, idx, known)
         logits, samples, pred = self._query(x)
         if known.every:  # all images, in order: no gathers
-            spent = self.queries.add_(self.eot)  # the counts themselves (read before any other change)
+            self.queries.add_(self.eot)
         else:
             self.queries.index_add_(0, idx, known.eots(self.eot))
-            spent = self.queries[idx]
         if self.on_query is not None:
             self.on_query(len(idx) * self.eot)
-        observed = self._observe(x, idx, pred, samples, lambda: spent, known)
+
+        def spent() -> torch.Tensor:
+            """The query count at each candidate: read only when needed (a success or checkpoints), and
+            before any other change to the counts in this call."""
+            return self.queries if known.every else self.queries[idx]
+
+        observed = self._observe(x, idx, pred, samples, spent, known)
         within = within if observed is None else observed
-        recorded = self._check_success(x, idx, pred, lambda: spent, within, known)
+        recorded = self._check_success(x, idx, pred, spent, within, known)
         self._settle(True, self.eot, recorded)
         return pred if self.output == "labels" else logits
 

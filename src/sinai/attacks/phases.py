@@ -57,9 +57,8 @@ class Calls:
             return []
         if len(self._idx) == 1:
             # one group: its own tensors, no copy (the oracle's handed-out live set keeps its fast path)
-            ok, adv = ask(oracle, self._cands[0], self._idx[0], y)
-        else:
-            ok, adv = ask(oracle, torch.cat(self._cands), torch.cat(self._idx), y)
+            return [ask(oracle, self._cands[0], self._idx[0], y)]
+        ok, adv = ask(oracle, torch.cat(self._cands), torch.cat(self._idx), y)
         sizes = [len(i) for i in self._idx]
         return list(zip(ok.split(sizes), adv.split(sizes), strict=True))
 
@@ -95,14 +94,14 @@ class PhaseRun:
             idx = self.oracle.live(among=self._asking())
             # one gather of the phases and one list of the codes per step (what the groups need anyway)
             phase = self.phase.index_select(0, idx)
-            codes = torch.unique(phase).tolist()
+            codes = present(phase)
             if self.SEARCH in codes:  # a search that starts narrow enough ends before its first query
                 searching = idx[phase == self.SEARCH]
                 narrow = searching[self.narrow(searching)]
                 if len(narrow):
                     self.end_search(narrow)
                     phase = self.phase.index_select(0, idx)
-                    codes = torch.unique(phase).tolist()
+                    codes = present(phase)
             asked = [code for code in codes if code != self.DONE]
             if not asked:
                 return
@@ -193,6 +192,13 @@ class PhaseRun:
         return [answer]
 
 
+def present(codes: torch.Tensor) -> list[int]:
+    """The distinct values of ``codes`` (small non-negative integers), ascending. ``bincount`` rather than
+    ``unique``: after a forward has flushed the CPU's caches, its first call costs about 60 against 95
+    microseconds (docs/benchmarks.md), and the loop asks once per oracle call."""
+    return [code for code, n in enumerate(torch.bincount(codes).tolist()) if n]
+
+
 def by_count(idx: torch.Tensor, counts: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """``idx`` grouped by ``counts`` (one per entry), ascending: [(count, images with that count), ...].
     One count: ``idx`` itself (no copy; the oracle's handed-out live set keeps its fast path)."""
@@ -209,5 +215,6 @@ __all__ = [
     "Calls",
     "PhaseRun",
     "by_count",
+    "present",
     "probe_chunk",
 ]

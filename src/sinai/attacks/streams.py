@@ -56,19 +56,20 @@ class ImageStreams:
         self.counter = torch.zeros(len(x), dtype=torch.long, device=x.device)
         # count -> (every image's rotation keys % count, the count as a one-element tensor), made once
         self._per_count: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # (images, their version, their common position) after a draw that left them in lockstep
+        self._lockstep: tuple[torch.Tensor, int, int] | None = None
 
     def _draw(self, idx: torch.Tensor, count: int, normal: bool) -> torch.Tensor:
-        """(len(idx), count): the next ``count`` values of each image's stream.
+        """(len(idx), count): the next ``count`` values of each image's stream (``idx``: distinct images).
 
         Images whose streams are at the same position share one generator draw, seeded by (seed,
         position), which each image then rotates by an offset taken from its own key: a Gaussian or
         uniform vector stays one under a fixed permutation, and nothing depends on the other images.
         """
-        ctr = self.counter[idx]
-        positions = torch.unique(ctr).tolist()
         if count not in self._per_count:
             self._per_count[count] = (self.keys % count, torch.tensor([count], device=idx.device))
         shifts, step = self._per_count[count]
+        ctr, positions = self._positions(idx)
         if len(positions) == 1:  # the images move in lockstep (the usual case): one draw for all
             out = self._rotated(positions[0], shifts[idx], count, normal)
         else:
@@ -77,7 +78,23 @@ class ImageStreams:
                 rows = torch.nonzero(ctr == c).flatten()
                 out[rows] = self._rotated(c, shifts[idx[rows]], count, normal)
         self.counter.index_add_(0, idx, step.expand(len(idx)))
+        together = len(positions) == 1
+        self._lockstep = (idx, idx._version, positions[0] + count) if together else None
         return out
+
+    def _positions(self, idx: torch.Tensor) -> tuple[torch.Tensor | None, list[int]]:
+        """The stream positions of images ``idx`` (per image; None when known to be one) and their distinct
+        values, ascending.
+
+        When ``idx`` is the tensor of the last draw (each draw replaces ``_lockstep``), unchanged, its
+        images are still in lockstep where that draw left them: no gather and no ``unique`` (each small op
+        costs tens of microseconds right after a forward has flushed the CPU's caches; docs/benchmarks.md).
+        """
+        last = self._lockstep
+        if last is not None and last[0] is idx and last[1] == idx._version:
+            return None, [last[2]]
+        ctr = self.counter[idx]
+        return ctr, torch.unique(ctr).tolist()
 
     def _rotated(self, c: int, shifts: torch.Tensor, count: int, normal: bool) -> torch.Tensor:
         """The draw at stream position ``c``, rotated left by each of ``shifts`` (an image's key % count)."""
